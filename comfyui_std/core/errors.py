@@ -1,0 +1,36 @@
+"""Errors raised by the STD core.
+
+Every front end (ComfyUI nodes, the Gradio app, the trainer CLI) catches :class:`STDInputError`
+and shows its message as is, so messages name the offending input and the allowed range.
+"""
+
+
+class STDInputError(ValueError):
+    """A user-supplied setting is out of range or inconsistent.
+
+    The message is meant for end users: it names the input, the value received and what is allowed.
+    """
+
+    def __init__(self, name: str, message: str):
+        self.input_name = name
+        super().__init__(f"{name}: {message}")
+
+
+def check_range(name: str, value, low, high, *, low_open: bool = False, high_open: bool = False, kind=float):
+    """Validate ``low <= value <= high`` (with optional open ends) and the value's type.
+
+    Returns the value converted to ``kind``. Raises :class:`STDInputError` with a message such as
+    ``start_strength: got 1.5, allowed range is (0, 1]``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float) and not float(value).is_integer()):
+        raise STDInputError(name, f"expected {'an integer' if kind is int else 'a number'}, got {value!r} ({type(value).__name__})")
+    if value != value:  # NaN
+        raise STDInputError(name, "got NaN")
+    value = kind(value)
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise STDInputError(name, f"got {value}, allowed range is {lo}{low}, {high}{hi}")
+    return value

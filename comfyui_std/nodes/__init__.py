@@ -1,0 +1,22 @@
+"""ComfyUI front end of the STD pack (V3 node schema, ComfyUI >= 0.3.48).
+
+Importing this module imports ComfyUI (``comfy``, ``comfy_api``); it is only loaded by ComfyUI through the
+repository's root ``__init__.py``.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .sampling import NODES as SAMPLING_NODES
+
+ALL_NODES: list[type[io.ComfyNode]] = [*SAMPLING_NODES]
+
+
+class STDExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(ALL_NODES)
+
+
+async def comfy_entrypoint() -> STDExtension:
+    return STDExtension()

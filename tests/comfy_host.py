@@ -1,0 +1,161 @@
+"""Boot the real ComfyUI host in-process on CPU and build the tiny SD1.5 checkpoint it detects.
+
+Used by the real-host tests; they are skipped unless COMFYUI_PATH points at a ComfyUI checkout (pinned 0.3.64).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.machinery
+import json
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PACK_NAME = "comfyui-std"
+
+
+def comfyui_path() -> str | None:
+    path = os.environ.get("COMFYUI_PATH")
+    return path if path and Path(path, "nodes.py").is_file() else None
+
+
+def _stub_torchvision():
+    """PyPI's torchvision wheels are CUDA builds that do not import with CPU torch; ComfyUI only needs the name."""
+    try:
+        import torchvision  # noqa: F401
+        return
+    except Exception:
+        pass
+    for name in ("torchvision", "torchvision.models", "torchvision.transforms"):
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        if name == "torchvision":
+            mod.__path__ = []
+        sys.modules[name] = mod
+
+
+def boot(base: Path) -> SimpleNamespace:
+    """Import ComfyUI the way main.py does, on CPU, with model/input/output folders under ``base``."""
+    path = comfyui_path()
+    # diffusers/transformers must be imported before the torchvision stub (their image utils probe it).
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    _stub_torchvision()
+    from comfy.cli_args import args
+    args.cpu = True
+    import utils.extra_config  # noqa: F401  (must precede `nodes`: comfy/ shadows the `utils` package otherwise)
+    import folder_paths
+    import nodes
+
+    for sub in ("checkpoints", "loras", "ipadapter", "clip_vision", "animatediff_models"):
+        d = base / "models" / sub
+        d.mkdir(parents=True, exist_ok=True)
+        folder_paths.add_model_folder_path(sub, str(d), is_default=True)
+    for sub, setter in (("input", folder_paths.set_input_directory), ("output", folder_paths.set_output_directory),
+                        ("temp", folder_paths.set_temp_directory)):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+        setter(str(base / sub))
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    # Install the pack as a user would: a clone under custom_nodes/ (a symlink to this checkout).
+    custom = base / "custom_nodes"
+    custom.mkdir(exist_ok=True)
+    pack = custom / PACK_NAME
+    if not pack.exists():
+        pack.symlink_to(REPO, target_is_directory=True)
+    loaded = asyncio.run(nodes.load_custom_node(str(pack)))
+    return SimpleNamespace(nodes=nodes, base=base, M=nodes.NODE_CLASS_MAPPINGS, loaded=loaded, pack=pack,
+                           folder_paths=folder_paths)
+
+
+def _init_(sd: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            out[k] = v
+        elif "norm" in k and k.endswith("weight"):
+            out[k] = torch.ones_like(v)
+        elif k.endswith("bias"):
+            out[k] = torch.zeros_like(v)
+        else:
+            out[k] = torch.randn(v.shape, generator=g) * 0.02
+    return out
+
+
+TINY_UNET = dict(in_channels=4, out_channels=4, model_channels=320, context_dim=768, num_heads=8, num_head_channels=-1,
+                 use_spatial_transformer=True, use_linear_in_transformer=False, adm_in_channels=None,
+                 use_temporal_attention=False, channel_mult=[1], num_res_blocks=[1], transformer_depth=[1],
+                 transformer_depth_output=[1, 1], transformer_depth_middle=1,
+                 image_size=32)
+
+
+def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
+    """A tiny randomly initialised checkpoint that ComfyUI detects as SD15: 1-level UNet, 12-layer CLIP-L, TAESD VAE."""
+    import comfy.clip_model
+    import comfy.ops
+    import comfy.taesd.taesd
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from safetensors.torch import save_file
+
+    comfy_root = Path(comfyui_path())
+    with torch.device("meta"):
+        unet = UNetModel(**TINY_UNET, operations=comfy.ops.disable_weight_init)
+        clip_cfg = json.loads((comfy_root / "comfy" / "sd1_clip_config.json").read_text())
+        clip = comfy.clip_model.CLIPTextModel(clip_cfg, torch.float32, None, comfy.ops.manual_cast)
+        vae = comfy.taesd.taesd.TAESD(latent_channels=4)
+    sd = {}
+    sd.update({f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()})
+    sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip.state_dict().items()})
+    sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in sd.items()}
+    sd = _init_(sd, seed)
+    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+class FakeServer:
+    """The fields PromptExecutor touches; records every event."""
+
+    def __init__(self):
+        self.client_id = "tests"
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata = {}
+        self.events: list[tuple[str, dict]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.events.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+def execute(prompt: dict, *, server: FakeServer | None = None):
+    """Validate and execute an API-format prompt through ComfyUI's own executor. Returns (executor, server)."""
+    import execution
+
+    server = server or FakeServer()
+    ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt("p", prompt, None))
+    if not ok:
+        raise AssertionError(f"prompt invalid: {err} {node_errors}")
+    ex = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    ex.execute(prompt, "p", {"client_id": server.client_id}, outputs)
+    return ex, server
+
+
+def copy_input(src: Path, input_dir: Path, name: str | None = None) -> str:
+    name = name or src.name
+    shutil.copy(src, input_dir / name)
+    return name
