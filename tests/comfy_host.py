@@ -142,8 +142,27 @@ class FakeServer:
         pass
 
 
-def execute(prompt: dict, *, server: FakeServer | None = None):
+def progress_hook(server: FakeServer, on_step=None):
+    """What main.py installs: check the interrupt flag, then report progress to the client."""
+    import comfy.model_management
+    from comfy_execution.utils import get_executing_context
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+        ctx = get_executing_context()
+        if node_id is None and ctx is not None:
+            node_id = ctx.node_id
+        if on_step is not None:
+            on_step(value, total)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        server.send_sync("progress", {"value": value, "max": total, "node": node_id,
+                                      "preview": preview_image is not None}, server.client_id)
+
+    return hook
+
+
+def execute(prompt: dict, *, server: FakeServer | None = None, on_step=None):
     """Validate and execute an API-format prompt through ComfyUI's own executor. Returns (executor, server)."""
+    import comfy.utils
     import execution
 
     server = server or FakeServer()
@@ -151,7 +170,11 @@ def execute(prompt: dict, *, server: FakeServer | None = None):
     if not ok:
         raise AssertionError(f"prompt invalid: {err} {node_errors}")
     ex = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
-    ex.execute(prompt, "p", {"client_id": server.client_id}, outputs)
+    comfy.utils.set_progress_bar_global_hook(progress_hook(server, on_step))
+    try:
+        ex.execute(prompt, "p", {"client_id": server.client_id}, outputs)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
     return ex, server
 
 
@@ -159,3 +182,30 @@ def copy_input(src: Path, input_dir: Path, name: str | None = None) -> str:
     name = name or src.name
     shutil.copy(src, input_dir / name)
     return name
+
+
+LORA_TARGETS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight", ".proj_in.weight",
+                ".proj_out.weight", ".ff.net.0.proj.weight", ".ff.net.2.weight")
+
+
+def write_peft_lora(model, path: Path, rank: int = 4, scale: float = 0.05, metadata: dict | None = None,
+                    seed: int = 0, prefix: str = "unet.") -> int:
+    """A diffusers/PEFT-format LoRA (``unet.<diffusers path>.lora_A/B.weight``) for a ComfyUI model; returns #layers."""
+    import comfy.utils
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    sd = model.model.diffusion_model.state_dict()
+    out = {}
+    for dkey, lkey in mapping.items():
+        if not dkey.endswith(LORA_TARGETS) or lkey not in sd:
+            continue
+        w = sd[lkey]
+        base = prefix + dkey[: -len(".weight")]
+        extra = [1] * (w.ndim - 2)
+        out[base + ".lora_A.weight"] = torch.randn(rank, w.shape[1], *extra, generator=g) * scale
+        out[base + ".lora_B.weight"] = torch.randn(w.shape[0], rank, *extra, generator=g) * scale
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path), metadata=metadata)
+    return len(out) // 2

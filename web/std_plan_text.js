@@ -1,7 +1,7 @@
 // Shows the STD plan (NFE, start timestep, timesteps) that STD Schedule / STD Stylize ran, on the node itself.
 import { app } from "../../scripts/app.js";
 
-const STD_NODES = new Set(["STDSchedule", "STDStylize"]);
+const STD_NODES = new Set(["STDSchedule", "STDStylize", "STDLoraLoader"]);
 
 app.registerExtension({
   name: "comfyui_std.PlanText",
@@ -14,7 +14,8 @@ app.registerExtension({
       if (!text) return;
       let widget = this.widgets?.find((w) => w.name === "std_plan");
       if (!widget) {
-        widget = this.addWidget("text", "std_plan", "", () => {}, { serialize: false });
+        widget = this.addWidget("text", "std_plan", "", () => {});
+        widget.serialize = false;
         widget.disabled = true;
       }
       widget.value = text;

@@ -154,7 +154,11 @@ class KDenoiser(torch.nn.Module):
         self.fn = fn
         self.schedule = schedule
 
+    #: sampler-level keys of ``extra_args`` that are not network inputs
+    SAMPLER_KEYS = ("seed", "denoise_mask", "model_options")
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        kwargs = {k: v for k, v in kwargs.items() if k not in self.SAMPLER_KEYS}
         sigma = torch.as_tensor(sigma, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])

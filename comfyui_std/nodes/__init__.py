@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .lora import NODES as LORA_NODES
 from .sampling import NODES as SAMPLING_NODES
 
-ALL_NODES: list[type[io.ComfyNode]] = [*SAMPLING_NODES]
+ALL_NODES: list[type[io.ComfyNode]] = [*SAMPLING_NODES, *LORA_NODES]
 
 
 class STDExtension(ComfyExtension):

@@ -1,0 +1,141 @@
+"""LoRA key formats and STD metadata, shared by the ComfyUI loader, the Gradio app and the trainer.
+
+Formats met in practice:
+
+* kohya / A1111 / ComfyUI: ``lora_unet_<diffusers path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
+  (text encoders: ``lora_te1_`` / ``lora_te2_``). ComfyUI's LoraLoader applies every key of this form.
+* diffusers / PEFT (the released STD LoRAs): ``unet.<diffusers path>.lora_A.weight`` / ``.lora_B.weight``; ComfyUI
+  ignores the attention keys of this form ("lora key not loaded").
+* older diffusers: ``unet.<path>.lora.down.weight`` / ``.lora.up.weight``.
+
+:func:`to_kohya` turns any of them into the kohya form; motion-module keys (AnimateDiff) are split off because
+ComfyUI's UNet key map has no place for them.
+
+STD metadata lives in the safetensors header under ``std.*`` keys (strings), e.g. ``std.start_strength = "0.75"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import torch
+
+META_PREFIX = "std."
+#: metadata keys written by the trainer and read by the nodes and the app
+META_KEYS = ("method", "start_strength", "start_index", "nfe", "gamma", "base_model", "resolution", "rr", "steps",
+             "t_init", "rank", "alpha")
+
+_PEFT_SUFFIX = re.compile(r"\.(lora_A|lora_B)(?:\.default)?\.weight$")
+_OLD_DIFFUSERS_SUFFIX = re.compile(r"\.lora\.(down|up)\.weight$")
+_KOHYA = re.compile(r"^(lora_unet_|lora_te\d?_|lycoris_)")
+_ETA_IN_NAME = re.compile(r"eta[_-]?(0?\.\d+|1(?:\.0+)?)")
+
+
+def is_motion_key(key: str) -> bool:
+    return "motion_modules" in key or "temporal_transformer" in key
+
+
+def _prefix_for(module_path: str) -> tuple[str, str]:
+    """(kohya prefix, module path without its model prefix)."""
+    for pre, kohya in (("unet.", "lora_unet_"), ("text_encoder_2.", "lora_te2_"), ("text_encoder.", "lora_te1_"),
+                       ("base_model.model.", "lora_unet_")):
+        if module_path.startswith(pre):
+            return kohya, module_path[len(pre):]
+    return "lora_unet_", module_path
+
+
+def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float | None = None):
+    """Convert a LoRA state dict to kohya keys.
+
+    Args:
+        state_dict: LoRA tensors in kohya, PEFT/diffusers or old diffusers form.
+        alpha: LoRA alpha for formats that do not store it per module (PEFT); ``None`` means alpha = rank (scale 1).
+
+    Returns:
+        ``(kohya_state_dict, motion_state_dict)``; motion-module tensors keep their original keys.
+    """
+    out: dict[str, torch.Tensor] = {}
+    motion: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if is_motion_key(key):
+            motion[key] = value
+            continue
+        if _KOHYA.match(key):
+            out[key] = value
+            continue
+        m = _PEFT_SUFFIX.search(key) or _OLD_DIFFUSERS_SUFFIX.search(key)
+        if m is None:
+            continue  # not a LoRA tensor (e.g. a stray alpha of an unknown layout)
+        module = key[: m.start()]
+        kohya_prefix, path = _prefix_for(module)
+        name = kohya_prefix + path.replace(".", "_")
+        up = m.group(1) in ("lora_B", "up")
+        out[f"{name}.{'lora_up' if up else 'lora_down'}.weight"] = value
+        if not up:
+            rank = value.shape[0]
+            out[f"{name}.alpha"] = torch.tensor(float(rank if alpha is None else alpha))
+    return out, motion
+
+
+def lora_module_names(kohya_sd: dict[str, torch.Tensor]) -> set[str]:
+    return {k.split(".")[0] for k in kohya_sd if k.endswith((".lora_down.weight", ".lora_up.weight"))}
+
+
+def peft_alpha_from_metadata(metadata: dict[str, str] | None) -> float | None:
+    """alpha from diffusers' ``lora_adapter_metadata`` header (PEFT LoraConfig), if present."""
+    if not metadata:
+        return None
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            cfg = json.loads(raw)
+            cfg = cfg.get("unet", cfg) if isinstance(cfg, dict) else {}
+            if "lora_alpha" in cfg:
+                return float(cfg["lora_alpha"])
+        except (ValueError, TypeError, AttributeError):
+            return None
+    if metadata.get(META_PREFIX + "alpha"):
+        try:
+            return float(metadata[META_PREFIX + "alpha"])
+        except ValueError:
+            return None
+    return None
+
+
+def std_metadata(metadata: dict[str, str] | None, filename: str = "") -> dict[str, object]:
+    """STD settings a LoRA carries: its ``std.*`` header keys, or η parsed from a released file's name."""
+    info: dict[str, object] = {}
+    for k, v in (metadata or {}).items():
+        if k.startswith(META_PREFIX):
+            name = k[len(META_PREFIX):]
+            try:
+                info[name] = json.loads(v)
+            except (ValueError, TypeError):
+                info[name] = v
+    if "start_strength" not in info and filename:
+        m = _ETA_IN_NAME.search(filename)
+        if m:
+            info["start_strength"] = float(m.group(1))
+            info["source"] = "filename"
+    return info
+
+
+def encode_std_metadata(values: dict[str, object]) -> dict[str, str]:
+    """``std.*`` safetensors header entries (JSON-encoded scalars) for the given settings."""
+    out = {}
+    for k, v in values.items():
+        if v is None:
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"metadata {k} is not finite")
+        out[META_PREFIX + k] = json.dumps(v)
+    return out
+
+
+def eta_mismatch_warning(lora_eta: float | None, start_strength: float, tol: float = 1e-3) -> str | None:
+    if lora_eta is None or abs(float(lora_eta) - float(start_strength)) <= tol:
+        return None
+    return (f"start_strength {start_strength:g} differs from the η {float(lora_eta):g} this STD LoRA was trained "
+            f"for; results are best at {float(lora_eta):g}")

@@ -1,0 +1,250 @@
+"""Real-host tests: the pack loaded by ComfyUI 0.3.64 on CPU, nodes run directly and through the executor.
+
+Skipped unless COMFYUI_PATH points at a ComfyUI checkout.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import comfy_host
+from comfyui_std.core import DiscreteSchedule, std_plan
+
+REPO = Path(__file__).resolve().parents[1]
+API_DIR = REPO / "workflows" / "api"
+API_WORKFLOWS = sorted(API_DIR.glob("*.json"))
+STD_NODES = {"STDSampler", "STDSchedule", "STDStylize", "STDLoraLoader"}
+
+
+@pytest.fixture(scope="module")
+def host_files(host, tiny_models):
+    """A content image in input/, a PEFT-format STD LoRA with metadata in models/loras/."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(host.base / "input" / "std_content.png")
+    lora = host.base / "models" / "loras" / "tiny_std_eta0.75.safetensors"
+    n = comfy_host.write_peft_lora(tiny_models[0], lora, metadata={"std.start_strength": "0.75", "std.nfe": "4"})
+    return {"lora": lora.name, "layers": n}
+
+
+def _prepared(path, ckpt, lora):
+    prompt = json.loads(path.read_text())
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if "ckpt_name" in inputs:
+            inputs["ckpt_name"] = ckpt
+        if node["class_type"] == "STDLoraLoader":
+            inputs["lora_name"] = lora
+        for k in ("nfe",):
+            if k in inputs and not isinstance(inputs[k], list):
+                inputs[k] = 3  # keep CPU runs short
+    return prompt
+
+
+def test_pack_loads_like_a_clone_in_custom_nodes(host):
+    assert STD_NODES <= set(host.M)
+    assert host.nodes.NODE_DISPLAY_NAME_MAPPINGS["STDStylize"] == "STD Stylize"
+    web_dirs = {Path(p).resolve() for p in host.nodes.EXTENSION_WEB_DIRS.values()}
+    assert (REPO / "web").resolve() in web_dirs
+    for name in STD_NODES:  # every input carries a tooltip
+        info = host.M[name].GET_NODE_INFO_V1()
+        for section in ("required", "optional"):
+            for inp, spec in info["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+
+
+@pytest.mark.parametrize("nfe, eta, plan", [(8, 0.75, "official"), (4, 0.65, "official"), (6, 0.95, "trained_start")])
+def test_schedule_node_gives_the_core_plan(host, tiny_models, nfe, eta, plan):
+    model = tiny_models[0]
+    out = host.M["STDSchedule"].execute(model, nfe, eta, plan)
+    sigmas = out.result[0]
+    ms = model.get_model_object("model_sampling")
+    p = std_plan(nfe, eta, plan)
+    assert ms.timestep(sigmas[:-1]).tolist() == list(p.timesteps)
+    assert sigmas[-1] == 0
+    assert torch.allclose(sigmas, p.sigmas(DiscreteSchedule()), rtol=1e-5, atol=1e-6)
+    assert f"start timestep {p.start_timestep}" in out.ui["text"][0] and f"NFE {nfe}" in out.ui["text"][0]
+
+
+def _encode(host, tiny_models, text="a painting"):
+    with torch.inference_mode():
+        return _encode_inner(host, tiny_models, text)
+
+
+def _encode_inner(host, tiny_models, text):
+    _, clip, vae = tiny_models
+    enc = host.M["CLIPTextEncode"]()
+    pos, neg = enc.encode(clip, text)[0], enc.encode(clip, "")[0]
+    img = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    return pos, neg, host.M["VAEEncode"]().encode(vae, img)[0]
+
+
+def test_std_sampler_gamma0_equals_euler_and_stylize_equals_samplercustom(host, tiny_models):
+    import comfy.sample
+    import comfy.samplers
+
+    model = tiny_models[0]
+    with torch.inference_mode():
+        pos, neg, lat = _encode(host, tiny_models)
+        sigmas = host.M["STDSchedule"].execute(model, 4, 0.75).result[0]
+        noise = comfy.sample.prepare_noise(lat["samples"], 7)
+        run = lambda sampler: comfy.sample.sample_custom(model, noise, 2.0, sampler, sigmas, pos, neg, lat["samples"],
+                                                         disable_pbar=True, seed=7)
+        std = run(host.M["STDSampler"].execute(0.0).result[0])
+        euler = run(comfy.samplers.ksampler("euler"))
+        assert (std - euler).abs().max() < 1e-4 * max(1.0, euler.abs().max().item())
+        custom = host.M["SamplerCustom"]().sample(model, True, 7, 2.0, pos, neg,
+                                                   host.M["STDSampler"].execute(0.3).result[0], sigmas, lat)[0]
+        allin1 = host.M["STDStylize"].execute(model, pos, neg, lat, 7, 4, 0.75, 0.3, 2.0).result[0]
+        assert torch.allclose(custom["samples"], allin1["samples"], atol=1e-5)
+        stoch = host.M["STDStylize"].execute(model, pos, neg, lat, 8, 4, 0.75, 0.3, 2.0).result[0]
+        assert not torch.allclose(stoch["samples"], allin1["samples"])
+
+
+def test_lora_loader_applies_every_layer_of_a_peft_lora(host, tiny_models, host_files, caplog):
+    model = tiny_models[0]
+    with caplog.at_level(logging.WARNING):
+        out = host.M["STDLoraLoader"].execute(model, host_files["lora"], 1.0)
+    patched, eta = out.result
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert eta == 0.75
+    assert f"{host_files['layers']}/{host_files['layers']} layers applied" in out.ui["text"][0]
+    assert len(patched.patches) == host_files["layers"]
+    assert model.patches == {} or len(model.patches) == 0  # input model untouched
+
+
+def test_core_lora_loader_misses_peft_keys_that_ours_applies(host, tiny_models, host_files):
+    """Why STDLoraLoader exists: ComfyUI's own loader skips the attention keys of diffusers/PEFT files."""
+    import comfy.sd
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(str(host.base / "models" / "loras" / host_files["lora"]))
+    core_patched, _ = comfy.sd.load_lora_for_models(tiny_models[0], None, sd, 1.0, 0)
+    assert len(core_patched.patches) < host_files["layers"]
+
+
+@pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
+def test_api_workflow_executes(host, tiny_ckpt, host_files, workflow):
+    prompt = _prepared(workflow, tiny_ckpt, host_files["lora"])
+    ex, server = comfy_host.execute(prompt)
+    errors = [d for e, d in server.events if e == "execution_error"]
+    assert ex.success, errors
+    images = [img for out in ex.history_result["outputs"].values() for img in out.get("images", [])]
+    assert images, ex.history_result["outputs"]
+    for img in images:
+        f = host.base / "output" / img["subfolder"] / img["filename"]
+        assert Image.open(f).size == (64, 64)
+    progress = [d for e, d in server.events if e == "progress"]
+    sampler_node = next(k for k, v in prompt.items() if v["class_type"] in ("STDStylize", "SamplerCustom"))
+    assert [(d["value"], d["max"]) for d in progress if d["node"] == sampler_node] == [(1, 3), (2, 3), (3, 3)]
+    texts = [t for out in ex.history_result["outputs"].values() for t in out.get("text", [])]
+    assert any("start timestep" in t for t in texts)
+
+
+@pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
+def test_ui_workflow_converts_to_its_api_twin(host, workflow):
+    from tools.workflow_format import ui_to_api
+
+    ui = json.loads((REPO / "workflows" / workflow.name).read_text())
+    assert ui_to_api(ui, host.nodes) == json.loads(workflow.read_text())
+
+
+def test_interrupt_stops_sampling(host, tiny_ckpt, host_files):
+    import comfy.model_management
+
+    steps = []
+
+    def on_step(value, total):
+        steps.append(value)
+        comfy.model_management.interrupt_current_processing(True)
+
+    prompt = _prepared(API_DIR / "std_image_stylize.json", tiny_ckpt, host_files["lora"])
+    prompt["7"]["inputs"]["seed"] = 1234  # not cached
+    try:
+        ex, server = comfy_host.execute(prompt, on_step=on_step)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not ex.success, (steps, [e for e, _ in server.events])
+    assert "execution_interrupted" in [e for e, _ in server.events]
+    assert steps == [1]
+
+
+def _expect_error(prompt, fragment):
+    ex, server = comfy_host.execute(prompt)
+    assert not ex.success
+    msgs = [d["exception_message"] for e, d in server.events if e == "execution_error"]
+    assert msgs and fragment in msgs[0], msgs
+    return msgs[0]
+
+
+def test_bad_inputs_give_clear_errors_and_the_server_keeps_running(host, tiny_ckpt, host_files):
+    import asyncio
+
+    import execution
+
+    base = _prepared(API_DIR / "std_image_stylize.json", tiny_ckpt, host_files["lora"])
+    # 1) out of range widget: ComfyUI's validation names the input
+    bad = json.loads(json.dumps(base))
+    bad["7"]["inputs"]["start_strength"] = 1.5
+    ok, err, _, node_errors = asyncio.run(execution.validate_prompt("x", bad, None))
+    assert not ok and "start_strength" in json.dumps(node_errors)
+    # 2) too many steps for the grid at this η: our message
+    bad = json.loads(json.dumps(base))
+    bad["7"]["inputs"]["nfe"] = 40
+    _expect_error(bad, "nfe 40 at start_strength 0.75 needs")
+    # 3) missing LoRA file
+    bad = json.loads(json.dumps(base))
+    bad["2"]["inputs"]["lora_name"] = "nope.safetensors"
+    _expect_error(bad, "lora_name: 'nope.safetensors' was not found in the models/loras folder")
+    # 4) corrupt LoRA file
+    (host.base / "models" / "loras" / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00not a header")
+    bad = json.loads(json.dumps(base))
+    bad["2"]["inputs"]["lora_name"] = "corrupt.safetensors"
+    _expect_error(bad, "could not read 'corrupt.safetensors'")
+    # the server still runs a good prompt afterwards
+    good = json.loads(json.dumps(base))
+    good["7"]["inputs"]["seed"] = 99
+    ex, _ = comfy_host.execute(good)
+    assert ex.success
+
+
+def test_wrong_base_lora_is_rejected(host, tiny_models):
+    from safetensors.torch import save_file
+
+    path = host.base / "models" / "loras" / "sdxl_like.safetensors"
+    save_file({"unet.up_blocks.0.attentions.1.transformer_blocks.9.attn2.to_q.lora_A.weight": torch.zeros(4, 1280),
+               "unet.up_blocks.0.attentions.1.transformer_blocks.9.attn2.to_q.lora_B.weight": torch.zeros(1280, 4)},
+              str(path))
+    with pytest.raises(ValueError, match="made for another base model"):
+        host.M["STDLoraLoader"].execute(tiny_models[0], path.name, 1.0)
+
+
+def test_unsupported_models_and_latents(host, tiny_models):
+    import comfy.model_sampling as cms
+
+    model = tiny_models[0]
+    pos, neg, lat = _encode(host, tiny_models)
+    flow = model.clone()
+
+    class Flow(cms.ModelSamplingDiscreteFlow, cms.CONST):
+        pass
+
+    flow.add_object_patch("model_sampling", Flow(None))
+    with pytest.raises(ValueError, match="flow-matching"):
+        host.M["STDSchedule"].execute(flow, 8, 0.75)
+    lcm = host.M["ModelSamplingDiscrete"]().patch(model, "lcm", False)[0]
+    with pytest.raises(ValueError, match="1000-step schedule"):
+        host.M["STDStylize"].execute(lcm, pos, neg, lat, 0, 4, 0.75, 0.0, 1.0)
+    wrong = {"samples": torch.randn(1, 16, 8, 8)}
+    with pytest.raises(ValueError, match="latent_image: latent has 16 channels but this model uses 4"):
+        host.M["STDStylize"].execute(model, pos, neg, wrong, 0, 4, 0.75, 0.0, 1.0)
+    with pytest.raises(ValueError, match="latent_image: expected an image latent"):
+        host.M["STDStylize"].execute(model, pos, neg, {"samples": torch.randn(1, 4, 2, 8, 8)}, 0, 4, 0.75, 0.0, 1.0)
+    with pytest.raises(ValueError, match="gamma: got 2.0"):
+        host.M["STDSampler"].execute(2.0)
+    with pytest.raises(ValueError, match=r"start_strength: got 0.0, allowed range is \(0.0, 1.0\]"):
+        host.M["STDSchedule"].execute(model, 8, 0.0)

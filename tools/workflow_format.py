@@ -1,0 +1,159 @@
+"""Convert between ComfyUI's API-format prompts and UI-format (drag-and-drop) workflows.
+
+The UI files in ``workflows/`` are generated from their API twins in ``workflows/api/`` with this tool, and the
+real-host tests convert every UI file back (the way the frontend's graphToPrompt does) and compare it with its twin,
+so the two never drift apart.
+
+Both directions need ComfyUI's node definitions (``/object_info``), so run it inside a booted ComfyUI process:
+
+    COMFYUI_PATH=/path/to/ComfyUI python -m tools.workflow_format --regenerate
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def node_info(nodes_module, class_type: str) -> dict:
+    """The /object_info entry of one node class (V1 or V3)."""
+    cls = nodes_module.NODE_CLASS_MAPPINGS[class_type]
+    if hasattr(cls, "GET_NODE_INFO_V1"):
+        return cls.GET_NODE_INFO_V1()
+    inputs = cls.INPUT_TYPES()
+    return {"input": inputs, "input_order": {k: list(v.keys()) for k, v in inputs.items()},
+            "output": list(cls.RETURN_TYPES),
+            "output_name": list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)}
+
+
+def _inputs_in_order(info: dict):
+    """(name, type, options) for required then optional inputs, in declaration order."""
+    for section in ("required", "optional"):
+        spec = info["input"].get(section, {})
+        for name in info.get("input_order", {}).get(section, list(spec)):
+            entry = spec[name]
+            typ = entry[0]
+            opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+            if isinstance(typ, (list, tuple)):
+                typ = "COMBO"
+            yield name, typ, opts
+
+
+def _extra_widget_values(name: str, typ: str, opts: dict) -> int:
+    """Widgets the frontend adds after an input: seed controls and image-upload buttons."""
+    if typ == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
+        return 1
+    if typ == "COMBO" and (opts.get("image_upload") or opts.get("video_upload")):
+        return 1
+    return 0
+
+
+def ui_to_api(ui: dict, nodes_module) -> dict:
+    """The API prompt the frontend would queue for a UI-format workflow."""
+    links = {link[0]: link for link in ui["links"]}
+    prompt = {}
+    for node in ui["nodes"]:
+        if node.get("mode", 0) in (2, 4):  # muted / bypassed
+            continue
+        info = node_info(nodes_module, node["type"])
+        linked = {i["name"]: i.get("link") for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values", []))
+        inputs = {}
+        for name, typ, opts in _inputs_in_order(info):
+            if name in linked:
+                link = links[linked[name]]
+                inputs[name] = [str(link[1]), link[2]]
+                if typ in WIDGET_TYPES:  # a widget converted to an input still holds its value slot
+                    values = values[1 + _extra_widget_values(name, typ, opts):]
+                continue
+            if typ not in WIDGET_TYPES:
+                continue
+            if not values:
+                continue
+            inputs[name] = values.pop(0)
+            del values[:_extra_widget_values(name, typ, opts)]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def api_to_ui(prompt: dict, nodes_module) -> dict:
+    """A UI-format workflow (nodes laid out left to right by depth) for an API prompt."""
+    ids = list(prompt)
+    depth: dict[str, int] = {}
+
+    def d(nid):
+        if nid not in depth:
+            ups = [v[0] for v in prompt[nid]["inputs"].values() if isinstance(v, list)]
+            depth[nid] = 1 + max((d(u) for u in ups), default=-1)
+        return depth[nid]
+
+    for nid in ids:
+        d(nid)
+    rows: dict[int, int] = {}
+    nodes, links = [], []
+    out_links: dict[tuple[str, int], list[int]] = {}
+    infos = {nid: node_info(nodes_module, prompt[nid]["class_type"]) for nid in ids}
+    for nid in ids:
+        for name, value in prompt[nid]["inputs"].items():
+            if isinstance(value, list):
+                link_id = len(links) + 1
+                src, slot = value
+                typ = infos[src]["output"][slot]
+                links.append([link_id, int(src), slot, int(nid), None, typ])
+                out_links.setdefault((src, slot), []).append(link_id)
+    link_iter = {l[0]: l for l in links}
+    for order, nid in enumerate(sorted(ids, key=lambda n: (depth[n], int(n)))):
+        info, node = infos[nid], prompt[nid]
+        col = depth[nid]
+        row = rows.get(col, 0)
+        rows[col] = row + 1
+        inputs, widgets = [], []
+        for name, typ, opts in _inputs_in_order(info):
+            value = node["inputs"].get(name)
+            if isinstance(value, list):
+                link_id = next(l[0] for l in links if l[3] == int(nid) and l[1] == int(value[0])
+                               and l[2] == value[1] and l[4] is None)
+                link_iter[link_id][4] = len(inputs)
+                entry = {"name": name, "type": typ, "link": link_id}
+                if typ in WIDGET_TYPES:
+                    entry["widget"] = {"name": name}
+                    widgets.append(opts.get("default"))
+                    widgets.extend(["fixed"] * _extra_widget_values(name, typ, opts))
+                inputs.append(entry)
+            elif typ in WIDGET_TYPES and name in node["inputs"]:
+                widgets.append(value)
+                extra = _extra_widget_values(name, typ, opts)
+                if extra:
+                    widgets.append("fixed" if typ == "INT" else "image")
+        outputs = [{"name": n, "type": t, "links": out_links.get((nid, i), []), "slot_index": i}
+                   for i, (t, n) in enumerate(zip(info["output"], info["output_name"]))]
+        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [60 + 360 * col, 60 + 260 * row],
+                      "size": [320, 200], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+                      "outputs": outputs, "properties": {"Node name for S&R": node["class_type"]},
+                      "widgets_values": widgets})
+    return {"last_node_id": max(int(n) for n in ids), "last_link_id": len(links), "nodes": nodes,
+            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
+            "version": 0.4}
+
+
+def regenerate(nodes_module, api_dir: Path = REPO / "workflows" / "api", ui_dir: Path = REPO / "workflows"):
+    for api_file in sorted(api_dir.glob("*.json")):
+        ui = api_to_ui(json.loads(api_file.read_text()), nodes_module)
+        (ui_dir / api_file.name).write_text(json.dumps(ui, indent=1) + "\n")
+        print(f"wrote {ui_dir / api_file.name}")
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import comfy_host
+
+    if "--regenerate" not in sys.argv:
+        sys.exit(__doc__)
+    host = comfy_host.boot(Path(tempfile.mkdtemp()))
+    regenerate(host.nodes)
