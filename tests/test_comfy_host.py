@@ -248,3 +248,19 @@ def test_unsupported_models_and_latents(host, tiny_models):
         host.M["STDSampler"].execute(2.0)
     with pytest.raises(ValueError, match=r"start_strength: got 0.0, allowed range is \(0.0, 1.0\]"):
         host.M["STDSchedule"].execute(model, 8, 0.0)
+
+
+def test_latent_previews_are_sent_each_step(host, tiny_ckpt, host_files):
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    prompt = _prepared(API_DIR / "std_image_stylize.json", tiny_ckpt, host_files["lora"])
+    prompt["7"]["inputs"]["seed"] = 4321
+    old = args.preview_method
+    args.preview_method = LatentPreviewMethod.Latent2RGB
+    try:
+        ex, server = comfy_host.execute(prompt)
+    finally:
+        args.preview_method = old
+    assert ex.success
+    previews = [d["preview"] for e, d in server.events if e == "progress" and d["node"] == "7"]
+    assert previews == [True, True, True]

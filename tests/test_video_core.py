@@ -1,0 +1,105 @@
+"""Video loader/saver and chunk blending (PyAV, no ComfyUI)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_std.core.errors import STDInputError
+from comfyui_std.core.video import blend_chunks, chunk_ranges, load_video, save_video
+
+N = 60
+
+
+def numbered_frames(n=N, h=48, w=64):
+    """Frame i is a flat gray of level 4*i, so frame identity survives lossy coding."""
+    return torch.stack([torch.full((h, w, 3), (4 * i) / 255.0) for i in range(n)])
+
+
+def frame_ids(frames):
+    return [int(round(float(f.mean()) * 255 / 4)) for f in frames]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vid") / "clip.mp4"
+    save_video(numbered_frames(), path, fps=12)
+    return path
+
+
+def test_full_read_roundtrip(clip):
+    frames, info = load_video(clip)
+    assert frames.shape == (N, 48, 64, 3) and frames.dtype == torch.float32
+    assert info.frame_count == N and abs(info.fps - 12) < 1e-6 and info.decoded_frames == N
+    assert frame_ids(frames) == list(range(N))
+
+
+def test_cap_skip_nth_without_full_decode(clip):
+    frames, info = load_video(clip, frame_load_cap=5, skip_first_frames=10, select_every_nth=3)
+    assert frame_ids(frames) == [10, 13, 16, 19, 22]
+    assert info.decoded_frames == 23 < N  # stopped once the cap was reached
+    assert abs(info.fps - 4) < 1e-6
+
+
+def test_force_rate_and_resize(clip):
+    frames, info = load_video(clip, force_rate=6, frame_load_cap=4)
+    assert frame_ids(frames) == [0, 2, 4, 6] and info.fps == 6
+    crop, _ = load_video(clip, frame_load_cap=1, resize="crop")
+    assert crop.shape[1:3] == (48, 64)
+    odd = torch.rand(2, 50, 70, 3)
+    p = clip.parent / "odd.mp4"
+    save_video(odd, p, fps=8)
+    for mode, size in (("crop", (48, 64)), ("pad", (56, 72)), ("stretch", (48, 72))):
+        f, info = load_video(p, resize=mode)
+        assert f.shape[1:3] == size, mode
+        assert (info.width, info.height) == (size[1], size[0])
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "webm", "webp", "gif"])
+def test_save_formats_read_back(tmp_path, fmt):
+    path = save_video(numbered_frames(12, 32, 32), tmp_path / f"out.{fmt}", fps=8)
+    if fmt in ("mp4", "webm", "gif"):
+        frames, info = load_video(path)
+        tol = 0.5 if fmt == "gif" else 0.01  # gif stores delays in 1/100 s
+        assert info.frame_count == 12 and abs(info.fps - 8) < tol
+    else:
+        with Image.open(path) as im:
+            assert im.n_frames == 12
+
+
+def test_folder_of_frames(tmp_path):
+    for i in range(6):
+        Image.fromarray(np.full((16, 24, 3), 4 * i, np.uint8)).save(tmp_path / f"f{i:03d}.png")
+    frames, info = load_video(tmp_path, select_every_nth=2)
+    assert frame_ids(frames) == [0, 2, 4] and info.fps == 4
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "f999.png")
+    with pytest.raises(STDInputError, match="all frames must share one size"):
+        load_video(tmp_path)
+
+
+@pytest.mark.parametrize("setup, match", [
+    (lambda d: d / "missing.mp4", "does not exist"),
+    (lambda d: (d / "bad.mp4").write_bytes(b"\x00\x01garbage" * 50) and d / "bad.mp4", "could not decode 'bad.mp4'"),
+    (lambda d: (d / "x.txt").write_text("hi") and d / "x.txt", "not a supported video"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "has no image frames"),
+])
+def test_bad_video_inputs(tmp_path, setup, match):
+    with pytest.raises(STDInputError, match=match):
+        load_video(setup(tmp_path))
+
+
+def test_zero_frames_after_skip(clip):
+    with pytest.raises(STDInputError, match="no frames left"):
+        load_video(clip, skip_first_frames=1000)
+    with pytest.raises(STDInputError, match="select_every_nth"):
+        load_video(clip, select_every_nth=0)
+
+
+def test_chunks_cover_and_blend():
+    assert chunk_ranges(64, 8) == [(i, i + 8) for i in range(0, 64, 8)]
+    r = chunk_ranges(20, 8, overlap=2)
+    assert r[0] == (0, 8) and r[-1][1] == 20 and all(b[0] < a[1] for a, b in zip(r, r[1:]))
+    x = torch.arange(20, dtype=torch.float32).view(20, 1)
+    assert torch.allclose(blend_chunks(20, r, [x[s:e] for s, e in r]), x)  # consistent chunks blend to themselves
+    with pytest.raises(STDInputError, match="overlap"):
+        chunk_ranges(20, 8, overlap=8)
