@@ -14,11 +14,13 @@ from PIL import Image
 
 import comfy_host
 from comfyui_std.core import DiscreteSchedule, std_plan
+from comfyui_std.core.video import load_video, save_video
 
 REPO = Path(__file__).resolve().parents[1]
 API_DIR = REPO / "workflows" / "api"
 API_WORKFLOWS = sorted(API_DIR.glob("*.json"))
-STD_NODES = {"STDSampler", "STDSchedule", "STDStylize", "STDLoraLoader"}
+STD_NODES = {"STDSampler", "STDSchedule", "STDStylize", "STDLoraLoader", "STDLoadVideo", "STDStylizeVideo",
+             "STDSaveVideo"}
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +28,8 @@ def host_files(host, tiny_models):
     """A content image in input/, a PEFT-format STD LoRA with metadata in models/loras/."""
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(host.base / "input" / "std_content.png")
+    clip = torch.rand(1, 64, 64, 3).repeat(24, 1, 1, 1) * torch.linspace(0.5, 1, 24).view(24, 1, 1, 1)
+    save_video(clip, host.base / "input" / "std_content.mp4", fps=12)
     lora = host.base / "models" / "loras" / "tiny_std_eta0.75.safetensors"
     n = comfy_host.write_peft_lora(tiny_models[0], lora, metadata={"std.start_strength": "0.75", "std.nfe": "4"})
     return {"lora": lora.name, "layers": n}
@@ -133,14 +137,21 @@ def test_api_workflow_executes(host, tiny_ckpt, host_files, workflow):
     ex, server = comfy_host.execute(prompt)
     errors = [d for e, d in server.events if e == "execution_error"]
     assert ex.success, errors
-    images = [img for out in ex.history_result["outputs"].values() for img in out.get("images", [])]
-    assert images, ex.history_result["outputs"]
-    for img in images:
-        f = host.base / "output" / img["subfolder"] / img["filename"]
-        assert Image.open(f).size == (64, 64)
+    files = [img for out in ex.history_result["outputs"].values() for img in out.get("images", [])]
+    assert files, ex.history_result["outputs"]
+    video = "video" in workflow.stem
+    for item in files:
+        f = host.base / "output" / item["subfolder"] / item["filename"]
+        if video:  # 24 frames at 12 fps, resampled to 8 fps and capped at 16, read back from the saved mp4
+            frames, info = load_video(f)
+            assert (info.frame_count, info.fps, info.width, info.height) == (16, 8.0, 64, 64)
+        else:
+            assert Image.open(f).size == (64, 64)
     progress = [d for e, d in server.events if e == "progress"]
-    sampler_node = next(k for k, v in prompt.items() if v["class_type"] in ("STDStylize", "SamplerCustom"))
-    assert [(d["value"], d["max"]) for d in progress if d["node"] == sampler_node] == [(1, 3), (2, 3), (3, 3)]
+    sampler_node = next(k for k, v in prompt.items() if v["class_type"] in ("STDStylize", "STDStylizeVideo",
+                                                                          "SamplerCustom"))
+    chunks = 3 if video else 1  # 16 frames, 8 per batch, overlap 2 -> 3 chunks
+    assert [(d["value"], d["max"]) for d in progress if d["node"] == sampler_node] == [(1, 3), (2, 3), (3, 3)] * chunks
     texts = [t for out in ex.history_result["outputs"].values() for t in out.get("text", [])]
     assert any("start timestep" in t for t in texts)
 
@@ -264,3 +275,36 @@ def test_latent_previews_are_sent_each_step(host, tiny_ckpt, host_files):
     assert ex.success
     previews = [d["preview"] for e, d in server.events if e == "progress" and d["node"] == "7"]
     assert previews == [True, True, True]
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.4])
+def test_shared_noise_keeps_a_static_video_identical(host, tiny_models, gamma):
+    pos, neg, _ = _encode(host, tiny_models)
+    _, _, vae = tiny_models
+    with torch.inference_mode():
+        frame = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+        lat = host.M["VAEEncode"]().encode(vae, frame.repeat(7, 1, 1, 1))[0]
+        node = host.M["STDStylizeVideo"]
+        shared = node.execute(tiny_models[0], pos, neg, lat, 5, 3, 0.75, gamma, 2.0, 3, 1, "shared").result[0]
+        indep = node.execute(tiny_models[0], pos, neg, lat, 5, 3, 0.75, gamma, 2.0, 3, 1, "per_frame").result[0]
+    s, i = shared["samples"], indep["samples"]
+    assert s.shape == (7, 4, 8, 8)
+    assert (s - s[:1]).abs().max() < 1e-5
+    assert (i - i[:1]).abs().max() > 1e-2
+
+
+def test_video_nodes_bad_input(host, tiny_models):
+    with pytest.raises(ValueError, match="does not exist"):
+        host.M["STDLoadVideo"].execute("", path="/nonexistent/clip.mp4")
+    with pytest.raises(ValueError, match="must be an absolute path"):
+        host.M["STDLoadVideo"].execute("", path="relative/clip.mp4")
+    (host.base / "input" / "broken.mp4").write_bytes(b"not a video" * 20)
+    with pytest.raises(ValueError, match="could not decode 'broken.mp4'"):
+        host.M["STDLoadVideo"].execute("broken.mp4")
+    with pytest.raises(ValueError, match="no frames left"):
+        host.M["STDLoadVideo"].execute("std_content.mp4", skip_first_frames=1000)
+    pos, neg, lat = _encode(host, tiny_models)
+    with pytest.raises(ValueError, match="overlap"):
+        host.M["STDStylizeVideo"].execute(tiny_models[0], pos, neg, lat, 0, 3, 0.75, 0.0, 1.0, 4, 4)
+    with pytest.raises(ValueError, match="images: expected an IMAGE batch"):
+        host.M["STDSaveVideo"].execute(torch.zeros(0, 8, 8, 3))

@@ -1,7 +1,7 @@
 // Shows the STD plan (NFE, start timestep, timesteps) that STD Schedule / STD Stylize ran, on the node itself.
 import { app } from "../../scripts/app.js";
 
-const STD_NODES = new Set(["STDSchedule", "STDStylize", "STDLoraLoader"]);
+const STD_NODES = new Set(["STDSchedule", "STDStylize", "STDLoraLoader", "STDLoadVideo", "STDStylizeVideo"]);
 
 app.registerExtension({
   name: "comfyui_std.PlanText",

@@ -29,9 +29,16 @@ def _schedule_of(model):
     return getattr(inner, "model_sampling", None)
 
 
-def comfy_sample_std(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=0.0):
+def comfy_sample_std(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=0.0, shared_noise=False):
+    """STD sampler for KSAMPLER. ``shared_noise``: the per-step noise (gamma > 0) is the same for every batch entry,
+    which keeps the frames of a video consistent."""
     extra_args = {} if extra_args is None else extra_args
-    noise_sampler = default_noise_sampler(x, extra_args.get("seed")) if gamma > 0 else None
+    noise_sampler = None
+    if gamma > 0 and shared_noise:
+        one = default_noise_sampler(x[:1], extra_args.get("seed"))
+        noise_sampler = lambda s, sn: one(s, sn).expand_as(x)  # noqa: E731
+    elif gamma > 0:
+        noise_sampler = default_noise_sampler(x, extra_args.get("seed"))
     return sample_std(model, x, sigmas, extra_args=extra_args, callback=_with_interrupt(callback), disable=disable,
                       noise_sampler=noise_sampler, gamma=gamma, schedule=_schedule_of(model))
 
@@ -44,8 +51,8 @@ def comfy_sample_onestep(model, x, sigmas, extra_args=None, callback=None, disab
     return sample_onestep(model, x, sigmas, extra_args=extra_args, callback=_with_interrupt(callback), disable=disable)
 
 
-def std_ksampler(gamma: float) -> comfy.samplers.KSAMPLER:
-    return comfy.samplers.KSAMPLER(comfy_sample_std, extra_options={"gamma": float(gamma)})
+def std_ksampler(gamma: float, shared_noise: bool = False) -> comfy.samplers.KSAMPLER:
+    return comfy.samplers.KSAMPLER(comfy_sample_std, extra_options={"gamma": float(gamma), "shared_noise": shared_noise})
 
 
 def describe_model_sampling(ms) -> str:

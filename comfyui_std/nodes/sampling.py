@@ -164,14 +164,15 @@ class STDStylize(io.ComfyNode):
         return io.NodeOutput(out, ui=_plan_ui(p))
 
 
-def stylize_latent(model, positive, negative, latent, samples, seed, sigmas, gamma, cfg, noise=None):
+def stylize_latent(model, positive, negative, latent, samples, seed, sigmas, gamma, cfg, noise=None,
+                   shared_step_noise=False):
     """Run the STD sampler through ComfyUI's sampling stack (CFG guider, progress bar, previews, interrupts)."""
     if noise is None:
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     x0_output = {}
     callback = latent_preview.prepare_callback(model, len(sigmas) - 1, x0_output)
     result = comfy.sample.sample_custom(
-        model, noise, cfg, std_ksampler(gamma), sigmas, positive, negative, samples,
+        model, noise, cfg, std_ksampler(gamma, shared_step_noise), sigmas, positive, negative, samples,
         noise_mask=latent.get("noise_mask"), callback=callback,
         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     out = latent.copy()

@@ -1,0 +1,202 @@
+"""Video nodes: STDLoadVideo (streamed batch loader), STDStylizeVideo (chunked, shared-noise STD) and STDSaveVideo."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import comfy.sample
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..core import STDInputError
+from ..core.plan import check_gamma
+from ..core.video import (RESIZE_MODES, SAVE_FORMATS, VIDEO_EXTENSIONS, blend_chunks, chunk_ranges, load_video,
+                          save_video)
+from .comfy_glue import check_latent, check_model_sampling
+from .sampling import (CATEGORY, _plan_ui, _user_error, gamma_input, make_plan, nfe_input, plan_input,
+                       start_strength_input, stylize_latent)
+
+log = logging.getLogger("comfyui_std")
+
+
+def _input_videos() -> list[str]:
+    d = folder_paths.get_input_directory()
+    try:
+        return sorted(f for f in os.listdir(d) if f.lower().endswith(VIDEO_EXTENSIONS) and os.path.isfile(os.path.join(d, f)))
+    except OSError:
+        return []
+
+
+def _resolve(video: str, path: str) -> Path:
+    if path and path.strip():
+        p = Path(path.strip().strip('"')).expanduser()
+        if not p.is_absolute():
+            raise ValueError(f"path: '{path}' must be an absolute path to a video file or a folder of frames")
+        return p
+    if not video:
+        raise ValueError("video: choose a video from the input folder or give an absolute path")
+    return Path(folder_paths.get_annotated_filepath(video))
+
+
+class STDLoadVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="STDLoadVideo",
+            display_name="STD Load Video",
+            category=CATEGORY,
+            description="Loads a video (mp4, webm, mov, mkv, gif) or a folder of frames as an IMAGE batch, decoding "
+                        "as a stream: with a frame cap it stops early and only kept frames are held in memory.",
+            inputs=[
+                io.Combo.Input("video", options=_input_videos(), tooltip="A video in ComfyUI's input folder."),
+                io.Int.Input("frame_load_cap", default=0, min=0, max=100000,
+                             tooltip="Keep at most this many frames (0 = all)."),
+                io.Int.Input("skip_first_frames", default=0, min=0, max=10000000,
+                             tooltip="Drop this many frames first (counted after force_rate)."),
+                io.Int.Input("select_every_nth", default=1, min=1, max=1000, tooltip="Then keep every nth frame."),
+                io.Float.Input("force_rate", default=0.0, min=0.0, max=240.0, step=1.0,
+                               tooltip="Resample to this frame rate by timestamps (0 = source rate)."),
+                io.Combo.Input("resize", options=list(RESIZE_MODES), default="crop",
+                               tooltip="Make width and height multiples of 8: center crop, edge pad or stretch."),
+                io.String.Input("path", default="", optional=True,
+                                tooltip="Optional absolute path to a video file or a folder of frames; overrides "
+                                        "video."),
+            ],
+            outputs=[io.Image.Output(display_name="images"),
+                     io.Int.Output(display_name="frame_count"),
+                     io.Float.Output(display_name="fps"),
+                     io.Int.Output(display_name="source_width"),
+                     io.Int.Output(display_name="source_height")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, video, frame_load_cap=0, skip_first_frames=0, select_every_nth=1, force_rate=0.0,
+                           resize="crop", path=""):
+        try:
+            p = _resolve(video, path)
+            return f"{p}:{p.stat().st_mtime_ns}"
+        except (OSError, ValueError):
+            return ""
+
+    @classmethod
+    def execute(cls, video, frame_load_cap=0, skip_first_frames=0, select_every_nth=1, force_rate=0.0,
+                resize="crop", path="") -> io.NodeOutput:
+        try:
+            frames, info = load_video(_resolve(video, path), frame_load_cap, skip_first_frames, select_every_nth,
+                                      force_rate, resize)
+        except STDInputError as err:
+            raise _user_error(err) from None
+        text = (f"{info.frame_count} frames at {info.fps:g} fps, {info.width}x{info.height} "
+                f"(source {info.source_width}x{info.source_height} at {info.source_fps:g} fps; "
+                f"{info.decoded_frames} decoded)")
+        return io.NodeOutput(frames, info.frame_count, float(info.fps), info.source_width, info.source_height,
+                             ui={"text": [text]})
+
+
+class STDStylizeVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="STDStylizeVideo",
+            display_name="STD Stylize Video",
+            category=CATEGORY,
+            description="STD style transfer of a batch of frames as one video: one noise shared by all frames "
+                        "(temporally consistent), processed in chunks of frames_per_batch with cross-faded overlaps. "
+                        "Works with AnimateDiff-Evolved motion models (set its beta_schedule to 'use existing').",
+            inputs=[
+                io.Model.Input("model", tooltip="Model with the STD LoRA (and optionally a motion module)."),
+                io.Conditioning.Input("positive", tooltip="Prompt describing the target style."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt (used when cfg > 1)."),
+                io.Latent.Input("latent_image", tooltip="The VAE-encoded frames, one batch entry per frame."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the noise."),
+                nfe_input(),
+                start_strength_input(),
+                gamma_input(),
+                io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                io.Int.Input("frames_per_batch", default=16, min=1, max=4096,
+                             tooltip="Frames sampled together; bounds peak memory."),
+                io.Int.Input("overlap", default=0, min=0, max=4095,
+                             tooltip="Frames shared by consecutive chunks, cross-faded to hide seams "
+                                     "(must be below frames_per_batch)."),
+                io.Combo.Input("noise", options=["shared", "per_frame"], default="shared",
+                               tooltip="shared: every frame gets the same noise, so static regions stay identical "
+                                       "(temporally consistent); per_frame: independent noise per frame."),
+                plan_input(),
+            ],
+            outputs=[io.Latent.Output(tooltip="Stylized frames; decode with the same VAE.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, nfe=8, start_strength=0.75, gamma=0.0, cfg=6.0,
+                frames_per_batch=16, overlap=0, noise="shared", plan="official") -> io.NodeOutput:
+        try:
+            ms = check_model_sampling(model)
+            samples = check_latent(model, latent_image)
+            gamma = check_gamma(gamma)
+            ranges = chunk_ranges(samples.shape[0], frames_per_batch, overlap)
+            if noise not in ("shared", "per_frame"):
+                raise STDInputError("noise", f"got {noise!r}, choose shared or per_frame")
+        except STDInputError as err:
+            raise _user_error(err) from None
+        p = make_plan(nfe, start_strength, plan)
+        sigmas = p.sigmas(ms)
+        if noise == "shared":
+            one = comfy.sample.prepare_noise(samples[:1], seed)
+            full_noise = one.expand(samples.shape[0], *one.shape[1:])
+        else:
+            full_noise = comfy.sample.prepare_noise(samples, seed)
+        chunks = []
+        for s, e in ranges:
+            part = {k: v for k, v in latent_image.items() if k not in ("samples", "batch_index", "noise_mask")}
+            out = stylize_latent(model, positive, negative, part, samples[s:e], seed, sigmas, gamma, cfg,
+                                 noise=full_noise[s:e].contiguous(), shared_step_noise=(noise == "shared"))
+            chunks.append(out["samples"].cpu())
+        result = blend_chunks(samples.shape[0], ranges, chunks)
+        out = {k: v for k, v in latent_image.items() if k != "noise_mask"}
+        out["samples"] = result
+        text = p.describe() + f"; {samples.shape[0]} frames in {len(ranges)} chunk(s)"
+        log.info(text)
+        return io.NodeOutput(out, ui={"text": [text]})
+
+
+class STDSaveVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="STDSaveVideo",
+            display_name="STD Save Video",
+            category=CATEGORY,
+            description="Saves an IMAGE batch as mp4 (h264), webm (vp9), animated webp or gif in the output folder.",
+            inputs=[
+                io.Image.Input("images", tooltip="Frames to save, in order."),
+                io.Float.Input("fps", default=8.0, min=0.1, max=240.0, step=0.1, tooltip="Frame rate of the file."),
+                io.String.Input("filename_prefix", default="STD/video", tooltip="Prefix inside the output folder."),
+                io.Combo.Input("format", options=list(SAVE_FORMATS), default="mp4", tooltip="Container and codec."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, images, fps=8.0, filename_prefix="STD/video", format="mp4") -> io.NodeOutput:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] < 1:
+            raise ValueError("images: expected an IMAGE batch [frames, height, width, 3]")
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory(), images.shape[2], images.shape[1])
+        file = f"{filename}_{counter:05}_.{format}"
+        try:
+            save_video(images, Path(folder) / file, fps, format)
+        except STDInputError as err:
+            raise _user_error(err) from None
+        result = ui.SavedResult(file, subfolder, io.FolderType.output)
+        if format in ("mp4", "webm"):
+            return io.NodeOutput(ui=ui.PreviewVideo([result]))
+        return io.NodeOutput(ui={"images": [dict(result)], "animated": (True,)})
+
+
+NODES = [STDLoadVideo, STDStylizeVideo, STDSaveVideo]
