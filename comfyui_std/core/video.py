@@ -186,7 +186,7 @@ def _load_folder(path: Path, cap, skip, nth, rate, resize, folder_fps):
         raise STDInputError("video", f"folder '{path}' has no image frames ({', '.join(IMAGE_EXTENSIONS)})")
     src_fps = float(folder_fps)
     sel = _Selector(cap, skip, nth, rate)
-    frames, size, first_size = [], None, None
+    frames, first_size = [], None
     for i, f in enumerate(files):
         n = sel.offer(i / src_fps)
         if n:

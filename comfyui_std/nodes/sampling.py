@@ -56,6 +56,24 @@ def plan_input() -> io.Combo.Input:
     return io.Combo.Input("plan", options=list(PLANS), default="official", optional=True, tooltip=PLAN_TIP)
 
 
+def stylize_inputs(model_tip: str, latent_tip: str) -> list:
+    """The inputs STD Stylize and STD Stylize Video share, in widget order (before their own extras)."""
+    return [
+        io.Model.Input("model", tooltip=model_tip),
+        io.Conditioning.Input("positive", tooltip="Prompt describing the target style."),
+        io.Conditioning.Input("negative", tooltip="Negative prompt (used when cfg > 1)."),
+        io.Latent.Input("latent_image", tooltip=latent_tip),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Seed of the noise added at the start timestep."),
+        nfe_input(),
+        start_strength_input(),
+        gamma_input(),
+        io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale (the official STD demo uses 6; 1 disables the "
+                               "negative branch and halves the cost)."),
+    ]
+
+
 def make_plan(nfe, start_strength, plan="official"):
     try:
         return std_plan(check_nfe(nfe), check_start_strength(start_strength), plan or "official")
@@ -130,21 +148,8 @@ class STDStylize(io.ComfyNode):
             category=CATEGORY,
             description="Few-step STD style transfer: the input latent is noised to start_strength η and denoised "
                         "in nfe STD steps. Load an STD LoRA (matching η) on the model first.",
-            inputs=[
-                io.Model.Input("model", tooltip="Base model with the STD LoRA (and optionally a style reference) applied."),
-                io.Conditioning.Input("positive", tooltip="Prompt describing the target style."),
-                io.Conditioning.Input("negative", tooltip="Negative prompt (used when cfg > 1)."),
-                io.Latent.Input("latent_image", tooltip="The content image, VAE-encoded."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the noise added at the start timestep."),
-                nfe_input(),
-                start_strength_input(),
-                gamma_input(),
-                io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale (the official STD demo uses 6; 1 disables the "
-                                       "negative branch and halves the cost)."),
-                plan_input(),
-            ],
+            inputs=[*stylize_inputs("Base model with the STD LoRA (and optionally a style reference) applied.",
+                                    "The content image, VAE-encoded."), plan_input()],
             outputs=[io.Latent.Output(tooltip="Stylized latent; decode with the same VAE.")],
         )
 

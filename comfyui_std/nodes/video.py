@@ -16,8 +16,7 @@ from ..core.plan import check_gamma
 from ..core.video import (RESIZE_MODES, SAVE_FORMATS, VIDEO_EXTENSIONS, blend_chunks, chunk_ranges, load_video,
                           save_video)
 from .comfy_glue import check_latent, check_model_sampling
-from .sampling import (CATEGORY, _plan_ui, _user_error, gamma_input, make_plan, nfe_input, plan_input,
-                       start_strength_input, stylize_latent)
+from .sampling import CATEGORY, _user_error, make_plan, plan_input, stylize_inputs, stylize_latent
 
 log = logging.getLogger("comfyui_std")
 
@@ -107,17 +106,8 @@ class STDStylizeVideo(io.ComfyNode):
                         "(temporally consistent), processed in chunks of frames_per_batch with cross-faded overlaps. "
                         "Works with AnimateDiff-Evolved motion models (set its beta_schedule to 'use existing').",
             inputs=[
-                io.Model.Input("model", tooltip="Model with the STD LoRA (and optionally a motion module)."),
-                io.Conditioning.Input("positive", tooltip="Prompt describing the target style."),
-                io.Conditioning.Input("negative", tooltip="Negative prompt (used when cfg > 1)."),
-                io.Latent.Input("latent_image", tooltip="The VAE-encoded frames, one batch entry per frame."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the noise."),
-                nfe_input(),
-                start_strength_input(),
-                gamma_input(),
-                io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale."),
+                *stylize_inputs("Model with the STD LoRA (and optionally a motion module).",
+                                "The VAE-encoded frames, one batch entry per frame."),
                 io.Int.Input("frames_per_batch", default=16, min=1, max=4096,
                              tooltip="Frames sampled together; bounds peak memory."),
                 io.Int.Input("overlap", default=0, min=0, max=4095,
