@@ -308,3 +308,5 @@ def test_video_nodes_bad_input(host, tiny_models):
         host.M["STDStylizeVideo"].execute(tiny_models[0], pos, neg, lat, 0, 3, 0.75, 0.0, 1.0, 4, 4)
     with pytest.raises(ValueError, match="images: expected an IMAGE batch"):
         host.M["STDSaveVideo"].execute(torch.zeros(0, 8, 8, 3))
+    with pytest.raises(ValueError, match="format: got 'avi'"):
+        host.M["STDSaveVideo"].execute(torch.zeros(2, 8, 8, 3), 8.0, "STD/bad", "avi")

@@ -37,3 +37,11 @@ def test_cli_prints_figure_last(tmp_path, capsys):
     path = save_video(torch.from_numpy(moving_clip()), tmp_path / "c.mp4", fps=8)
     main([str(path)])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("warping_error: ")
+
+
+def test_cli_bad_input_exits_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "missing.mp4")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "video: '" in err and "does not exist" in err

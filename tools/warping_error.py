@@ -66,9 +66,13 @@ def main(argv=None):
     ap.add_argument("--reference", help="clip whose motion defines the flow (default: the video itself)")
     ap.add_argument("--frame-load-cap", type=int, default=0)
     args = ap.parse_args(argv)
-    frames, _ = load_video(args.video, frame_load_cap=args.frame_load_cap)
-    ref = load_video(args.reference, frame_load_cap=args.frame_load_cap)[0].numpy() if args.reference else None
-    print(f"warping_error: {warping_error(frames.numpy(), ref):.4f}")
+    try:
+        frames, _ = load_video(args.video, frame_load_cap=args.frame_load_cap)
+        ref = load_video(args.reference, frame_load_cap=args.frame_load_cap)[0].numpy() if args.reference else None
+        value = warping_error(frames.numpy(), ref)
+    except ValueError as err:  # STDInputError is a ValueError
+        ap.exit(2, f"warping_error: error: {err}\n")
+    print(f"warping_error: {value:.4f}")
 
 
 if __name__ == "__main__":

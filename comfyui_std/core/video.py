@@ -169,12 +169,16 @@ def load_video(path, frame_load_cap: int = 0, skip_first_frames: int = 0, select
         raise
     except Exception as err:  # PyAV raises InvalidDataError and friends for corrupt files
         raise STDInputError("video", f"could not decode '{path.name}': {type(err).__name__}: {err}") from None
+    return _finish(frames, f"'{path.name}' ({decoded} decoded)", cap, skip, nth, rate, src_fps, sw, sh, decoded)
+
+
+def _finish(frames, source: str, cap, skip, nth, rate, src_fps, source_width, source_height, decoded):
+    """Stack the kept frames and describe them; no frames left is a user error naming the selection."""
     if not frames:
-        raise STDInputError("video", f"no frames left from '{path.name}' ({decoded} decoded) after "
+        raise STDInputError("video", f"no frames left from {source} after "
                                      f"skip_first_frames={skip}, select_every_nth={nth}, frame_load_cap={cap}")
-    out_fps = (rate or src_fps) / nth
     h, w = frames[0].shape[:2]
-    info = VideoInfo(out_fps, src_fps, len(frames), sw, sh, w, h, decoded)
+    info = VideoInfo((rate or src_fps) / nth, src_fps, len(frames), source_width, source_height, w, h, decoded)
     return _stack(frames), info
 
 
@@ -204,12 +208,9 @@ def _load_folder(path: Path, cap, skip, nth, rate, resize, folder_fps):
             frames.extend([arr] * n)
         if sel.done:
             break
-    if not frames:
-        raise STDInputError("video", f"no frames left from folder '{path.name}' ({len(files)} images) after "
-                                     f"skip_first_frames={skip}, select_every_nth={nth}, frame_load_cap={cap}")
-    h, w = frames[0].shape[:2]
-    info = VideoInfo((rate or src_fps) / nth, src_fps, len(frames), first_size[1], first_size[0], w, h, len(files))
-    return _stack(frames), info
+    width, height = (first_size[1], first_size[0]) if first_size else (0, 0)
+    return _finish(frames, f"folder '{path.name}' ({len(files)} images)", cap, skip, nth, rate, src_fps, width,
+                   height, len(files))
 
 
 def save_video(frames: torch.Tensor, path, fps: float, fmt: str | None = None, quality: int = 23) -> Path:
@@ -268,27 +269,20 @@ def chunk_ranges(num_frames: int, frames_per_batch: int, overlap: int = 0) -> li
         start += step
 
 
-def blend_chunks(num_frames: int, ranges, chunks, like: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-fade overlapping chunk outputs (frame axis 0) with linear ramps; non-overlapping frames are copied."""
-    out = weight = None
+def blend_chunks(num_frames: int, ranges, chunks) -> torch.Tensor:
+    """Cross-fade overlapping chunk outputs (frame axis 0) with linear ramps; non-overlapping frames are copied.
+
+    ``ranges`` come from :func:`chunk_ranges`: consecutive, so the frames a chunk shares with earlier ones are the
+    first ``prev_end - start`` of it.
+    """
+    out, prev_end = None, 0
     for (s, e), chunk in zip(ranges, chunks):
-        n = e - s
-        w = torch.ones(n, dtype=torch.float32)
-        if out is not None:
-            prev_end = int((weight > 0).nonzero().max()) + 1
-            ov = max(0, prev_end - s)
-            if ov:
-                w[:ov] = torch.linspace(0, 1, ov + 2)[1:-1]
         if out is None:
             out = torch.zeros((num_frames, *chunk.shape[1:]), dtype=chunk.dtype)
-            weight = torch.zeros(num_frames, dtype=torch.float32)
-        shape = (n,) + (1,) * (chunk.ndim - 1)
-        if weight[s:e].any():
-            prev = out[s:e].clone()
-            wv = w.view(shape).to(chunk.dtype)
-            has_prev = (weight[s:e] > 0).view(shape)
-            out[s:e] = torch.where(has_prev, prev * (1 - wv) + chunk * wv, chunk)
-        else:
-            out[s:e] = chunk
-        weight[s:e] = 1
+        ov = max(0, prev_end - s)
+        if ov:
+            w = torch.linspace(0, 1, ov + 2)[1:-1].to(chunk.dtype).view((ov,) + (1,) * (chunk.ndim - 1))
+            out[s:s + ov] = out[s:s + ov] * (1 - w) + chunk[:ov] * w
+        out[s + ov:e] = chunk[ov:]
+        prev_end = max(prev_end, e)
     return out
