@@ -72,6 +72,7 @@ def boot(base: Path) -> SimpleNamespace:
     if not pack.exists():
         pack.symlink_to(REPO, target_is_directory=True)
     loaded = asyncio.run(nodes.load_custom_node(str(pack)))
+    install_tiny_clip_vision_loader(base)
     return SimpleNamespace(nodes=nodes, base=base, M=nodes.NODE_CLASS_MAPPINGS, loaded=loaded, pack=pack,
                            folder_paths=folder_paths)
 
@@ -93,13 +94,14 @@ def _init_(sd: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor
 
 TINY_UNET = dict(in_channels=4, out_channels=4, model_channels=320, context_dim=768, num_heads=8, num_head_channels=-1,
                  use_spatial_transformer=True, use_linear_in_transformer=False, adm_in_channels=None,
-                 use_temporal_attention=False, channel_mult=[1], num_res_blocks=[1], transformer_depth=[1],
-                 transformer_depth_output=[1, 1], transformer_depth_middle=1,
+                 use_temporal_attention=False, channel_mult=[1, 1, 1], num_res_blocks=[1, 1, 1],
+                 transformer_depth=[1, 1, 1], transformer_depth_output=[1] * 6, transformer_depth_middle=1,
                  image_size=32)
 
 
 def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
-    """A tiny randomly initialised checkpoint that ComfyUI detects as SD15: 1-level UNet, 12-layer CLIP-L, TAESD VAE."""
+    """A tiny randomly initialised checkpoint that ComfyUI detects as SD15: 3-level UNet with one transformer per
+    level (so SD1.5's up_blocks.1 / down_blocks.2 style and layout blocks exist), 12-layer CLIP-L, TAESD VAE."""
     import comfy.clip_model
     import comfy.ops
     import comfy.taesd.taesd
@@ -209,3 +211,85 @@ def write_peft_lora(model, path: Path, rank: int = 4, scale: float = 0.05, metad
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path), metadata=metadata)
     return len(out) // 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tiny CLIP vision encoder and IP-Adapter for the style-reference tests
+
+TINY_CLIP_VISION = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": 64,
+                    "image_size": 64, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 128,
+                    "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 4,
+                    "num_channels": 3, "num_hidden_layers": 3, "patch_size": 32, "projection_dim": 32,
+                    "torch_dtype": "float32"}
+
+
+def _tiny_clip_vision_json(base: Path, projection_dim: int) -> Path:
+    path = base / f"tiny_clip_vision_{projection_dim}.json"
+    if not path.exists():
+        path.write_text(json.dumps({**TINY_CLIP_VISION, "projection_dim": projection_dim}))
+    return path
+
+
+def install_tiny_clip_vision_loader(base: Path) -> None:
+    """Teach comfy.clip_vision to recognise the tiny 3-layer encoder the tests write (it only knows full-size
+    ViT-L/H/G, SigLIP and DINOv2 by their layer counts); every other file loads as before."""
+    import comfy.clip_vision as cv
+
+    if getattr(cv.load_clipvision_from_sd, "_std_tiny", False):
+        return
+    original = cv.load_clipvision_from_sd
+
+    def load_clipvision_from_sd(sd, prefix="", convert_keys=False):
+        if ("vision_model.encoder.layers.2.layer_norm1.weight" in sd
+                and "vision_model.encoder.layers.3.layer_norm1.weight" not in sd
+                and sd["vision_model.encoder.layers.0.layer_norm1.weight"].shape[0] == TINY_CLIP_VISION["hidden_size"]):
+            clip = cv.ClipVisionModel(str(_tiny_clip_vision_json(base, sd["visual_projection.weight"].shape[0])))
+            clip.load_sd(sd)
+            return clip
+        return original(sd, prefix, convert_keys)
+
+    load_clipvision_from_sd._std_tiny = True
+    cv.load_clipvision_from_sd = load_clipvision_from_sd
+
+
+def write_tiny_clip_vision(base: Path, path: Path, projection_dim: int = 32, seed: int = 0) -> Path:
+    import comfy.clip_vision as cv
+    from safetensors.torch import save_file
+
+    clip = cv.ClipVisionModel(str(_tiny_clip_vision_json(base, projection_dim)))
+    sd = _init_({k: torch.empty(v.shape, dtype=torch.float32) for k, v in clip.get_sd().items()}, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def write_tiny_ip_adapter(model, path: Path, clip_dim: int = 32, tokens: int = 4, seed: int = 0,
+                          cross_dim: int | None = None, num_layers: int | None = None, scale: float = 0.2) -> Path:
+    """A standard-layout IP-Adapter (image_proj.proj/norm, ip_adapter.{2k+1}.to_k_ip/to_v_ip) sized for ``model``'s
+    cross-attention layers; ``cross_dim``/``num_layers`` override the sizes to make an adapter for another base."""
+    import comfy.utils
+    from safetensors.torch import save_file
+
+    from comfyui_std.core.style_blocks import ip_layer_order
+
+    unet_config = model.model.model_config.unet_config
+    mapping = comfy.utils.unet_to_diffusers(unet_config)
+    sd_model = model.model.diffusion_model.state_dict()
+    inner = {}
+    for dkey, ckey in mapping.items():
+        if dkey.endswith(".attn2.to_k.weight") and ckey in sd_model:
+            inner[dkey[: -len(".to_k.weight")]] = sd_model[ckey].shape[0]
+    dims = [inner[n] for n in ip_layer_order(inner)]
+    cross = cross_dim or unet_config["context_dim"]
+    if num_layers is not None:
+        dims = (dims * num_layers)[:num_layers]
+    g = torch.Generator().manual_seed(seed)
+    sd = {"image_proj.proj.weight": torch.randn(tokens * cross, clip_dim, generator=g) * scale,
+          "image_proj.proj.bias": torch.zeros(tokens * cross),
+          "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
+    for k, d in enumerate(dims):
+        sd[f"ip_adapter.{2 * k + 1}.to_k_ip.weight"] = torch.randn(d, cross, generator=g) * scale
+        sd[f"ip_adapter.{2 * k + 1}.to_v_ip.weight"] = torch.randn(d, cross, generator=g) * scale
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half() for k, v in sd.items()}, str(path))
+    return path
