@@ -1,0 +1,1 @@
+"""Trainers: STD (single-trajectory distillation) and SiD-LSG, sharing one skeleton."""

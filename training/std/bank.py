@@ -1,0 +1,206 @@
+"""The trajectory bank (std.md §3), as a real component with the official code's bugs fixed.
+
+Each entry is one teacher trajectory in progress: its current state ``x_n`` and grid index ``n`` *together with the
+whole context it was started from* (clean latent z0, text embeddings, pooled embeddings / time ids, caption,
+guidance scale w), so a restored state is always trained with its own prompt (bug 1 of std.md §6). Sampling is
+uniform over the filled entries with probability ρ (bug 2: no contiguity assumption), from a seeded generator whose
+state is checkpointed (bug 3: no unseeded RNG). An entry advances one teacher step per visit and retires when its
+index reaches :data:`~training.std.trajectory.LAST_INDEX`; fresh trajectories are added while there is room.
+
+Tensors live on disk as fp16 safetensors, one shard per entry version, read back memory-mapped, so RAM stays flat
+however large the bank is. The bank is saved into and restored from training checkpoints (``save_to``/``load_from``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from comfyui_std.core.errors import check_range
+
+INDEX_FILE = "bank.json"
+
+
+class BankDiskFullError(RuntimeError):
+    """Not enough free disk space for the trajectory bank."""
+
+
+@dataclass
+class BankEntry:
+    key: str
+    index: int                      # grid index n of ``state``
+    caption: str
+    w: float | None
+    file: str                       # shard holding "state" and the context tensors
+    meta: dict = field(default_factory=dict)
+
+    def tensors(self, root: Path, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        out = {}
+        with safe_open(str(root / self.file), framework="pt") as f:
+            for name in f.keys():
+                out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+        return out
+
+
+class TrajectoryBank:
+    """Teacher-trajectory states with their context.
+
+    Args:
+        root: working folder for the shards (created; one per rank).
+        capacity: number of trajectories kept at once (the official code hard-codes 4).
+        rho: probability of training on a bank state instead of a fresh start (official 0.8).
+        seed: seed of the sampling generator (use a per-rank seed).
+        min_free_bytes: refuse to write when the disk has less free space than this.
+    """
+
+    def __init__(self, root: str | os.PathLike, capacity: int = 4, rho: float = 0.8, seed: int = 0,
+                 min_free_bytes: int = 64 * 2**20):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.capacity = check_range("bank_size", capacity, 1, 10_000_000, kind=int)
+        self.rho = check_range("rho", rho, 0.0, 1.0)
+        self.min_free_bytes = int(min_free_bytes)
+        self.entries: dict[str, BankEntry] = {}
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.stats = {"added": 0, "dropped": 0, "advanced": 0, "retired": 0, "drawn": 0, "fresh": 0}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def full(self) -> bool:
+        return len(self.entries) >= self.capacity
+
+    # -- sampling ------------------------------------------------------------------------------------------------
+    def draw(self) -> BankEntry | None:
+        """With probability ρ (and a non-empty bank) an entry uniformly among the filled ones, else None."""
+        u = torch.rand((), generator=self.generator).item()
+        if self.entries and u < self.rho:
+            keys = sorted(self.entries)
+            k = int(torch.randint(len(keys), (), generator=self.generator))
+            self.stats["drawn"] += 1
+            return self.entries[keys[k]]
+        self.stats["fresh"] += 1
+        return None
+
+    # -- updates -------------------------------------------------------------------------------------------------
+    def _write(self, tensors: dict[str, torch.Tensor]) -> str:
+        need = sum(t.numel() * 2 for t in tensors.values()) + self.min_free_bytes
+        free = shutil.disk_usage(self.root).free
+        if free < need:
+            raise BankDiskFullError(f"trajectory bank: {free / 2**20:.0f} MiB free in {self.root}, need "
+                                    f"{need / 2**20:.0f} MiB; free disk space, lower bank_size or move output")
+        name = f"{uuid.uuid4().hex}.safetensors"
+        tmp = self.root / (name + ".tmp")
+        half = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()).contiguous()
+                for k, v in tensors.items()}
+        save_file(half, str(tmp))
+        os.replace(tmp, self.root / name)
+        return name
+
+    def _remove_file(self, name: str) -> None:
+        try:
+            (self.root / name).unlink()
+        except FileNotFoundError:
+            pass
+
+    def put(self, index: int, state: torch.Tensor, context: dict[str, torch.Tensor], caption: str = "",
+            w: float | None = None, meta: dict | None = None) -> BankEntry | None:
+        """Start keeping a new trajectory at ``index`` (dropped, like the official bank, when full)."""
+        if self.full:
+            self.stats["dropped"] += 1
+            return None
+        if "state" in context:
+            raise ValueError("context must not contain a tensor named 'state'")
+        key = uuid.uuid4().hex[:12]
+        entry = BankEntry(key, int(index), caption, None if w is None else float(w),
+                          self._write({"state": state, **context}), dict(meta or {}))
+        self.entries[key] = entry
+        self.stats["added"] += 1
+        return entry
+
+    def advance(self, entry: BankEntry, index: int, state: torch.Tensor) -> None:
+        """Replace an entry's state by the teacher's next one (the context is carried over)."""
+        tensors = entry.tensors(self.root, dtype=None)
+        tensors["state"] = state
+        old = entry.file
+        entry.file = self._write(tensors)
+        entry.index = int(index)
+        self._remove_file(old)
+        self.stats["advanced"] += 1
+
+    def retire(self, entry: BankEntry) -> None:
+        if self.entries.pop(entry.key, None) is not None:
+            self._remove_file(entry.file)
+            self.stats["retired"] += 1
+
+    def step(self, entry: BankEntry | None, next_index: int, next_state: torch.Tensor, context=None, caption="",
+             w=None, last_index: int = 1) -> None:
+        """After one teacher step: advance a drawn entry (retire it at the end), or keep a fresh trajectory."""
+        if next_index <= last_index:
+            if entry is not None:
+                self.retire(entry)
+            return
+        if entry is not None:
+            self.advance(entry, next_index, next_state)
+        else:
+            self.put(next_index, next_state, context or {}, caption, w)
+
+    # -- persistence ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity, "rho": self.rho, "stats": dict(self.stats),
+                "generator": self.generator.get_state().tolist(),
+                "entries": [{"key": e.key, "index": e.index, "caption": e.caption, "w": e.w, "file": e.file,
+                             "meta": e.meta} for e in sorted(self.entries.values(), key=lambda e: e.key)]}
+
+    def save_to(self, folder: str | os.PathLike) -> None:
+        """Write the bank into a checkpoint folder (shards hard-linked when possible, else copied)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for e in self.entries.values():
+            dst = folder / e.file
+            if not dst.exists():
+                try:
+                    os.link(self.root / e.file, dst)
+                except OSError:
+                    shutil.copy2(self.root / e.file, dst)
+        tmp = folder / (INDEX_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.state_dict(), indent=1))
+        os.replace(tmp, folder / INDEX_FILE)
+
+    def load_from(self, folder: str | os.PathLike) -> None:
+        """Restore a bank saved by :meth:`save_to` (replacing the current contents)."""
+        folder = Path(folder)
+        state = json.loads((folder / INDEX_FILE).read_text())
+        for e in list(self.entries.values()):
+            self._remove_file(e.file)
+        self.entries = {}
+        for item in state["entries"]:
+            src = folder / item["file"]
+            if not src.exists():
+                raise FileNotFoundError(f"trajectory bank: checkpoint is missing {src}")
+            if not (self.root / item["file"]).exists():
+                shutil.copy2(src, self.root / item["file"])
+            self.entries[item["key"]] = BankEntry(item["key"], item["index"], item["caption"], item["w"],
+                                                  item["file"], item.get("meta", {}))
+        self.capacity, self.rho = state["capacity"], state["rho"]
+        self.stats = dict(state["stats"])
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+    def clear_orphans(self) -> int:
+        """Delete shards in the working folder that no entry refers to (left by an interrupted run)."""
+        keep = {e.file for e in self.entries.values()}
+        n = 0
+        for p in self.root.glob("*.safetensors*"):
+            if p.name not in keep:
+                p.unlink()
+                n += 1
+        return n

@@ -1,0 +1,112 @@
+"""Single-trajectory distillation math, pure torch (std.md §2.3–2.6, bugs fixed).
+
+Everything lives on the 50-step DDIM grid ``τ_n = 20 n + 19`` (n = 0..49) of the 1000-step schedule, the same grid
+``comfyui_std.core.plan`` uses at inference, so a student trained here starts where the nodes and the app start it.
+
+* the start index is ``n0 = ceil(50 η)`` (:func:`comfyui_std.core.plan.trained_start_index`);
+* the teacher advances a state one grid step per training step with a CFG'd DDIM step (LCM form, scale ``w``);
+* the student at ``(x_n, τ_n)`` and the stop-gradient target at ``(x_{n-1}, τ_{n-1})`` both jump to a level ``s``
+  drawn from the window ``j ~ U{max(0, n-R), …, n-1}``, ``s = τ_{j-1}`` (``s = 0`` for ``j = 0``), with
+  ``R = ceil(50 η rr)``; so ``s <= τ_{n-2}``: always a real jump, never the identity;
+* the loss is the pseudo-Huber distance (c = 1e-3) between the two jumps, with no c_skip/c_out: the DDIM-jump
+  parameterisation the STD sampler of this project runs.
+
+Tensors are VP latents (``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε``); ``index`` tensors hold grid indices per sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from comfyui_std.core.errors import STDInputError, check_range
+from comfyui_std.core.plan import ORIGIN_STEPS, origin_grid, trained_start_index
+from comfyui_std.core.schedules import DiscreteSchedule
+
+LAST_INDEX = 1  # trajectories retire once the advanced index reaches this (the last trained state is n = 2)
+
+
+class DDIMGrid:
+    """The DDIM grid with the schedule's ᾱ at each level (and at t = 0 for the final jump)."""
+
+    def __init__(self, schedule: DiscreteSchedule | None = None, origin_steps: int = ORIGIN_STEPS):
+        self.schedule = schedule or DiscreteSchedule()
+        self.origin_steps = origin_steps
+        self.timesteps = torch.tensor(origin_grid(origin_steps, self.schedule.num_train_timesteps))
+        acp = self.schedule.alphas_cumprod
+        self.alphas = acp[self.timesteps]
+        # ᾱ of the level *below* grid index j: t = τ_{j-1}, and t = 0 for j = 0 (LCM's "alphas_cumprod_prev")
+        self.alphas_prev = torch.cat([acp[:1], acp[self.timesteps[:-1]]])
+
+    def timestep(self, index: torch.Tensor) -> torch.Tensor:
+        return self.timesteps.to(index.device)[index]
+
+    def alpha(self, index: torch.Tensor) -> torch.Tensor:
+        return self.alphas.to(index.device)[index]
+
+    def alpha_prev(self, index: torch.Tensor) -> torch.Tensor:
+        return self.alphas_prev.to(index.device)[index]
+
+
+def start_index(start_strength: float, origin_steps: int = ORIGIN_STEPS) -> int:
+    n0 = trained_start_index(start_strength, origin_steps)
+    if n0 <= LAST_INDEX + 1:
+        raise STDInputError("start_strength", f"{start_strength} starts at grid index {n0}; STD needs at least "
+                            f"{LAST_INDEX + 2} (start_strength > {(LAST_INDEX + 1) / origin_steps:g})")
+    return n0
+
+
+def window_size(start_strength: float, range_rate: float, origin_steps: int = ORIGIN_STEPS) -> int:
+    """R = ceil(50 η rr): how far below the current index the target level s may lie (i2i rr 0.5, v2v rr 0.3)."""
+    check_range("range_rate", range_rate, 0.0, 1.0, low_open=True)
+    return max(1, math.ceil(origin_steps * start_strength * range_rate - 1e-9))
+
+
+def _view(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return a.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def add_noise(z0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return _view(alpha.sqrt(), z0) * z0 + _view((1 - alpha).sqrt(), z0) * noise
+
+
+def jump(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """DDIM jump J(x̂0, ε̂; s) = sqrt(ᾱ_s) x̂0 + sqrt(1 - ᾱ_s) ε̂."""
+    return _view(alpha.sqrt(), x0) * x0 + _view((1 - alpha).sqrt(), x0) * eps
+
+
+def x0_eps(model_output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, prediction_type: str = "epsilon"):
+    """(x̂0, ε̂) from a UNet output at a VP state with ᾱ ``alpha``."""
+    a, s = _view(alpha.sqrt(), x), _view((1 - alpha).sqrt(), x)
+    if prediction_type == "epsilon":
+        eps = model_output
+        return (x - s * eps) / a, eps
+    if prediction_type == "v_prediction":
+        x0 = a * x - s * model_output
+        return x0, s * x + a * model_output
+    if prediction_type == "sample":
+        x0 = model_output
+        return x0, (x - a * x0) / s
+    raise STDInputError("prediction_type", f"got {prediction_type!r}")
+
+
+def cfg_lcm(cond: tuple[torch.Tensor, torch.Tensor], uncond: tuple[torch.Tensor, torch.Tensor], w: torch.Tensor):
+    """LCM-form guidance on (x̂0, ε̂): ``c + w (c - u)`` (Imagen scale 1 + w), one w per sample."""
+    (x0c, ec), (x0u, eu) = cond, uncond
+    wv = _view(w, x0c)
+    return x0c + wv * (x0c - x0u), ec + wv * (ec - eu)
+
+
+def draw_target_index(index: torch.Tensor, window: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """j ~ U{max(0, n - R), …, n - 1} per sample; the target level is ``s = τ_{j-1}`` (``alpha_prev(j)``)."""
+    low = (index - window).clamp(min=0)
+    span = (index - low).clamp(min=1)
+    u = torch.rand(index.shape, generator=generator, device="cpu").to(index.device)
+    return low + (u * span).floor().long().clamp(max=span - 1)
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float = 1e-3) -> torch.Tensor:
+    """mean(sqrt((a - b)^2 + c^2) - c), in float32."""
+    d = a.float() - b.float()
+    return (torch.sqrt(d * d + c * c) - c).mean()
