@@ -91,6 +91,8 @@ def peft_alpha_from_metadata(metadata: dict[str, str] | None) -> float | None:
     if raw:
         try:
             cfg = json.loads(raw)
+            if isinstance(cfg, dict) and "unet.lora_alpha" in cfg:  # diffusers packs the PEFT config as "unet.*"
+                return float(cfg["unet.lora_alpha"])
             cfg = cfg.get("unet", cfg) if isinstance(cfg, dict) else {}
             if "lora_alpha" in cfg:
                 return float(cfg["lora_alpha"])
