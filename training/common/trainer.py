@@ -16,11 +16,14 @@ else and is the same for all methods:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +81,14 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.writer = None
+        self.stop_requested = False
+        self.interrupted = False
+
+    def request_stop(self, *_):
+        """Finish the current step, write a checkpoint and return (Ctrl-C does this; a second Ctrl-C aborts)."""
+        self.stop_requested = True
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     # -- helpers for methods ---------------------------------------------------------------------------------
     def generator(self, micro_step: int, salt: int = 0) -> torch.Generator:
@@ -108,6 +119,12 @@ class Trainer:
             torch.save({name: (opt.state_dict(), sched.state_dict()) for name, (opt, sched, _) in
                         self.optimizers.items()}, tmp / "optimizers.pt")
         self.method.save_state(tmp, self.rank)  # per-rank state (e.g. banks) from every process
+        digest = hashlib.sha256()
+        for k, v in sorted(self.method.trainable_state().items()):
+            digest.update(k.encode())
+            digest.update(v.detach().float().cpu().numpy().tobytes())
+        (tmp / f"rank{self.rank}.json").write_text(json.dumps({"rank": self.rank, "trainable_sha256":
+                                                                digest.hexdigest(), "step": self.step}))
         self.accelerator.wait_for_everyone()
         if self.is_main:
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "method": self.method.name,
@@ -176,6 +193,8 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.is_main, desc=self.method.name,
                    dynamic_ncols=True)
         last_good = checkpoints(self.ckpt_dir)[-1] if checkpoints(self.ckpt_dir) else None
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.request_stop)
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
@@ -208,16 +227,19 @@ class Trainer:
                     self.write_preview()
                 if cfg.export_every and self.step % cfg.export_every == 0 and self.is_main:
                     self.method.export(self.out, suffix=f"-step{self.step}")
+                if self.stop_requested:
+                    path = self.save_checkpoint()
+                    log.warning("stopped at step %d; continue with --resume latest (%s)", self.step, path)
+                    self.interrupted = True
+                    return self.history
         except NaNLossError as err:
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
             raise NaNLossError(f"{err}; stopped before the optimiser step, {where} (nothing after it was "
                                "written). Lower the learning rate, use bf16/fp32, or check the data.") from None
-        except KeyboardInterrupt:
-            log.warning("interrupted at step %d: writing a checkpoint", self.step)
-            self.save_checkpoint()
-            raise
         finally:
             bar.close()
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.default_int_handler)
         self.save_checkpoint()
         if self.is_main:
             self.write_preview()

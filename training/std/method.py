@@ -12,6 +12,7 @@ form, with a proper unconditional branch. Optionally the asymmetric adversarial 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -139,6 +140,7 @@ class STDMethod:
         self.bank.clear_orphans() if not cfg.resume else None
         self.size = (cfg.resolution, cfg.resolution)
         self._uncond = None
+        self.seen: list[int] = []  # data indices this rank trained on (written into checkpoints)
         self._latent_cache: dict[int, torch.Tensor] = {}
         if cfg.adversarial:
             from training.std.adversarial import build_adversarial
@@ -170,6 +172,8 @@ class STDMethod:
 
     def save_state(self, folder: Path, rank: int) -> None:
         self.bank.save_to(folder / "bank" / f"rank{rank}")
+        (folder / f"data-rank{rank}.json").write_text(json.dumps({"items": [str(self.items[i].path.name)
+                                                                              for i in self.seen[-10_000:]]}))
 
     def load_state(self, folder: Path, rank: int) -> None:
         src = folder / "bank" / f"rank{rank}"
@@ -227,7 +231,9 @@ class STDMethod:
         """Per sample: a bank entry (with its own context) or a fresh start at n0."""
         device = self.trainer.device
         rows = []
-        for item_index in self.sampler.indices(micro_step):
+        indices = self.sampler.indices(micro_step)
+        self.seen.extend(indices)
+        for item_index in indices:
             entry = self.bank.draw()
             if entry is not None:
                 t = entry.tensors(self.bank.root, device=device)
