@@ -56,7 +56,7 @@ class CommonConfig:
     log_every: int = option(10, "Log scalars to TensorBoard every N steps.")
     preview_every: int = option(0, "Write a preview grid every N steps (0 = only at the end).")
     preview_images: str = option("", "Folder of held-out content images for previews (default: first data images).")
-    num_previews: int = option(2, "Number of content images in a preview grid.")
+    num_previews: int = option(2, "Number of content images in a preview grid (0 = no previews).")
     export_every: int = option(0, "Also export the LoRA every N steps (0 = only at the end).")
 
 

@@ -64,6 +64,22 @@ class Base:
         return int(getattr(enc.config, "projection_dim", None) or enc.config.hidden_size) if self.arch == "sdxl" \
             else int(enc.config.hidden_size)
 
+    def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latents (a posterior sample with ``generator``, else the mean)."""
+        out = self.vae.encode(pixels)
+        dist = getattr(out, "latent_dist", None)
+        if dist is None:  # AutoencoderTiny (TAESD): deterministic
+            z = out.latents
+        elif generator is None:
+            z = dist.mean
+        else:
+            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+        return z.float() * self.vae_scale
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode((latents / self.vae_scale).to(dtype)).sample.float()
+
     def to(self, device, dtype=None, vae_dtype=None):
         self.unet.to(device, dtype=dtype)
         self.vae.to(device, dtype=vae_dtype or dtype)
@@ -188,10 +204,21 @@ def load_sd15_single_file(path: Path, tokenizer: str | None = None) -> Base:
                                              if k.startswith("first_stage_model.")}, vae.config)
         vae.load_state_dict(vae_sd)
         scale = 0.18215
-    else:  # no full VAE in the file (e.g. a TAESD-only test checkpoint): a tiny random one keeps the run going
-        torch.manual_seed(0)
-        vae = AutoencoderKL(**TINY_VAE)
+    elif "first_stage_model.taesd_encoder.0.weight" in sd:  # TAESD saved in the checkpoint (ComfyUI layout)
+        from diffusers import AutoencoderTiny
+        vae = AutoencoderTiny()
+        enc, dec = "first_stage_model.taesd_encoder.", "first_stage_model.taesd_decoder."
+        mapped = {}
+        for k, v in sd.items():
+            if k.startswith(enc):
+                mapped["encoder.layers." + k[len(enc):]] = v
+            elif k.startswith(dec):  # ComfyUI's decoder starts with its Clamp module; diffusers' applies it inline
+                i, rest = k[len(dec):].split(".", 1)
+                mapped[f"decoder.layers.{int(i) - 1}.{rest}"] = v
+        vae.load_state_dict(mapped)
         scale = 1.0
+    else:
+        raise ValueError(f"base: {path.name} holds no VAE (first_stage_model.*); use a checkpoint with its VAE")
     prefix = "cond_stage_model.transformer."
     te = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     layers = 1 + max(int(k.split(".")[3]) for k in te if k.startswith("text_model.encoder.layers."))

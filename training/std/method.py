@@ -142,6 +142,7 @@ class STDMethod:
         self._uncond = None
         self.seen: list[int] = []  # data indices this rank trained on (written into checkpoints)
         self._latent_cache: dict[int, torch.Tensor] = {}
+        self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
         if cfg.adversarial:
             from training.std.adversarial import build_adversarial
             self.adv = build_adversarial(cfg.dino, cfg.dino_hooks, base.cond_dim, cfg.gp_weight).to(device)
@@ -207,6 +208,15 @@ class STDMethod:
                 self._uncond = encode_prompts(self.base, [""], self.size)
         return {k: v.expand(n, *v.shape[1:]) for k, v in self._uncond.items()}
 
+    def text_context(self, caption: str) -> dict[str, torch.Tensor]:
+        """Text embeddings of one caption, computed once per caption (captions repeat every epoch)."""
+        hit = self._text_cache.get(caption)
+        if hit is None:
+            hit = {k: v[0] for k, v in encode_prompts(self.base, [caption], self.size).items()}
+            if len(self._text_cache) < 100_000:
+                self._text_cache[caption] = hit
+        return hit
+
     @torch.no_grad()
     def encode_latent(self, index: int, gen: torch.Generator) -> torch.Tensor:
         cached = self._latent_cache.get(index)
@@ -215,16 +225,14 @@ class STDMethod:
         cache = self.cfg.cache_latents
         pixels = load_pixels(self.items[index], self.cfg.resolution, None if cache else gen, flip=not cache)
         pixels = pixels[None].to(self.trainer.device, self.vae_dtype)
-        dist = self.base.vae.encode(pixels).latent_dist
-        z0 = (dist.mean if cache else dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(
-            dist.mean.device, dist.mean.dtype)) * self.base.vae_scale
+        z0 = self.base.encode_latents(pixels, None if cache else gen)
         z0 = z0[0].float()
         if cache:
             self._latent_cache[index] = z0
         return z0
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.base.vae.decode((latents / self.base.vae_scale).to(self.vae_dtype)).sample.float()
+        return self.base.decode_latents(latents)
 
     # -- one micro-step --------------------------------------------------------------------------------------
     def _gather(self, micro_step: int, gen: torch.Generator):
@@ -243,7 +251,7 @@ class STDMethod:
                 continue
             item = self.items[item_index]
             z0 = self.encode_latent(item_index, gen)
-            ctx = {k: v[0] for k, v in encode_prompts(self.base, [item.caption], self.size).items()}
+            ctx = self.text_context(item.caption)
             noise = torch.randn(z0.shape, generator=gen).to(device)
             x = add_noise(z0[None], noise[None], self.grid.alpha(torch.tensor([self.n0])).to(device))[0]
             w = float(self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand((), generator=gen))
@@ -325,6 +333,8 @@ class STDMethod:
         from PIL import Image
 
         cfg = self.cfg
+        if cfg.num_previews <= 0:
+            return None
         items = self.items[: cfg.num_previews]
         if cfg.preview_images:
             items, _ = scan_folder(cfg.preview_images, cfg.style_prompt)
@@ -332,7 +342,7 @@ class STDMethod:
         rows = []
         for k, item in enumerate(items):
             pixels = load_pixels(item, cfg.resolution, None, flip=False)[None].to(self.trainer.device, self.vae_dtype)
-            z0 = self.base.vae.encode(pixels).latent_dist.mean.float() * self.base.vae_scale
+            z0 = self.base.encode_latents(pixels)
             ctx = encode_prompts(self.base, [item.caption], self.size)
             w = (cfg.w_min + cfg.w_max) / 2
             with self.teacher():
