@@ -211,3 +211,39 @@ def test_two_processes_train_distinct_data_with_synchronised_gradients(data, tmp
     d0, d1 = (json.loads((ckpt / f"data-rank{r}.json").read_text())["items"] for r in (0, 1))
     assert len(d0) == len(d1) == 3 and d0 != d1
     assert (ckpt / "bank" / "rank0" / "bank.json").exists() and (ckpt / "bank" / "rank1" / "bank.json").exists()
+
+
+def test_offline_bank_build_is_resumable_exact_and_trains(tmp_path):
+    from training.bank import OfflineTrajectories, main as bank_cli
+    from training.std.trajectory import cfg_lcm, jump, x0_eps
+
+    data = tmp_path / "data"  # two images and η 0.3 (15 teacher steps each) keep this quick
+    data.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((64, 64, 3), 60 * i, dtype=np.uint8)).save(data / f"{i}.png")
+    common = ["--preset", "tiny", "--data", str(data), "--output", str(tmp_path), "--bank-dir",
+              str(tmp_path / "traj"), "--start-strength", "0.3"]
+    assert bank_cli(["build", *common]) == 0
+    shards = sorted((tmp_path / "traj").glob("traj-*.safetensors"))
+    assert len(shards) == 2
+    stamp = [p.stat().st_mtime_ns for p in shards]
+    assert bank_cli(["build", *common]) == 0  # resumable: nothing is recomputed
+    assert [p.stat().st_mtime_ns for p in shards] == stamp
+    with safe_open(str(shards[0]), "pt") as f:
+        names = set(f.keys())
+    assert {f"state_{n}" for n in range(1, 16)} <= names and "z0" in names and "prompt_embeds" in names
+    # each stored step is the teacher's CFG'd DDIM step from the previous state (fp16 storage)
+    trainer = Trainer(_cfg(data, tmp_path / "check", start_strength=0.3), STDMethod)
+    m = trainer.method
+    m.setup()
+    p = OfflineTrajectories(tmp_path / "traj").pair(0, 9, "cpu")
+    x, n = p["x"][None], torch.tensor([9])
+    ctx = {k: v[None] for k, v in p["ctx"].items()}
+    with torch.no_grad(), m.teacher():
+        cond = x0_eps(m.unet(x, n, ctx), x, m.grid.alpha(n))
+        unc = x0_eps(m.unet(x, n, m.uncond(1)), x, m.grid.alpha(n))
+    x0_t, eps_t = cfg_lcm(cond, unc, torch.tensor([p["w"]]))
+    assert torch.allclose(jump(x0_t, eps_t, m.grid.alpha_prev(n))[0], p["x_prev"], atol=2e-2, rtol=1e-2)
+    assert cli(["--preset", "tiny", "--data", str(data), "--output", str(tmp_path / "train"), "--bank-source",
+                str(tmp_path / "traj"), "--max-steps", "2", "--num-previews", "0", "--start-strength", "0.3"]) == 0
+    assert bank_cli(["oops"]) == 2

@@ -57,6 +57,8 @@ class STDConfig(CommonConfig):
     dino_hooks: list = option([2, 5, 8, 11], "DINOv2 blocks whose tokens the discriminator heads read.")
     gp_weight: float = option(1e-5, "Weight of the gradient penalty on DINO features.")
     preview_nfe: list = option([4, 8], "Student NFEs shown in preview grids (next to the teacher).")
+    bank_source: str = option("", "Train from trajectories precomputed by 'python -m training.bank build' (no "
+                                  "teacher call per step) instead of the online bank.")
 
 
 PRESETS = {
@@ -143,6 +145,10 @@ class STDMethod:
         self.seen: list[int] = []  # data indices this rank trained on (written into checkpoints)
         self._latent_cache: dict[int, torch.Tensor] = {}
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.offline = None
+        if cfg.bank_source:
+            from training.bank import OfflineTrajectories
+            self.offline = OfflineTrajectories(cfg.bank_source)
         if cfg.adversarial:
             from training.std.adversarial import build_adversarial
             self.adv = build_adversarial(cfg.dino, cfg.dino_hooks, base.cond_dim, cfg.gp_weight).to(device)
@@ -242,6 +248,9 @@ class STDMethod:
         indices = self.sampler.indices(micro_step)
         self.seen.extend(indices)
         for item_index in indices:
+            if self.offline is not None:
+                rows.append(self._offline_row(item_index, gen))
+                continue
             entry = self.bank.draw()
             if entry is not None:
                 t = entry.tensors(self.bank.root, device=device)
@@ -258,6 +267,19 @@ class STDMethod:
             rows.append(dict(entry=None, x=x, n=self.n0, z0=z0, ctx=ctx, w=w, caption=item.caption))
         return rows
 
+    def _offline_row(self, item_index: int, gen: torch.Generator) -> dict:
+        """A precomputed (x_n, x_{n-1}) pair: the start index with probability 1 - ρ, else uniform below it
+        (the online bank's stationary distribution, roughly)."""
+        shard = item_index % len(self.offline)
+        n0 = min(self.n0, self.offline.pair(shard, LAST_INDEX + 1, "cpu")["start_index"])
+        if torch.rand((), generator=gen) >= self.cfg.rho or n0 <= LAST_INDEX + 1:
+            n = n0
+        else:
+            n = int(torch.randint(LAST_INDEX + 1, n0, (), generator=gen))
+        p = self.offline.pair(shard, n, self.trainer.device)
+        return dict(entry=None, x=p["x"], x_prev=p["x_prev"], n=n, z0=p["z0"], ctx=p["ctx"], w=p["w"],
+                    caption=p["caption"])
+
     def micro_step(self, micro_step: int):
         cfg, device = self.cfg, self.trainer.device
         gen = self.trainer.generator(micro_step)
@@ -273,14 +295,17 @@ class STDMethod:
         a_s = self.grid.alpha_prev(j)
         student = jump(x0_s, eps_s, a_s)
         with torch.no_grad():
-            with self.teacher():  # one CFG'd DDIM step of the frozen teacher
-                cond = x0_eps(self.unet(x, n, ctx), x, self.grid.alpha(n), pt)
-                unc = x0_eps(self.unet(x, n, self.uncond(len(rows))), x, self.grid.alpha(n), pt)
-            x0_t, eps_t = cfg_lcm(cond, unc, w)
-            x_prev = jump(x0_t, eps_t, self.grid.alpha_prev(n))
-            for i, r in enumerate(rows):  # advance / retire / keep: the context travels with the state
-                self.bank.step(r["entry"], r["n"] - 1, x_prev[i], {"z0": r["z0"], **r["ctx"]} if r["entry"] is None
-                               else None, r["caption"], r["w"], last_index=LAST_INDEX)
+            if "x_prev" in rows[0]:  # precomputed trajectory: the teacher's next state is on disk
+                x_prev = torch.stack([r["x_prev"] for r in rows]).float()
+            else:
+                with self.teacher():  # one CFG'd DDIM step of the frozen teacher
+                    cond = x0_eps(self.unet(x, n, ctx), x, self.grid.alpha(n), pt)
+                    unc = x0_eps(self.unet(x, n, self.uncond(len(rows))), x, self.grid.alpha(n), pt)
+                x0_t, eps_t = cfg_lcm(cond, unc, w)
+                x_prev = jump(x0_t, eps_t, self.grid.alpha_prev(n))
+                for i, r in enumerate(rows):  # advance / retire / keep: the context travels with the state
+                    self.bank.step(r["entry"], r["n"] - 1, x_prev[i], {"z0": r["z0"], **r["ctx"]}
+                                   if r["entry"] is None else None, r["caption"], r["w"], last_index=LAST_INDEX)
             # stop-gradient target from the teacher's next state, jumping to the same s
             x0_tg, eps_tg = x0_eps(self.unet(x_prev, n - 1, ctx), x_prev, self.grid.alpha(n - 1), pt)
             target = jump(x0_tg, eps_tg, a_s)
