@@ -247,3 +247,31 @@ def test_offline_bank_build_is_resumable_exact_and_trains(tmp_path):
     assert cli(["--preset", "tiny", "--data", str(data), "--output", str(tmp_path / "train"), "--bank-source",
                 str(tmp_path / "traj"), "--max-steps", "2", "--num-previews", "0", "--start-strength", "0.3"]) == 0
     assert bank_cli(["oops"]) == 2
+
+
+def test_video_mode_trains_clips_with_a_motion_module(tmp_path):
+    from comfyui_std.core.video import save_video
+
+    data = tmp_path / "clips"
+    data.mkdir()
+    for i in range(2):
+        save_video(torch.rand(10, 48, 64, 3, generator=torch.Generator().manual_seed(i)), data / f"c{i}.mp4", 8)
+    (data / "still.png").write_bytes(b"")  # images are not clips: ignored in video mode
+    out = tmp_path / "out"
+    assert cli(["--preset", "tiny-video", "--data", str(data), "--output", str(out), "--max-steps", "2",
+                "--num-previews", "0"]) == 0
+    files = {p.name for p in out.glob("*.safetensors")}
+    assert files == {"std_sd15_tiny_eta0.75.safetensors", "std_sd15_tiny_eta0.75_diffusers.safetensors",
+                     "std_sd15_tiny_eta0.75_motion.safetensors"}
+    with safe_open(str(out / "std_sd15_tiny_eta0.75_motion.safetensors"), "pt") as f:
+        motion = list(f.keys())
+    with safe_open(str(out / "std_sd15_tiny_eta0.75.safetensors"), "pt") as f:
+        image = list(f.keys())
+    assert motion and all("motion_modules" in k for k in motion)
+    assert image and not any("motion" in k for k in image)
+    bank = json.loads((checkpoints(out / "checkpoints")[-1] / "bank" / "rank0" / "bank.json").read_text())
+    entry = bank["entries"][0]
+    with safe_open(str(checkpoints(out / "checkpoints")[-1] / "bank" / "rank0" / entry["file"]), "pt") as f:
+        assert f.get_slice("state").get_shape() == [4, 3, 32, 32]  # one noise level for the whole 3-frame clip
+    assert cli(["--preset", "tiny-video", "--data", str(data), "--output", str(out / "x"), "--motion-adapter",
+                ""]) == 2

@@ -365,3 +365,31 @@ def merge_lora(unet: torch.nn.Module, path: str, scale: float = 1.0) -> int:
         logging.getLogger("training").warning("style_lora %s: %d of %d layers not found in the base model",
                                               p.name, log_missing, len(names))
     return len(hits)
+
+
+# -- video: a motion module in teacher and student ---------------------------------------------------------------
+
+TINY_MOTION = dict(block_out_channels=(32, 32, 32), motion_layers_per_block=1, motion_transformer_layers_per_block=1,
+                   motion_mid_block_layers_per_block=1, motion_num_attention_heads=2, motion_norm_num_groups=8,
+                   motion_max_seq_length=32, use_motion_mid_block=False)
+
+
+def attach_motion_adapter(unet: torch.nn.Module, spec: str) -> torch.nn.Module:
+    """The UNet with a diffusers MotionAdapter (AnimateDiff) inserted: ``tiny`` (random), a folder or a Hub id."""
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    if not spec:
+        raise ValueError("motion_adapter: video mode needs a motion module (--motion-adapter: a diffusers "
+                         "MotionAdapter folder such as guoyww/animatediff-motion-adapter-v1-5-3, or 'tiny')")
+    if spec == "tiny":
+        adapter = MotionAdapter(**TINY_MOTION)
+    else:
+        path = Path(spec).expanduser()
+        if spec.startswith((".", "/", "~")) and not path.exists():
+            raise ModelNotFoundError(f"motion_adapter: {path} does not exist")
+        adapter = MotionAdapter.from_pretrained(str(path) if path.exists() else spec)
+    try:
+        return UNetMotionModel.from_unet2d(unet, adapter)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(f"motion_adapter: {spec} does not fit this base model ({err}); use an SD1.5 adapter for "
+                         "SD1.5 and an SDXL adapter for SDXL") from None

@@ -26,7 +26,7 @@ from comfyui_std.core.schedules import KDenoiser
 from training.common.config import CommonConfig, option
 from training.common.data import StepSampler, load_pixels, scan_folder
 from training.common.export import export_lora
-from training.common.models import encode_prompts, load_base, merge_lora, unet_kwargs
+from training.common.models import attach_motion_adapter, encode_prompts, load_base, merge_lora, unet_kwargs
 from training.std.bank import TrajectoryBank
 from training.std.trajectory import (LAST_INDEX, DDIMGrid, add_noise, cfg_lcm, draw_target_index, jump,
                                      pseudo_huber, start_index, window_size, x0_eps)
@@ -57,6 +57,12 @@ class STDConfig(CommonConfig):
     dino_hooks: list = option([2, 5, 8, 11], "DINOv2 blocks whose tokens the discriminator heads read.")
     gp_weight: float = option(1e-5, "Weight of the gradient penalty on DINO features.")
     preview_nfe: list = option([4, 8], "Student NFEs shown in preview grids (next to the teacher).")
+    video: bool = option(False, "Video mode: train on clips of num_frames frames with a motion module in teacher "
+                                "and student (AnimateDiff); data must hold videos.")
+    num_frames: int = option(8, "Frames per training clip (video mode).")
+    frame_stride: int = option(4, "Source frames between clip frames (video mode; the paper: 4).")
+    motion_adapter: str = option("", "diffusers MotionAdapter folder or Hub id (video mode): an SD1.5 AnimateDiff "
+                                     "adapter or an SDXL one ('tiny' = random).")
     bank_source: str = option("", "Train from trajectories precomputed by 'python -m training.bank build' (no "
                                   "teacher call per step) instead of the online bank.")
 
@@ -72,6 +78,11 @@ PRESETS = {
     "sdxl-12gb": {"_doc": "SDXL at 512 on a 12 GB GPU (bf16, checkpointing, 8-bit Adam, rank 32, no adversary)",
                   "resolution": 512, "mixed_precision": "bf16", "gradient_checkpointing": True,
                   "use_8bit_adam": True, "lora_rank": 32, "lora_alpha": 32.0, "max_steps": 2000},
+    "tiny-video": {"_doc": "CPU smoke run of video mode (tiny random model and motion module)", "base": "tiny",
+                   "resolution": 64, "max_steps": 4, "lora_rank": 4, "lora_alpha": 4.0, "learning_rate": 1e-4,
+                   "lr_warmup": 1, "checkpoint_every": 2, "device": "cpu", "video": True, "num_frames": 3,
+                   "frame_stride": 2, "motion_adapter": "tiny", "range_rate": 0.3, "adv_weight": 0.5,
+                   "dino": "tiny", "dino_hooks": [0, 1], "preview_nfe": [2], "num_previews": 1},
     "sdxl-24gb": {"_doc": "SDXL at 512 on a 24 GB GPU, the paper's rank 64 and the adversarial loss",
                   "resolution": 512, "mixed_precision": "bf16", "gradient_checkpointing": True,
                   "lora_rank": 64, "lora_alpha": 64.0, "adversarial": True, "max_steps": 3000},
@@ -111,7 +122,7 @@ class STDMethod:
     def setup(self):
         cfg, device = self.cfg, self.trainer.device
         validate(cfg)
-        self.items, skipped = scan_folder(cfg.data, cfg.style_prompt)
+        self.items, skipped = scan_folder(cfg.data, cfg.style_prompt, videos=cfg.video)
         if skipped:
             log.warning("data: %d unreadable file(s) skipped, %d used", skipped, len(self.items))
         self.sampler = StepSampler(len(self.items), cfg.batch_size, cfg.seed, self.trainer.rank, self.trainer.world)
@@ -119,6 +130,8 @@ class STDMethod:
         for path in cfg.style_lora:
             n = merge_lora(base.unet, path, cfg.style_lora_scale)
             log.info("style LoRA %s merged into the teacher (%d layers)", path, n)
+        if cfg.video:
+            base.unet = attach_motion_adapter(base.unet, cfg.motion_adapter)
         from peft import LoraConfig
 
         base.unet.requires_grad_(False)
@@ -126,8 +139,11 @@ class STDMethod:
         for t in base.text_encoders:
             t.requires_grad_(False)
         targets = "|".join(t.replace(".", r"\.") for t in cfg.lora_targets)
+        # diffusers' motion transformers call proj_in/proj_out with a keyword argument that PEFT's LoRA layers do
+        # not accept, so those two projections inside motion modules stay without LoRA
         base.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                         target_modules=rf".*\.({targets})$"), adapter_name=ADAPTER)
+                                         target_modules=rf"^(?!.*motion_modules.*\.proj_(?:in|out)$).*\.({targets})$"),
+                              adapter_name=ADAPTER)
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
         vae_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.vae_dtype]
@@ -202,8 +218,13 @@ class STDMethod:
             self.base.unet.enable_adapters()
 
     def unet(self, x, index, ctx):
-        t = self.grid.timestep(index)
-        return self.base.unet(x, t, **unet_kwargs(self.base, ctx)).sample
+        return self.unet_at(x, self.grid.timestep(index), ctx)
+
+    def unet_at(self, x, t, ctx):
+        kw = unet_kwargs(self.base, ctx)
+        if x.ndim == 5:  # [B, C, F, H, W]: the motion UNet attends to the text once per frame
+            kw["encoder_hidden_states"] = kw["encoder_hidden_states"].repeat_interleave(x.shape[2], dim=0)
+        return self.base.unet(x, t, **kw).sample
 
     def uncond(self, n: int) -> dict[str, torch.Tensor]:
         if self._uncond is None:
@@ -229,15 +250,26 @@ class STDMethod:
         if cached is not None:
             return cached
         cache = self.cfg.cache_latents
-        pixels = load_pixels(self.items[index], self.cfg.resolution, None if cache else gen, flip=not cache)
-        pixels = pixels[None].to(self.trainer.device, self.vae_dtype)
-        z0 = self.base.encode_latents(pixels, None if cache else gen)
-        z0 = z0[0].float()
+        frames = self.cfg.num_frames if self.cfg.video else 0
+        pixels = load_pixels(self.items[index], self.cfg.resolution, None if cache else gen,
+                             num_frames=frames, frame_stride=self.cfg.frame_stride, flip=not cache)
+        if frames:  # [F,3,S,S] -> latents [4,F,h,w]: one noise level for the whole clip
+            z0 = self.base.encode_latents(pixels.to(self.trainer.device, self.vae_dtype),
+                                          None if cache else gen).movedim(0, 1)
+        else:
+            z0 = self.base.encode_latents(pixels[None].to(self.trainer.device, self.vae_dtype),
+                                          None if cache else gen)[0]
+        z0 = z0.float()
         if cache:
             self._latent_cache[index] = z0
         return z0
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, frames: list[int] | None = None) -> torch.Tensor:
+        """Latents -> pixels; clips [B,C,F,h,w] decode the given frames (the discriminator is per frame)."""
+        if latents.ndim == 5:
+            picked = latents[:, :, frames] if frames is not None else latents
+            flat = picked.movedim(2, 1).reshape(-1, *picked.shape[1:2], *picked.shape[3:])
+            return self.base.decode_latents(flat)
         return self.base.decode_latents(latents)
 
     # -- one micro-step --------------------------------------------------------------------------------------
@@ -314,8 +346,16 @@ class STDMethod:
         if self.adv is None:
             yield "student", loss, logs
             return
-        fake = self.decode(student)
-        g_adv = self.adv.generator_loss(fake, ctx["pooled"])
+        frames = None
+        pooled = ctx["pooled"]
+        if student.ndim == 5:  # two random frames per clip (temporal segments), as the paper's discriminator sees
+            f = student.shape[2]
+            half = max(1, f // 2)
+            frames = sorted({int(torch.randint(half, (), generator=gen)),
+                             half + int(torch.randint(max(1, f - half), (), generator=gen)) if f > 1 else 0})
+            pooled = pooled.repeat_interleave(len(frames), dim=0)
+        fake = self.decode(student, frames)
+        g_adv = self.adv.generator_loss(fake, pooled)
         logs["loss/std"] = loss.item()
         yield "student", loss + cfg.adv_weight * g_adv, logs
         with torch.no_grad():  # real images noised to r < s (asymmetric), decoded
@@ -323,8 +363,8 @@ class STDMethod:
             r = torch.tensor([self.adv.asymmetric_real_level(int(s), gen) for s in s_t], device=device)
             z0 = torch.stack([row["z0"] for row in rows]).float()
             a_r = self.base.schedule.alphas_cumprod.to(device)[r]
-            real = self.decode(add_noise(z0, torch.randn(z0.shape, generator=gen).to(device), a_r))
-        d_loss, d_logs = self.adv.discriminator_loss(real, fake.detach(), ctx["pooled"])
+            real = self.decode(add_noise(z0, torch.randn(z0.shape, generator=gen).to(device), a_r), frames)
+        d_loss, d_logs = self.adv.discriminator_loss(real, fake.detach(), pooled)
         yield "discriminator", d_loss, d_logs
 
     # -- previews and export ---------------------------------------------------------------------------------
@@ -334,11 +374,10 @@ class STDMethod:
         uncond = self.uncond(z0.shape[0])
 
         def eps_fn(x_vp, t):
-            t = t.expand(x_vp.shape[0]) if torch.as_tensor(t).ndim else torch.full((x_vp.shape[0],), int(t))
-            kw = unet_kwargs(self.base, ctx)
-            out = self.base.unet(x_vp, t.to(x_vp.device), **kw).sample
+            t = torch.as_tensor(t).reshape(-1).to(x_vp.device).expand(x_vp.shape[0])
+            out = self.unet_at(x_vp, t, ctx)
             if nfe is None:  # teacher: CFG (Imagen scale 1 + w)
-                out_u = self.base.unet(x_vp, t.to(x_vp.device), **unet_kwargs(self.base, uncond)).sample
+                out_u = self.unet_at(x_vp, t, uncond)
                 out = out_u + (1 + w) * (out - out_u)
             return out
 
@@ -366,13 +405,25 @@ class STDMethod:
             items = items[: cfg.num_previews]
         rows = []
         for k, item in enumerate(items):
-            pixels = load_pixels(item, cfg.resolution, None, flip=False)[None].to(self.trainer.device, self.vae_dtype)
-            z0 = self.base.encode_latents(pixels)
+            frames = cfg.num_frames if cfg.video else 0
+            pixels = load_pixels(item, cfg.resolution, None, num_frames=frames, frame_stride=cfg.frame_stride,
+                                 flip=False).to(self.trainer.device, self.vae_dtype)
+            if frames:  # the clip's first and last frames, stylized as one clip
+                z0 = self.base.encode_latents(pixels).movedim(0, 1)[None]
+                pixels = torch.cat([pixels[:1], pixels[-1:]], dim=-1)
+            else:
+                pixels = pixels[None]
+                z0 = self.base.encode_latents(pixels)
             ctx = encode_prompts(self.base, [item.caption], self.size)
             w = (cfg.w_min + cfg.w_max) / 2
+            def show(latents):
+                if latents.ndim == 5:
+                    first_last = self.decode(latents, [0, latents.shape[2] - 1])
+                    return torch.cat([first_last[:1], first_last[1:]], dim=-1)
+                return self.decode(latents)
             with self.teacher():
-                cols = [pixels.float(), self.decode(self._sample(z0, ctx, None, w, k))]
-            cols += [self.decode(self._sample(z0, ctx, nfe, w, k)) for nfe in cfg.preview_nfe]
+                cols = [pixels.float(), show(self._sample(z0, ctx, None, w, k))]
+            cols += [show(self._sample(z0, ctx, nfe, w, k)) for nfe in cfg.preview_nfe]
             rows.append(torch.cat(cols, dim=-1))
         grid = torch.cat(rows, dim=-2)[0].clamp(-1, 1)
         arr = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
