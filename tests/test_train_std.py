@@ -275,3 +275,14 @@ def test_video_mode_trains_clips_with_a_motion_module(tmp_path):
         assert f.get_slice("state").get_shape() == [4, 3, 32, 32]  # one noise level for the whole 3-frame clip
     assert cli(["--preset", "tiny-video", "--data", str(data), "--output", str(out / "x"), "--motion-adapter",
                 ""]) == 2
+
+
+def test_ema_target_is_an_option_and_checkpointed(data, tmp_path):
+    trainer = Trainer(_cfg(data, tmp_path, max_steps=2, ema_target=True, ema_decay=0.5, num_previews=0),
+                      STDMethod)
+    trainer.run()
+    sd = load_file(str(checkpoints(tmp_path / "checkpoints")[-1] / "trainable.safetensors"))
+    ema = {k[4:]: v for k, v in sd.items() if k.startswith("ema.")}
+    online = {k[5:]: v for k, v in sd.items() if k.startswith("unet.")}
+    assert ema.keys() == online.keys() and ema
+    assert any(not torch.equal(ema[k], online[k]) for k in ema)

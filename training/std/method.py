@@ -47,6 +47,9 @@ class STDConfig(CommonConfig):
     w_min: float = option(5.0, "Lower bound of the distilled guidance scale w (teacher CFG 1 + w, LCM form).")
     w_max: float = option(15.0, "Upper bound of w.")
     huber_c: float = option(1e-3, "Pseudo-Huber c of the distillation loss (on latents).")
+    ema_target: bool = option(False, "Use an EMA of the student LoRA as the target θ⁻ (the paper's figure) instead "
+                                     "of the stop-gradient online weights (what the official code runs).")
+    ema_decay: float = option(0.95, "EMA decay of the target (ema_target).")
     style_lora: list = option([], "Style LoRA file(s) merged into the teacher (comma-separated).")
     style_lora_scale: float = option(1.0, "Strength of the merged style LoRA(s).")
     style_prompt: str = option("", "Added to every caption (e.g. 'in the style of my watercolours').")
@@ -161,6 +164,7 @@ class STDMethod:
         self.seen: list[int] = []  # data indices this rank trained on (written into checkpoints)
         self._latent_cache: dict[int, torch.Tensor] = {}
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.ema = ({n: p.detach().clone() for n, p in self._student_params()} if cfg.ema_target else None)
         self.offline = None
         if cfg.bank_source:
             from training.bank import OfflineTrajectories
@@ -170,7 +174,7 @@ class STDMethod:
             self.adv = build_adversarial(cfg.dino, cfg.dino_hooks, base.cond_dim, cfg.gp_weight).to(device)
 
     def param_groups(self) -> dict:
-        student = [p for n, p in self.base.unet.named_parameters() if p.requires_grad]
+        student = [p for _, p in self._student_params()]
         if not student:
             raise RuntimeError("no trainable LoRA parameters: check lora_targets")
         groups = {"student": (student, self.cfg.learning_rate, self.cfg.max_grad_norm)}
@@ -180,7 +184,9 @@ class STDMethod:
 
     # -- state -----------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        out = {f"unet.{n}": p for n, p in self.base.unet.named_parameters() if p.requires_grad}
+        out = {f"unet.{n}": p for n, p in self._student_params()}
+        if self.ema is not None:
+            out.update({f"ema.{n}": v for n, v in self.ema.items()})
         if self.adv is not None:
             out.update({f"adv.{k}": v for k, v in self.adv.state_dict().items()})
         return out
@@ -190,6 +196,8 @@ class STDMethod:
         for k, v in sd.items():
             if k.startswith("unet."):
                 params[k[5:]].data.copy_(v.to(params[k[5:]].device))
+            elif k.startswith("ema.") and self.ema is not None:
+                self.ema[k[4:]].copy_(v)
         if self.adv is not None:
             self.adv.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("adv.")})
 
@@ -205,7 +213,30 @@ class STDMethod:
             self.bank.clear_orphans()
 
     def after_optimizer_step(self) -> None:
-        pass
+        if self.ema is not None:
+            with torch.no_grad():
+                for name, p in self._student_params():
+                    self.ema[name].lerp_(p.detach(), 1 - self.cfg.ema_decay)
+
+    def _student_params(self):
+        return [(n, p) for n, p in self.base.unet.named_parameters() if p.requires_grad]
+
+    @contextmanager
+    def target(self):
+        """The target network θ⁻: the online weights (stop-gradient), or their EMA when ema_target is on."""
+        if self.ema is None:
+            yield
+            return
+        saved = {n: p.detach().clone() for n, p in self._student_params()}
+        with torch.no_grad():
+            for n, p in self._student_params():
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self._student_params():
+                    p.copy_(saved[n])
 
     # -- model calls -----------------------------------------------------------------------------------------
     @contextmanager
@@ -339,7 +370,8 @@ class STDMethod:
                     self.bank.step(r["entry"], r["n"] - 1, x_prev[i], {"z0": r["z0"], **r["ctx"]}
                                    if r["entry"] is None else None, r["caption"], r["w"], last_index=LAST_INDEX)
             # stop-gradient target from the teacher's next state, jumping to the same s
-            x0_tg, eps_tg = x0_eps(self.unet(x_prev, n - 1, ctx), x_prev, self.grid.alpha(n - 1), pt)
+            with self.target():
+                x0_tg, eps_tg = x0_eps(self.unet(x_prev, n - 1, ctx), x_prev, self.grid.alpha(n - 1), pt)
             target = jump(x0_tg, eps_tg, a_s)
         loss = pseudo_huber(student, target, cfg.huber_c)
         logs = {"train/index_mean": n.float().mean().item(), "train/bank_size": len(self.bank)}
