@@ -352,11 +352,8 @@ class STDMethod:
         ctx = {k: torch.stack([r["ctx"][k] for r in rows]) for k in rows[0]["ctx"]}
         w = torch.tensor([r["w"] for r in rows], device=device)
         pt = self.base.prediction_type
-        # student jump (grad) from (x_n, τ_n) to s
-        x0_s, eps_s = x0_eps(self.unet(x, n, ctx), x, self.grid.alpha(n), pt)
-        j = draw_target_index(n, self.window, gen)
+        j = draw_target_index(n, self.window, gen)  # the target level s = τ_{j-1}
         a_s = self.grid.alpha_prev(j)
-        student = jump(x0_s, eps_s, a_s)
         with torch.no_grad():
             if "x_prev" in rows[0]:  # precomputed trajectory: the teacher's next state is on disk
                 x_prev = torch.stack([r["x_prev"] for r in rows]).float()
@@ -373,6 +370,10 @@ class STDMethod:
             with self.target():
                 x0_tg, eps_tg = x0_eps(self.unet(x_prev, n - 1, ctx), x_prev, self.grid.alpha(n - 1), pt)
             target = jump(x0_tg, eps_tg, a_s)
+        # student jump (with grad) from (x_n, τ_n) to the same s; after the target, so that swapping in EMA
+        # weights for the target never touches a tensor the backward pass needs
+        x0_s, eps_s = x0_eps(self.unet(x, n, ctx), x, self.grid.alpha(n), pt)
+        student = jump(x0_s, eps_s, a_s)
         loss = pseudo_huber(student, target, cfg.huber_c)
         logs = {"train/index_mean": n.float().mean().item(), "train/bank_size": len(self.bank)}
         if self.adv is None:
