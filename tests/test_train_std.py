@@ -286,3 +286,57 @@ def test_ema_target_is_an_option_and_checkpointed(data, tmp_path):
     online = {k[5:]: v for k, v in sd.items() if k.startswith("unet.")}
     assert ema.keys() == online.keys() and ema
     assert any(not torch.equal(ema[k], online[k]) for k in ema)
+
+
+def _tiny_ip_files(tmp_path, cross_dim=32):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from training.common.models import build_tiny
+
+    unet = build_tiny().unet
+    n_layers = len([n for n in unet.attn_processors if n.endswith("attn2.processor")])
+    g = torch.Generator().manual_seed(0)
+    sd = {"image_proj.proj.weight": torch.randn(4 * cross_dim, 16, generator=g) * 0.3,
+          "image_proj.proj.bias": torch.zeros(4 * cross_dim), "image_proj.norm.weight": torch.ones(cross_dim),
+          "image_proj.norm.bias": torch.zeros(cross_dim)}
+    for k in range(n_layers):
+        sd[f"ip_adapter.{2 * k + 1}.to_k_ip.weight"] = torch.randn(32, cross_dim, generator=g) * 0.3
+        sd[f"ip_adapter.{2 * k + 1}.to_v_ip.weight"] = torch.randn(32, cross_dim, generator=g) * 0.3
+    save_file(sd, str(tmp_path / f"ip_{cross_dim}.safetensors"))
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=2, image_size=32, patch_size=16,
+                                                         projection_dim=16))
+    enc.save_pretrained(tmp_path / "encoder")
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "s.png")
+    return tmp_path / f"ip_{cross_dim}.safetensors", tmp_path / "encoder", tmp_path / "s.png"
+
+
+def test_style_image_conditions_only_the_teacher_on_the_style_blocks(data, tmp_path):
+    from comfyui_std.core.style_blocks import selects, target_blocks
+
+    ip, enc, img = _tiny_ip_files(tmp_path)
+    cfg = _cfg(data, tmp_path / "o", max_steps=2, num_previews=0, style_image=str(img), ip_adapter=str(ip),
+               image_encoder=str(enc))
+    trainer = Trainer(cfg, STDMethod)
+    m = trainer.method
+    m.setup()
+    on = {k[: -len(".processor")] for k, v in m.style_ref.preset_scales.items() if v}
+    assert on and all(selects(k, target_blocks("style", "sd15")) for k in on)
+    x, n = torch.randn(1, 4, 32, 32), torch.tensor([30])
+    ctx = {k: v[None] for k, v in m.text_context("a house").items()}
+    with torch.no_grad():
+        with m.teacher():
+            styled = m.unet(x, n, ctx)
+            m.style_ref.set_scales(False)
+            plain = m.unet(x, n, ctx)
+        student = m.unet(x, n, ctx)
+        m.style_ref.embeds = torch.randn_like(m.style_ref.embeds)
+        student_other_image = m.unet(x, n, ctx)
+    assert not torch.allclose(styled, plain)
+    assert torch.equal(student, student_other_image)  # the student never sees the image
+    assert trainer.run() and (tmp_path / "o" / "std_sd15_tiny_eta0.75.safetensors").exists()
+    ip_sdxl, _, _ = _tiny_ip_files(tmp_path, cross_dim=2048)
+    base = ["--preset", "tiny", "--data", str(data), "--output", str(tmp_path / "p"), "--style-image", str(img)]
+    assert cli(base + ["--ip-adapter", str(ip_sdxl), "--image-encoder", str(enc)]) == 2
+    assert cli(base + ["--ip-adapter", str(ip), "--image-encoder", str(tmp_path / "nope")]) == 2
+    assert cli(base) == 2

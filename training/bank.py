@@ -52,7 +52,7 @@ def build_trajectory(method, item_index: int, gen: torch.Generator) -> tuple[dic
         while n > LAST_INDEX:
             idx = torch.tensor([n], device=device)
             cond = x0_eps(method.unet(x, idx, batch_ctx), x, method.grid.alpha(idx), pt)
-            unc = x0_eps(method.unet(x, idx, method.uncond(1)), x, method.grid.alpha(idx), pt)
+            unc = x0_eps(method.unet(x, idx, method.uncond(1), uncond=True), x, method.grid.alpha(idx), pt)
             x0_t, eps_t = cfg_lcm(cond, unc, torch.tensor([w], device=device))
             x = jump(x0_t, eps_t, method.grid.alpha_prev(idx))
             n -= 1

@@ -53,6 +53,12 @@ class STDConfig(CommonConfig):
     style_lora: list = option([], "Style LoRA file(s) merged into the teacher (comma-separated).")
     style_lora_scale: float = option(1.0, "Strength of the merged style LoRA(s).")
     style_prompt: str = option("", "Added to every caption (e.g. 'in the style of my watercolours').")
+    style_image: str = option("", "Optional style reference image for the teacher, through an IP-Adapter on the "
+                                  "style block (needs --ip-adapter and --image-encoder).")
+    ip_adapter: str = option("", "Standard IP-Adapter .safetensors for --style-image (e.g. ip-adapter_sdxl_vit-h).")
+    image_encoder: str = option("", "CLIPVisionModelWithProjection folder for the IP-Adapter (ViT-H/14).")
+    ip_preset: str = option("style", "Blocks that receive the style image: style, layout, style+layout, all blocks.")
+    ip_weight: float = option(1.0, "Scale of the IP-Adapter in the teacher.")
     adversarial: bool = option(False, "Add the asymmetric adversarial loss (DINOv2 discriminator).")
     adv_weight: float = option(0.7, "λ_adv (paper: 0.7 images, 0.5 video).")
     disc_learning_rate: float = option(1e-4, "Learning rate of the discriminator heads.")
@@ -135,6 +141,15 @@ class STDMethod:
             log.info("style LoRA %s merged into the teacher (%d layers)", path, n)
         if cfg.video:
             base.unet = attach_motion_adapter(base.unet, cfg.motion_adapter)
+        self.style_ref = None
+        if cfg.style_image:
+            if cfg.video:
+                raise STDInputError("style_image", "the IP-Adapter style reference is for image mode only")
+            if not (cfg.ip_adapter and cfg.image_encoder):
+                raise STDInputError("style_image", "needs --ip-adapter and --image-encoder")
+            from training.common.models import StyleReference
+            self.style_ref = StyleReference(base, cfg.ip_adapter, cfg.image_encoder, cfg.style_image,
+                                            cfg.ip_preset, cfg.ip_weight)
         from peft import LoraConfig
 
         base.unet.requires_grad_(False)
@@ -243,16 +258,23 @@ class STDMethod:
     def teacher(self):
         """The base model with the student adapter off: the frozen teacher."""
         self.base.unet.disable_adapters()
+        if self.style_ref is not None:
+            self.style_ref.set_scales(True)
         try:
             yield
         finally:
             self.base.unet.enable_adapters()
+            if self.style_ref is not None:
+                self.style_ref.set_scales(False)
 
-    def unet(self, x, index, ctx):
-        return self.unet_at(x, self.grid.timestep(index), ctx)
+    def unet(self, x, index, ctx, uncond: bool = False):
+        return self.unet_at(x, self.grid.timestep(index), ctx, uncond)
 
-    def unet_at(self, x, t, ctx):
+    def unet_at(self, x, t, ctx, uncond: bool = False):
         kw = unet_kwargs(self.base, ctx)
+        if self.style_ref is not None:  # zero-scaled outside the teacher; a zero image for the uncond branch
+            kw["added_cond_kwargs"] = {**kw.get("added_cond_kwargs", {}),
+                                       **self.style_ref.added_cond(x.shape[0], uncond, x.device)}
         if x.ndim == 5:  # [B, C, F, H, W]: the motion UNet attends to the text once per frame
             kw["encoder_hidden_states"] = kw["encoder_hidden_states"].repeat_interleave(x.shape[2], dim=0)
         return self.base.unet(x, t, **kw).sample
@@ -360,7 +382,7 @@ class STDMethod:
             else:
                 with self.teacher():  # one CFG'd DDIM step of the frozen teacher
                     cond = x0_eps(self.unet(x, n, ctx), x, self.grid.alpha(n), pt)
-                    unc = x0_eps(self.unet(x, n, self.uncond(len(rows))), x, self.grid.alpha(n), pt)
+                    unc = x0_eps(self.unet(x, n, self.uncond(len(rows)), uncond=True), x, self.grid.alpha(n), pt)
                 x0_t, eps_t = cfg_lcm(cond, unc, w)
                 x_prev = jump(x0_t, eps_t, self.grid.alpha_prev(n))
                 for i, r in enumerate(rows):  # advance / retire / keep: the context travels with the state
@@ -410,7 +432,7 @@ class STDMethod:
             t = torch.as_tensor(t).reshape(-1).to(x_vp.device).expand(x_vp.shape[0])
             out = self.unet_at(x_vp, t, ctx)
             if nfe is None:  # teacher: CFG (Imagen scale 1 + w)
-                out_u = self.unet_at(x_vp, t, uncond)
+                out_u = self.unet_at(x_vp, t, uncond, uncond=True)
                 out = out_u + (1 + w) * (out - out_u)
             return out
 
