@@ -1,0 +1,310 @@
+"""STD inference through diffusers modules with the project's own plan, sampler and video path.
+
+The pipeline is only a container: the content is VAE-encoded, noised at the first sigma of the STD plan
+(:func:`comfyui_std.core.std_plan`, explicit timesteps, not diffusers' strength arithmetic) and denoised by
+:func:`comfyui_std.core.pipeline.stylize_latents` (the STD sampler, shared noise and chunking the ComfyUI video node
+uses) with a :class:`~comfyui_std.core.KDenoiser` around the UNet and classifier-free guidance. The style reference
+goes through diffusers' IP-Adapter with the shared style-block preset (:func:`diffusers_ip_scale`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from comfyui_std.core import DiscreteSchedule, KDenoiser, STDInputError, STDPlan, check_range, std_plan
+from comfyui_std.core.plan import check_gamma, check_nfe, check_start_strength, origin_grid
+from comfyui_std.core.pipeline import check_noise_mode, stylize_latents
+from comfyui_std.core.style_blocks import PRESET_NAMES, diffusers_ip_scale
+
+from .models import LoraCatalog, LoraEntry, architecture, check_lora_fits
+
+MAX_SEED = 2 ** 63 - 1
+
+
+def app_plan(nfe, start_strength, plan: str = "official") -> STDPlan:
+    """The STD plan the app runs: the core plan, the one the ComfyUI nodes compute for the same settings."""
+    return std_plan(check_nfe(nfe), check_start_strength(start_strength), plan or "official")
+
+
+def teacher_plan(student: STDPlan, steps) -> STDPlan:
+    """The teacher's many-step plan from the student's start timestep: ``steps`` points of the 50-step DDIM grid at
+    or below it (the grid the STD teacher trajectories use), spaced evenly."""
+    below = [t for t in reversed(origin_grid()) if t <= student.start_timestep]
+    steps = check_range("teacher_steps", steps, 1, len(below), kind=int)
+    idx = torch.floor(torch.arange(steps, dtype=torch.float64) * (len(below) / steps)).long().tolist()
+    return STDPlan(tuple(below[i] for i in idx), steps, student.start_strength, "teacher")
+
+
+def resolve_start_strength(entry: LoraEntry | None, start_strength, snap: bool) -> tuple[float, str | None]:
+    """The η to run and a notice for the user.
+
+    With ``snap`` (the default in the UI) a LoRA that knows its trained η gets exactly that η, and the user is told
+    when the requested one differed; without it the requested η runs, with the core's mismatch warning.
+    """
+    eta = check_start_strength(start_strength)
+    if entry is None or entry.eta is None:
+        return eta, None
+    if not snap:
+        return eta, entry.eta_warning(eta)
+    if abs(entry.eta - eta) > 1e-3:
+        return entry.eta, (f"start strength η {eta:g} was snapped to {entry.eta:g}, the η {entry.name} was trained "
+                           f"for (untick 'Snap η to the LoRA' under Advanced to run {eta:g} anyway)")
+    return entry.eta, None
+
+
+@dataclass
+class StyleSettings:
+    """Everything that decides an STD run besides the content and the style image."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    nfe: int = 8
+    start_strength: float = 0.75
+    gamma: float = 0.0
+    cfg: float = 6.0
+    seed: int = 0
+    plan: str = "official"
+    lora: str | None = None
+    lora_scale: float = 1.0
+    style_preset: str = "style"
+    style_weight: float = 1.0
+
+    def validated(self) -> "StyleSettings":
+        """A copy with every field checked and converted (raises :class:`STDInputError` naming the field)."""
+        if self.style_preset not in PRESET_NAMES:
+            raise STDInputError("style_preset", f"got {self.style_preset!r}, choose one of {', '.join(PRESET_NAMES)}")
+        return StyleSettings(
+            prompt=str(self.prompt or ""), negative_prompt=str(self.negative_prompt or ""),
+            nfe=check_nfe(self.nfe), start_strength=check_start_strength(self.start_strength),
+            gamma=check_gamma(self.gamma), cfg=check_range("cfg", self.cfg, 0.0, 30.0),
+            seed=check_range("seed", self.seed, 0, MAX_SEED, kind=int), plan=self.plan or "official",
+            lora=self.lora, lora_scale=check_range("lora_scale", self.lora_scale, 0.0, 2.0),
+            style_preset=self.style_preset, style_weight=check_range("style_weight", self.style_weight, 0.0, 2.0))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Branch:
+    """One classifier-free-guidance branch: text tokens, SDXL's added conditions, IP-Adapter image embeddings."""
+
+    text: torch.Tensor                       # [1, tokens, width]
+    added: dict = field(default_factory=dict)  # SDXL: text_embeds [1, P], time_ids [1, 6]
+    image: torch.Tensor | None = None        # [1, 1, E] when an IP-Adapter is attached
+
+
+@dataclass
+class RunResult:
+    frames: torch.Tensor   # [N, H, W, 3] float 0..1 on the CPU
+    plan: STDPlan
+    seconds: float
+    settings: StyleSettings
+    lora: LoraEntry | None
+
+
+class STDEngine:
+    """A loaded base pipeline with its STD LoRAs and optional style reference, ready to stylize frames.
+
+    Args:
+        pipe: a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+        catalog: the STD LoRAs on offer.
+        base_label: the base model's name, for messages and metadata.
+        style: a description of the attached IP-Adapter, or ``None`` when there is none.
+        max_loaded_loras: LoRAs kept loaded at once (least recently used ones are unloaded).
+    """
+
+    def __init__(self, pipe, catalog: LoraCatalog, base_label: str, style: str | None = None,
+                 max_loaded_loras: int = 2):
+        self.pipe = pipe
+        self.catalog = catalog
+        self.base_label = base_label
+        self.style = style
+        self.arch = architecture(pipe)
+        self.schedule = DiscreteSchedule.from_config(pipe.scheduler.config)
+        self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.native_size = int(pipe.unet.config.sample_size) * self.vae_scale
+        self.max_loaded_loras = max_loaded_loras
+        self._loaded: OrderedDict[str, LoraEntry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    # Plan ---------------------------------------------------------------------------------------------------------
+    def sigmas(self, plan: STDPlan) -> torch.Tensor:
+        """The noise levels the sampler visits: the plan's timesteps on this model's schedule, then 0."""
+        return plan.sigmas(self.schedule)
+
+    # LoRA ---------------------------------------------------------------------------------------------------------
+    def use_lora(self, entry: LoraEntry | None, scale: float) -> None:
+        """Make ``entry`` the only active adapter (loading it on first use), or run the base model when ``None``."""
+        if entry is None:
+            if self._loaded:
+                self.pipe.disable_lora()
+            return
+        if entry.adapter_name not in self._loaded:
+            self._load_lora(entry)
+        self._loaded.move_to_end(entry.adapter_name)
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([entry.adapter_name], adapter_weights=[float(scale)])
+        while len(self._loaded) > self.max_loaded_loras:
+            name, _ = self._loaded.popitem(last=False)
+            self.pipe.delete_adapters([name])
+
+    def _load_lora(self, entry: LoraEntry) -> None:
+        from safetensors.torch import load_file
+
+        if not entry.path.exists():
+            raise STDInputError("lora", f"'{entry.path}' is gone; put the file back or restart the app")
+        state_dict = load_file(str(entry.path))
+        check_lora_fits(self.pipe.unet, state_dict, entry, self.base_label)
+        try:
+            with warnings.catch_warnings():  # several adapters on one model is what the app does on purpose
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                self.pipe.load_lora_weights(state_dict, adapter_name=entry.adapter_name)
+        except Exception as err:  # diffusers/peft raise many types for files they cannot map
+            if entry.adapter_name in getattr(self.pipe.unet, "peft_config", {}):
+                self.pipe.delete_adapters([entry.adapter_name])
+            reason = str(err).splitlines()[0] if str(err) else ""
+            raise STDInputError("lora", f"'{entry.name}' could not be applied to {self.base_label} "
+                                        f"({type(err).__name__}: {reason})") from None
+        self._loaded[entry.adapter_name] = entry
+
+    @contextmanager
+    def lora_disabled(self):
+        """Run the base model (the teacher) inside the block, whatever adapter is active."""
+        if not self._loaded:
+            yield
+            return
+        self.pipe.disable_lora()
+        try:
+            yield
+        finally:
+            self.pipe.enable_lora()
+
+    # Conditioning -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def branches(self, settings: StyleSettings, height: int, width: int, style_image=None) -> list[Branch]:
+        """[negative, positive] branches when cfg > 1, else [positive] (cfg <= 1 disables the negative branch)."""
+        pipe, guided = self.pipe, settings.cfg > 1.0
+        dtype = pipe.unet.dtype
+        if self.arch == "sdxl":
+            pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+                settings.prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                negative_prompt=settings.negative_prompt)
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=self.device)
+            added = [{"text_embeds": neg_pooled, "time_ids": time_ids}, {"text_embeds": pooled, "time_ids": time_ids}]
+        else:
+            pos, neg = pipe.encode_prompt(settings.prompt, self.device, 1, guided,
+                                          negative_prompt=settings.negative_prompt)
+            added = [{}, {}]
+        images = self._style_embeds(settings, style_image)
+        out = [Branch(pos.to(dtype), added[1], images[1])]
+        if guided:
+            out.insert(0, Branch(neg.to(dtype), added[0], images[0]))
+        return out
+
+    def _style_embeds(self, settings: StyleSettings, style_image) -> tuple:
+        """(negative, positive) IP-Adapter image embeddings [1, 1, E]; zeros and scale 0 without a style image."""
+        if self.style is None:
+            if style_image is not None:
+                raise STDInputError("style image", "no IP-Adapter is loaded, so a style reference cannot be used; "
+                                                   "start the app with --ip-adapter and --image-encoder (or put them "
+                                                   "in the models folder's ipadapter/ and clip_vision/)")
+            return None, None
+        pipe = self.pipe
+        width = pipe.image_encoder.config.projection_dim
+        if style_image is None:
+            pipe.set_ip_adapter_scale(0.0)
+            zeros = torch.zeros(1, 1, width, dtype=pipe.unet.dtype, device=self.device)
+            return zeros, zeros
+        pipe.set_ip_adapter_scale(diffusers_ip_scale(settings.style_preset, self.arch, settings.style_weight))
+        pixels = pipe.feature_extractor(images=style_image.convert("RGB"), return_tensors="pt").pixel_values
+        embeds = pipe.image_encoder(pixels.to(self.device, pipe.image_encoder.dtype)).image_embeds
+        embeds = embeds[:, None].to(pipe.unet.dtype)
+        return torch.zeros_like(embeds), embeds
+
+    def denoiser(self, branches: list[Branch], cfg: float) -> KDenoiser:
+        """The k-diffusion denoiser: UNet on all branches in one batch, guidance on the network output."""
+        unet = self.pipe.unet
+
+        def network(x, t):
+            b, n = x.shape[0], len(branches)
+            x_in = torch.cat([x] * n).to(unet.dtype)
+            text = torch.cat([br.text.expand(b, -1, -1) for br in branches])
+            added = {k: torch.cat([br.added[k].expand(b, -1) for br in branches]) for k in branches[0].added}
+            if branches[0].image is not None:
+                added["image_embeds"] = [torch.cat([br.image.expand(b, -1, -1) for br in branches])]
+            out = unet(x_in, torch.cat([t] * n), encoder_hidden_states=text, added_cond_kwargs=added or None,
+                       return_dict=False)[0].float()
+            if n == 1:
+                return out
+            uncond, cond = out.chunk(2)
+            return uncond + cfg * (cond - uncond)
+
+        return KDenoiser(network, self.schedule)
+
+    # VAE ----------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor, batch: int) -> torch.Tensor:
+        """Frames [N, H, W, 3] in 0..1 -> scaled latents [N, 4, H/8, W/8] (float32; the posterior mean)."""
+        vae = self.pipe.vae
+        out = []
+        for s in range(0, frames.shape[0], batch):
+            x = frames[s:s + batch].permute(0, 3, 1, 2).to(self.device, vae.dtype) * 2 - 1
+            out.append(vae.encode(x).latent_dist.mode().float() * vae.config.scaling_factor)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch: int) -> torch.Tensor:
+        """Scaled latents -> frames [N, H, W, 3] in 0..1, float32 on the CPU."""
+        vae = self.pipe.vae
+        out = []
+        for s in range(0, latents.shape[0], batch):
+            z = latents[s:s + batch].to(self.device, vae.dtype) / vae.config.scaling_factor
+            x = vae.decode(z, return_dict=False)[0].float()
+            out.append(((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu())
+        return torch.cat(out)
+
+    # Runs ---------------------------------------------------------------------------------------------------------
+    def run(self, frames: torch.Tensor, settings: StyleSettings, style_image=None, *, teacher_steps: int | None = None,
+            frames_per_batch: int | None = None, overlap: int = 0, noise: str = "shared") -> RunResult:
+        """Stylize frames [N, H, W, 3] (an image is N = 1) with STD, or with the teacher when ``teacher_steps``.
+
+        The teacher is the base model without the LoRA, run for ``teacher_steps`` DDIM steps from the same start
+        timestep (see :func:`teacher_plan`). Frames are sampled in chunks of ``frames_per_batch`` with the shared
+        video path of the core.
+        """
+        settings = settings.validated()
+        check_noise_mode(noise)
+        entry = self.catalog.get(settings.lora)
+        plan = app_plan(settings.nfe, settings.start_strength, settings.plan)
+        if teacher_steps is not None:
+            plan = teacher_plan(plan, teacher_steps)
+        batch = frames_per_batch or frames.shape[0]
+        with self._lock:
+            start = time.perf_counter()
+            self.use_lora(entry, settings.lora_scale)
+            context = self.lora_disabled() if teacher_steps is not None else nullcontext()
+            with context:
+                branches = self.branches(settings, frames.shape[1], frames.shape[2], style_image)
+                latents = self.encode(frames, batch)
+                out = stylize_latents(self.denoiser(branches, settings.cfg), latents, self.sigmas(plan),
+                                      settings.seed, gamma=settings.gamma, noise=noise,
+                                      frames_per_batch=frames_per_batch, overlap=overlap, schedule=self.schedule,
+                                      disable=False)
+                images = self.decode(out, batch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        return RunResult(images, plan, seconds, settings, None if teacher_steps is not None else entry)
+

@@ -1,0 +1,243 @@
+"""Gradio event handlers: check what the browser (or an API client) sent, run the engine, return files and notices.
+
+Every handler turns :class:`~comfyui_std.core.STDInputError` (and out-of-memory) into ``gr.Error`` with the core's
+message, shows notices with ``gr.Warning`` and repeats them in the run's info text. Handlers receive raw Gradio
+payloads (the events are registered with ``preprocess=False``) so that an unreadable upload becomes a readable
+message instead of a failed preprocessing step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from comfyui_std.core import STDInputError, check_range
+from comfyui_std.core.video import load_video, save_video
+
+from .engine import RunResult, STDEngine, StyleSettings, app_plan, resolve_start_strength, teacher_plan
+from .media import (fit_size, frame_to_image, image_to_frames, plan_record, read_image, resize_frames, save_png,
+                    upload_path)
+
+log = logging.getLogger("std_app")
+
+SEED_RANGE = 2 ** 32
+OOM_MESSAGE = ("Out of GPU memory: lower the output size (for video also frames per batch) and try again; the app "
+               "keeps running.")
+
+
+def user_errors(fn):
+    """Show input errors as they are (``gr.Error``); anything unexpected is logged with its traceback and shown as
+    one line, so the server keeps serving."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except STDInputError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise gr.Error(OOM_MESSAGE, print_exception=False) from None
+        except Exception as err:  # the last line of defence for the UI: log it and keep serving
+            log.exception("%s failed", fn.__name__)
+            raise gr.Error(f"Something went wrong ({type(err).__name__}: {err}); details are in the server log.",
+                           print_exception=False) from None
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes the app accepts, derived from the model's native resolution unless given."""
+
+    default_size: int
+    min_size: int
+    max_size: int
+    max_side: int     # uploads with a longer side are downscaled, with a notice
+    max_frames: int   # frames of a video stylized at most
+
+    @classmethod
+    def for_engine(cls, engine: STDEngine, max_frames: int = 120) -> "Limits":
+        native = engine.native_size
+        return cls(default_size=native, min_size=max(8, native // 4), max_size=native * 2, max_side=native * 4,
+                   max_frames=max_frames)
+
+
+def _notify(notices: list[str]) -> None:
+    for notice in notices:
+        gr.Warning(notice)
+
+
+class StyleApp:
+    """The handlers of the Image, Video and Compare tabs around one :class:`STDEngine`."""
+
+    def __init__(self, engine: STDEngine, output_dir: Path, limits: Limits | None = None):
+        self.engine = engine
+        self.output_dir = Path(output_dir)
+        self.limits = limits or Limits.for_engine(engine)
+
+    # Settings -----------------------------------------------------------------------------------------------------
+    def settings(self, prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg, seed,
+                 randomize_seed, plan, style_preset, style_weight, lora_scale) -> tuple[StyleSettings, list[str]]:
+        """Validated settings and notices (η snapped to the LoRA, seed drawn when randomized)."""
+        entry = self.engine.catalog.get(lora)
+        eta, notice = resolve_start_strength(entry, start_strength, bool(snap_eta))
+        if randomize_seed:
+            seed = random.randrange(SEED_RANGE)
+        settings = StyleSettings(prompt, negative_prompt, nfe, eta, gamma, cfg, seed, plan, entry and entry.name,
+                                 lora_scale, style_preset, style_weight).validated()
+        app_plan(settings.nfe, settings.start_strength, settings.plan)  # refuse bad NFE/η before any work
+        return settings, [notice] if notice else []
+
+    def output_size(self, size) -> int:
+        return check_range("output_size", size, self.limits.min_size, self.limits.max_size, kind=int)
+
+    def style_image(self, payload):
+        """The style reference as a PIL image, or None when none was given."""
+        if not payload:
+            return None
+        return read_image(payload, "style image", self.limits.max_side)[0]
+
+    def content_frames(self, payload, size) -> tuple[torch.Tensor, list[str]]:
+        image, notices = read_image(payload, "content image", self.limits.max_side)
+        target = fit_size(image.width, image.height, self.output_size(size), self.engine.vae_scale)
+        return image_to_frames(image, target), notices
+
+    # Plan preview -------------------------------------------------------------------------------------------------
+    def describe_plan(self, lora, start_strength, snap_eta, nfe, plan) -> str:
+        """What a run with these settings will do: NFE, start timestep, timesteps (or why it cannot run)."""
+        try:
+            entry = self.engine.catalog.get(lora)
+            eta, notice = resolve_start_strength(entry, start_strength, bool(snap_eta))
+            p = app_plan(nfe, eta, plan)
+        except STDInputError as err:
+            return f"⚠️ {err}"
+        text = (f"Will run **NFE {p.nfe}** from **start timestep {p.start_timestep}** (η {p.start_strength:g}, "
+                f"{p.plan} plan; timesteps {', '.join(map(str, p.timesteps))})")
+        return text + (f"  \n⚠️ {notice}" if notice else "")
+
+    def lora_eta(self, lora):
+        """Move the η slider to the η a newly chosen LoRA was trained for."""
+        try:
+            entry = self.engine.catalog.get(lora)
+        except STDInputError:
+            return gr.update()
+        return gr.update(value=entry.eta) if entry is not None and entry.eta is not None else gr.update()
+
+    # Results ------------------------------------------------------------------------------------------------------
+    def _stem(self, kind: str, seed: int) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return self.output_dir / f"std-{kind}-{stamp}-{seed}-{uuid.uuid4().hex[:6]}"
+
+    def record(self, result: RunResult, style_used: bool) -> dict:
+        """Everything needed to reproduce a result (written into PNG metadata and video sidecars)."""
+        frames = result.frames
+        return {"app": "std_app", "settings": result.settings.as_dict(), "plan": plan_record(result.plan),
+                "size": f"{frames.shape[2]}x{frames.shape[1]}", "frames": int(frames.shape[0]),
+                "base_model": self.engine.base_label, "lora": result.lora.name if result.lora else None,
+                "style": f"{result.settings.style_preset} x{result.settings.style_weight:g}" if style_used else None,
+                "seconds": round(result.seconds, 3)}
+
+    def save_image(self, result: RunResult, kind: str, style_used: bool) -> Path:
+        path = self._stem(kind, result.settings.seed).with_suffix(".png")
+        return save_png(frame_to_image(result.frames[0]), path, self.record(result, style_used))
+
+    def info(self, result: RunResult, notices: list[str]) -> str:
+        lora = result.lora.describe() if result.lora else "none"
+        size = f"{result.frames.shape[2]}x{result.frames.shape[1]}"
+        lines = [f"**STD**: {result.plan.describe()}",
+                 f"seed {result.settings.seed}, {size}, LoRA {lora}, {result.seconds:.2f} s"]
+        lines += [f"⚠️ {n}" for n in notices]
+        return "  \n".join(lines)
+
+    # Tabs ---------------------------------------------------------------------------------------------------------
+    @user_errors
+    def stylize_image(self, content, style, prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
+                      seed, randomize_seed, output_size, plan, style_preset, style_weight, lora_scale,
+                      progress=gr.Progress(track_tqdm=True)):
+        """Image tab: one content image, stylized with STD. Returns (image, download, info, seed)."""
+        settings, notices = self.settings(prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
+                                          seed, randomize_seed, plan, style_preset, style_weight, lora_scale)
+        frames, more = self.content_frames(content, output_size)
+        style_image = self.style_image(style)
+        notices += more
+        _notify(notices)
+        progress(0, desc="Stylizing")
+        result = self.engine.run(frames, settings, style_image)
+        path = self.save_image(result, "image", style_image is not None)
+        return str(path), str(path), self.info(result, notices), settings.seed
+
+    @user_errors
+    def stylize_video(self, video, style, prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
+                      seed, randomize_seed, output_size, plan, style_preset, style_weight, lora_scale,
+                      frames_per_batch, overlap, noise, frame_load_cap, select_every_nth,
+                      progress=gr.Progress(track_tqdm=True)):
+        """Video tab: frames stylized in chunks with shared noise, written as mp4 at the source frame rate.
+        Returns (video, downloads, info, seed)."""
+        settings, notices = self.settings(prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
+                                          seed, randomize_seed, plan, style_preset, style_weight, lora_scale)
+        size = self.output_size(output_size)
+        frames_per_batch = check_range("frames_per_batch", frames_per_batch, 1, 4096, kind=int)
+        overlap = check_range("overlap", overlap, 0, frames_per_batch - 1, kind=int)
+        cap = check_range("frame_load_cap", frame_load_cap, 0, self.limits.max_frames, kind=int)
+        style_image = self.style_image(style)
+        progress(0, desc="Decoding video")
+        frames, info = load_video(upload_path(video, "video"), cap or self.limits.max_frames, 0, select_every_nth,
+                                  0.0, "none")
+        if not cap and info.frame_count == self.limits.max_frames:
+            notices.append(f"Only the first {info.frame_count} frames are stylized (the app's frame limit).")
+        frames = resize_frames(frames, fit_size(info.width, info.height, size, self.engine.vae_scale))
+        _notify(notices)
+        progress(0, desc="Stylizing")
+        result = self.engine.run(frames, settings, style_image, frames_per_batch=frames_per_batch, overlap=overlap,
+                                 noise=noise)
+        stem = self._stem("video", settings.seed)
+        mp4 = save_video(result.frames, stem.with_suffix(".mp4"), info.fps, "mp4")
+        record = dict(self.record(result, style_image is not None), fps=info.fps, frames_per_batch=frames_per_batch,
+                      overlap=overlap, noise=noise)
+        sidecar = stem.with_suffix(".json")
+        sidecar.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
+        text = self.info(result, notices) + f"  \n{result.frames.shape[0]} frames at {info.fps:g} fps"
+        return str(mp4), [str(mp4), str(sidecar)], text, settings.seed
+
+    @user_errors
+    def compare(self, content, style, prompt, negative_prompt, lora, start_strength, snap_eta, nfe, teacher_steps,
+                gamma, cfg, seed, randomize_seed, output_size, plan, style_preset, style_weight, lora_scale,
+                progress=gr.Progress(track_tqdm=True)):
+        """Compare tab: the teacher (base model, many DDIM steps) and STD (LoRA, few steps) from the same start
+        timestep and noise. Returns (teacher image, STD image, info, seed)."""
+        settings, notices = self.settings(prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
+                                          seed, randomize_seed, plan, style_preset, style_weight, lora_scale)
+        teacher_plan(app_plan(settings.nfe, settings.start_strength, settings.plan), teacher_steps)
+        frames, more = self.content_frames(content, output_size)
+        style_image = self.style_image(style)
+        notices += more
+        _notify(notices)
+        progress(0, desc="Teacher")
+        teacher = self.engine.run(frames, dataclasses.replace(settings, gamma=0.0), style_image,
+                                  teacher_steps=teacher_steps)
+        progress(0, desc="STD")
+        student = self.engine.run(frames, settings, style_image)
+        paths = [self.save_image(r, kind, style_image is not None)
+                 for r, kind in ((teacher, "teacher"), (student, "image"))]
+        speedup = teacher.seconds / max(student.seconds, 1e-9)
+        text = (f"| | steps | start timestep | wall time |\n|---|---|---|---|\n"
+                f"| teacher (base model, no LoRA, DDIM) | {teacher.plan.nfe} | {teacher.plan.start_timestep} | "
+                f"{teacher.seconds:.2f} s |\n"
+                f"| STD ({student.lora.name if student.lora else 'no LoRA'}) | {student.plan.nfe} | "
+                f"{student.plan.start_timestep} | {student.seconds:.2f} s |\n\n"
+                f"STD is {speedup:.1f}x faster. " + " ".join(f"⚠️ {n}" for n in notices))
+        return str(paths[0]), str(paths[1]), text, settings.seed

@@ -1,0 +1,184 @@
+"""Tiny randomly initialised models, written to disk as a ComfyUI-style ``models`` folder, for offline runs.
+
+``python gradio_app.py --tiny`` and the tests use them: the app then loads them through exactly the code that loads
+real files (diffusers folder, STD LoRA zoo with ``std.*`` metadata, single-file IP-Adapter and CLIP image encoder).
+The UNets keep the block layout of the real architectures (SD1.5: four levels, attention in the first three;
+SDXL: three levels, attention in the last two, two layers per block) so the style-block presets select real blocks.
+Nothing is downloaded; building takes a few seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from comfyui_std.core.lora import encode_std_metadata
+from comfyui_std.core.style_blocks import ip_layer_order
+
+ARCHITECTURES = ("sd15", "sdxl")
+ZOO_ETAS = (0.65, 0.75, 0.85, 0.95)
+TEXT_WIDTH = 32
+CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1, image_size=32,
+                   patch_size=8, projection_dim=16, hidden_act="gelu", layer_norm_eps=1e-5)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TINY_FILES = {"ip_adapter": "ip-adapter_tiny.safetensors", "image_encoder": "tiny_clip_vision.safetensors"}
+
+
+def base_name(arch: str) -> str:
+    return f"tiny-{arch}"
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's printable stand-ins for the 256 byte values."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A byte-level CLIP tokenizer with no merges (every character is a token): vocab.json + merges.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+
+
+def _text_encoder(with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=514, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=TEXT_WIDTH,
+                            bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def make_unet(arch: str):
+    """A tiny UNet with the block layout of ``arch`` (random weights)."""
+    from diffusers import UNet2DConditionModel
+
+    common = dict(sample_size=16, in_channels=4, out_channels=4, norm_num_groups=8, attention_head_dim=2)
+    if arch == "sdxl":
+        return UNet2DConditionModel(
+            **common, block_out_channels=(16, 16, 32), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=2 * TEXT_WIDTH, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + TEXT_WIDTH, use_linear_projection=True)
+    return UNet2DConditionModel(
+        **common, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH)
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
+                         layers_per_block=1, sample_size=64)
+
+
+def build_pipeline(arch: str, tokenizer_dir: Path):
+    """A tiny diffusers pipeline of the given architecture (random weights, seeded)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(0)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
+    common = dict(vae=_vae(), text_encoder=_text_encoder(False), tokenizer=tokenizer, unet=make_unet(arch),
+                  scheduler=scheduler)
+    if arch == "sdxl":
+        return StableDiffusionXLPipeline(**common, text_encoder_2=_text_encoder(True), tokenizer_2=tokenizer)
+    return StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def write_lora(unet, path: Path, eta: float, kind: str, base: str, rank: int = 4, seed: int = 0) -> Path:
+    """A PEFT-format (``unet.<module>.lora_A/B.weight``) STD LoRA on the attention projections, with the ``std.*``
+    header the trainer writes."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(LORA_TARGETS) and ".attn" in name:
+            sd[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.1
+            sd[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.1
+    meta = encode_std_metadata({"method": "std", "start_strength": eta, "kind": kind, "base_model": base,
+                                "rank": rank, "alpha": rank})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata=meta)
+    return path
+
+
+def write_ip_adapter(unet, path: Path, tokens: int = 4, seed: int = 0) -> Path:
+    """A standard-layout IP-Adapter file (``image_proj.*`` + ``ip_adapter.{2k+1}.to_k_ip/to_v_ip``) for ``unet``."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    attn2 = [n[: -len(".processor")] for n in unet.attn_processors if n.endswith("attn2.processor")]
+    sd = {"image_proj.proj.weight": torch.randn(tokens * cross, CLIP_VISION["projection_dim"], generator=g) * 0.2,
+          "image_proj.proj.bias": torch.zeros(tokens * cross),
+          "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
+    for k, name in enumerate(ip_layer_order(attn2)):
+        inner = unet.get_submodule(name).to_k.out_features
+        sd[f"ip_adapter.{2 * k + 1}.to_k_ip.weight"] = torch.randn(inner, cross, generator=g) * 0.2
+        sd[f"ip_adapter.{2 * k + 1}.to_v_ip.weight"] = torch.randn(inner, cross, generator=g) * 0.2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def write_image_encoder(path: Path) -> Path:
+    """A single-file CLIP vision tower with projection (transformers keys), like ComfyUI's clip_vision files."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VISION))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def build_tiny_models(root: Path, arch: str = "sd15") -> Path:
+    """Write a tiny model zoo under ``root`` laid out like ComfyUI's ``models`` folder and return ``root``:
+
+    * ``diffusers/tiny-<arch>/``: the base pipeline (diffusers folder);
+    * ``loras/std_tiny_{i2i,v2v}_eta{0.65,0.75,0.85,0.95}.safetensors``: the STD LoRA zoo;
+    * ``ipadapter/ip-adapter_tiny.safetensors`` and ``clip_vision/tiny_clip_vision.safetensors``.
+
+    Files already there are reused.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"tiny architecture must be one of {ARCHITECTURES}, got {arch!r}")
+    root = Path(root)
+    base = root / "diffusers" / base_name(arch)
+    if not (base / "model_index.json").exists():
+        write_tokenizer(root / "tokenizer")
+        build_pipeline(arch, root / "tokenizer").save_pretrained(str(base))
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
+    for i, eta in enumerate(ZOO_ETAS):
+        for kind in ("i2i", "v2v"):
+            path = root / "loras" / f"std_tiny_{kind}_eta{eta:.2f}.safetensors"
+            if not path.exists():
+                write_lora(unet, path, eta, kind, base_name(arch), seed=i * 2 + (kind == "v2v"))
+    adapter, encoder = root / "ipadapter" / TINY_FILES["ip_adapter"], root / "clip_vision" / TINY_FILES["image_encoder"]
+    if not adapter.exists():
+        write_ip_adapter(unet, adapter)
+    if not encoder.exists():
+        write_image_encoder(encoder)
+    return root
+
