@@ -46,14 +46,14 @@ def cosine_with_warmup(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_optimizer(params, lr: float, use_8bit: bool):
+def make_optimizer(params, lr: float, use_8bit: bool, betas=(0.9, 0.999)):
     if use_8bit:
         try:
             import bitsandbytes as bnb
-            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+            return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=0.0)
         except ImportError:
             log.warning("use_8bit_adam: bitsandbytes is not installed; using torch AdamW")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -161,8 +161,10 @@ class Trainer:
         return path
 
     # -- the loop --------------------------------------------------------------------------------------------
-    def _sync_and_step(self):
+    def _sync_and_step(self, names=None):
         for name, (opt, sched, clip) in self.optimizers.items():
+            if names is not None and name not in names:
+                continue
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
             if self.world > 1:
                 for p in params:
@@ -181,7 +183,8 @@ class Trainer:
             params = list(params)
             if not params:
                 continue
-            opt = make_optimizer(params, lr, cfg.use_8bit_adam)
+            betas = getattr(self.method, "adam_betas", (0.9, 0.999))
+            opt = make_optimizer(params, lr, cfg.use_8bit_adam, betas)
             self.optimizers[name] = (opt, cosine_with_warmup(opt, cfg.lr_warmup, cfg.max_steps), clip)
         if cfg.resume:
             path = self.load_checkpoint(cfg.resume)
@@ -199,17 +202,21 @@ class Trainer:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 logs: dict[str, float] = {}
-                for micro in range(cfg.grad_accum):
-                    micro_step = self.step * cfg.grad_accum + micro
-                    with self.accelerator.autocast():
-                        for name, loss, extra in self.method.micro_step(micro_step):
-                            if not torch.isfinite(loss):
-                                raise NaNLossError(f"the {name} loss became {loss.item()} at step {self.step}")
-                            (loss / cfg.grad_accum).backward()
-                            logs[f"loss/{name}"] = logs.get(f"loss/{name}", 0.0) + loss.item() / cfg.grad_accum
-                            for k, v in extra.items():
-                                logs[k] = float(v)
-                self._sync_and_step()
+                # a method updates its optimisers in phases (SiD-LSG: fake score, then generator); STD has one
+                for phase in getattr(self.method, "phases", (None,)):
+                    for micro in range(cfg.grad_accum):
+                        micro_step = self.step * cfg.grad_accum + micro
+                        steps = (self.method.micro_step(micro_step) if phase is None
+                                 else self.method.micro_step(micro_step, phase))
+                        with self.accelerator.autocast():
+                            for name, loss, extra in steps:
+                                if not torch.isfinite(loss):
+                                    raise NaNLossError(f"the {name} loss became {loss.item()} at step {self.step}")
+                                (loss / cfg.grad_accum).backward()
+                                logs[f"loss/{name}"] = logs.get(f"loss/{name}", 0.0) + loss.item() / cfg.grad_accum
+                                for k, v in extra.items():
+                                    logs[k] = float(v)
+                    self._sync_and_step(None if phase is None else [phase])
                 self.method.after_optimizer_step()
                 self.step += 1
                 logs["time/step_s"] = time.perf_counter() - t0

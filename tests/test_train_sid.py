@@ -1,0 +1,150 @@
+"""SiD-LSG trainer on tiny random models (CPU): losses, gradient routing between the two adapters on one shared
+base (the peft pitfalls of sid-lsg.md §7), exact resume, export metadata and bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from training.common.config import build_parser, resolve
+from training.common.trainer import Trainer
+from training.sid_lsg.__main__ import main as cli
+from training.sid_lsg.losses import ema_beta, guided, sid_generator_loss, x0_from_eps
+from training.sid_lsg.method import FAKE, GEN, PRESETS, SiDConfig, SiDMethod
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    p = tmp_path_factory.mktemp("p") / "prompts.txt"
+    p.write_text("a red apple\n\na lighthouse at dusk\na cat in the snow\n")
+    return p
+
+
+def _cfg(prompts, out, **kw):
+    args = build_parser(SiDConfig, "t", "", PRESETS).parse_args(["--preset", "tiny", "--prompts", str(prompts),
+                                                                 "--output", str(out)])
+    cfg = resolve(SiDConfig, args, PRESETS)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_generator_loss_matches_its_formula_and_detaches_only_w():
+    g = torch.Generator().manual_seed(0)
+    x_g = torch.randn(2, 4, 3, 3, generator=g, requires_grad=True)
+    y_r, y_f = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    loss = sid_generator_loss(x_g, y_r, y_f, alpha=1.0)
+    w = (x_g - y_r).abs().flatten(1).mean(1).view(-1, 1, 1, 1)
+    expected = ((y_r - y_f) * (y_f - x_g) / w).flatten(1).sum(1).mean()
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert torch.allclose(x_g.grad, -((y_r - y_f) / w.detach()) / 2)  # d/dx_g with w held fixed, batch mean
+    assert torch.equal(guided(None, y_r, 3.0), y_r) and torch.allclose(guided(y_f, y_r, 1.0), y_r)
+    a = torch.tensor([0.5])
+    assert torch.allclose(x0_from_eps(a.sqrt() * y_r + (1 - a).sqrt() * y_f, y_f, a), y_r, atol=1e-6)
+    assert 0.99 < ema_beta(512, 10**9) < 0.995 and ema_beta(512, 0) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def method(prompts, tmp_path_factory):
+    trainer = Trainer(_cfg(prompts, tmp_path_factory.mktemp("m")), SiDMethod)
+    trainer.method.setup()
+    return trainer.method
+
+
+def _grads(method):
+    return {name: sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+            for name, params in method.params.items()}
+
+
+def _zero(method):
+    for params in method.params.values():
+        for p in params:
+            p.grad = None
+
+
+@pytest.mark.parametrize("phase, trained", [(GEN, GEN), (FAKE, FAKE)])
+def test_each_phase_routes_gradients_to_its_adapter_only(method, phase, trained):
+    _zero(method)
+    base_params = [p for n, p in method.base.unet.named_parameters() if ".gen." not in n and ".fake." not in n]
+    for _, loss, _ in method.micro_step(0, phase):
+        loss.backward()
+    counts = _grads(method)
+    other = FAKE if trained == GEN else GEN
+    # gaussian init: lora_B = 0, so only the B matrices of the trained adapter receive a nonzero gradient at step 0
+    assert counts[trained] >= len(method.params[trained]) // 2 and counts[other] == 0
+    assert all(p.grad is None for p in base_params)
+    _zero(method)
+
+
+def test_the_peft_pitfall_is_real_so_the_flags_are_set_before_backward(method):
+    """Naive order (generator forward, switch to teacher and fake, backward) leaves the generator's LoRA without
+    gradients because peft rewrites requires_grad on every switch; SiDMethod re-activates the trained adapter and
+    sets the flags after its last switch (test above)."""
+    _zero(method)
+    z = torch.randn(1, 4, 32, 32)
+    ctx = method.context(["a cat"])
+    method.use(GEN)
+    x_g = method.generate(z, ctx)
+    method.use(None)
+    method.use(FAKE)
+    y = method.eps(x_g, torch.tensor([500]), ctx, 1.0)
+    loss = (y - x_g).pow(2).mean()
+    if loss.requires_grad:
+        loss.backward()
+    assert _grads(method)[GEN] == 0
+    assert not any(p.requires_grad for p in method.params[GEN])
+    _zero(method)
+
+
+def test_at_init_generator_fake_and_teacher_agree(method):
+    x, t = torch.randn(1, 4, 32, 32), torch.tensor([500])
+    ctx = method.context(["a cat"])
+    outs = []
+    with torch.no_grad():
+        for adapter in (None, GEN, FAKE):
+            method.use(adapter)
+            outs.append(method.eps(x, t, ctx, 2.0))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_tiny_run_exports_the_generator_and_resumes_exactly(prompts, tmp_path):
+    full = Trainer(_cfg(prompts, tmp_path / "a", max_steps=4, num_previews=0), SiDMethod).run()
+    with safe_open(str(tmp_path / "a" / "sid_lsg_sd15_tiny_k2.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["std.method"] == '"sid_lsg"' and json.loads(meta["std.t_init"]) == 625
+    assert json.loads(meta["std.kappa4"]) == 2.0 and json.loads(meta["std.nfe"]) == 1
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    cfg = _cfg(prompts, tmp_path / "b", max_steps=4, checkpoint_every=2, num_previews=0)
+    original = SiDMethod.after_optimizer_step
+
+    def stop(self):
+        original(self)
+        if self.trainer.step == 1:
+            self.trainer.request_stop()
+    SiDMethod.after_optimizer_step = stop
+    try:
+        Trainer(cfg, SiDMethod).run()
+    finally:
+        SiDMethod.after_optimizer_step = original
+    cfg.resume = "latest"
+    rest = Trainer(cfg, SiDMethod).run()
+    key = ["loss/fake", "loss/gen"]
+    assert [[h[k] for k in key] for h in rest] == [[h[k] for k in key] for h in full]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompts", "{empty}"], "holds no prompts"),
+    (["--prompts", "{missing}"], "does not exist"),
+    (["--base", "{missing}"], "was not found"),
+    (["--gradient-checkpointing", "true"], "adapter switching"),
+    (["--t-min", "900", "--t-max", "100"], "t_max"),
+    (["--kappa4", "-1"], "kappa4"),
+])
+def test_cli_bad_input(prompts, tmp_path, capsys, args, message):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    subst = {"{empty}": str(tmp_path / "empty.txt"), "{missing}": str(tmp_path / "nope")}
+    args = [subst.get(a, a) for a in args]
+    assert cli(["--preset", "tiny", "--prompts", str(prompts), "--output", str(tmp_path / "o"), *args]) == 2
+    assert message in capsys.readouterr().err
