@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 API_DIR = REPO / "workflows" / "api"
 API_WORKFLOWS = sorted(API_DIR.glob("*.json"))
 STD_NODES = {"STDSampler", "STDSchedule", "STDStylize", "STDLoraLoader", "STDIPAdapterLoader", "STDStyleReference",
-             "STDLoadVideo", "STDStylizeVideo", "STDSaveVideo"}
+             "STDLoadVideo", "STDStylizeVideo", "STDSaveVideo", "SiDOneStep", "SiDSchedule"}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,8 @@ def _prepared(path, ckpt, files):
             inputs["ckpt_name"] = ckpt
         if node["class_type"] == "STDLoraLoader":
             inputs["lora_name"] = files["lora"]
+        if node["class_type"] == "SiDOneStep":
+            inputs["width"] = inputs["height"] = 64
         for k in ("nfe",):
             if k in inputs and not isinstance(inputs[k], list):
                 inputs[k] = 3  # keep CPU runs short
@@ -117,7 +119,8 @@ def test_lora_loader_applies_every_layer_of_a_peft_lora(host, tiny_models, host_
     model = tiny_models[0]
     with caplog.at_level(logging.WARNING):
         out = host.M["STDLoraLoader"].execute(model, host_files["lora"], 1.0)
-    patched, eta = out.result
+    patched, eta, t_init = out.result
+    assert t_init == 625  # no SiD metadata: the default
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
     assert eta == 0.75
     assert f"{host_files['layers']}/{host_files['layers']} layers applied" in out.ui["text"][0]
@@ -153,10 +156,14 @@ def test_api_workflow_executes(host, tiny_ckpt, host_files, workflow):
             assert Image.open(f).size == (64, 64)
     progress = [d for e, d in server.events if e == "progress"]
     sampler_node = next(k for k, v in prompt.items() if v["class_type"] in ("STDStylize", "STDStylizeVideo",
-                                                                          "SamplerCustom"))
+                                                                          "SamplerCustom", "SiDOneStep"))
+    texts = [t for out in ex.history_result["outputs"].values() for t in out.get("text", [])]
+    if prompt[sampler_node]["class_type"] == "SiDOneStep":  # one network evaluation
+        assert [(d["value"], d["max"]) for d in progress if d["node"] == sampler_node] == [(1, 1)]
+        assert any("SiD one step at t_init 625" in t for t in texts)
+        return
     chunks = 3 if video else 1  # 16 frames, 8 per batch, overlap 2 -> 3 chunks
     assert [(d["value"], d["max"]) for d in progress if d["node"] == sampler_node] == [(1, 3), (2, 3), (3, 3)] * chunks
-    texts = [t for out in ex.history_result["outputs"].values() for t in out.get("text", [])]
     assert any("start timestep" in t for t in texts)
 
 
@@ -315,3 +322,23 @@ def test_video_nodes_bad_input(host, tiny_models):
         host.M["STDSaveVideo"].execute(torch.zeros(0, 8, 8, 3))
     with pytest.raises(ValueError, match="format: got 'avi'"):
         host.M["STDSaveVideo"].execute(torch.zeros(2, 8, 8, 3), 8.0, "STD/bad", "avi")
+
+
+def test_sid_one_step_equals_the_sampler_custom_path_and_checks_input(host, tiny_models):
+    pos, _, _ = _encode(host, tiny_models)
+    model = tiny_models[0]
+    with torch.inference_mode():
+        one = host.M["SiDOneStep"].execute(model, pos, 64, 64, 2, 5, 625).result[0]
+        sigmas = host.M["SiDSchedule"].execute(model, 625).result[0]
+        empty = {"samples": torch.zeros(2, 4, 8, 8)}
+        sampler = host.M["STDSampler"].execute(0.0).result[0]
+        custom = host.nodes.NODE_CLASS_MAPPINGS["SamplerCustom"]().sample(model, True, 5, 1.0, pos, pos, sampler,
+                                                                           sigmas, empty)[0]
+    ms = model.get_model_object("model_sampling")
+    assert torch.allclose(sigmas, torch.stack([ms.sigma(torch.tensor(625.0)).reshape(()), torch.tensor(0.0)]))
+    assert 2.45 < float(sigmas[0]) < 2.55  # sigma_init ≈ 2.5
+    assert torch.allclose(one["samples"], custom["samples"], atol=1e-5)
+    with pytest.raises(ValueError, match="t_init"):
+        host.M["SiDSchedule"].execute(model, 1000)
+    with pytest.raises(ValueError, match="batch_size"):
+        host.M["SiDOneStep"].execute(model, pos, 64, 64, 0, 5, 625)

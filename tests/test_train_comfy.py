@@ -43,3 +43,34 @@ def test_single_file_student_lora_applies_in_comfyui_with_every_key(host, tiny_m
     out = host.M["STDLoraLoader"].execute(model, "tiny_std_trained.safetensors", 1.0)
     assert out.result[1] == 0.75
     assert f"{len(modules)}/{len(modules)} layers applied" in out.ui["text"][0]
+
+
+def test_sid_lsg_generator_from_the_single_file_runs_as_a_one_step_workflow(host, tiny_ckpt, tiny_models,
+                                                                             tmp_path, caplog):
+    import json
+
+    import comfy_host
+    from training.sid_lsg.__main__ import main as sid_cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple\na lighthouse\n")
+    tok = write_tiny_tokenizer(tmp_path / "tok")
+    ckpt = host.base / "models" / "checkpoints" / tiny_ckpt
+    assert sid_cli(["--preset", "tiny", "--base", str(ckpt), "--tokenizer", str(tok), "--prompts", str(prompts),
+                    "--output", str(tmp_path / "out"), "--max-steps", "1", "--checkpoint-every", "0",
+                    "--num-previews", "0", "--name", "tiny_sid"]) == 0
+    shutil.copy(tmp_path / "out" / "tiny_sid.safetensors", host.base / "models" / "loras" / "tiny_sid.safetensors")
+    with safe_open(str(tmp_path / "out" / "tiny_sid.safetensors"), "pt") as f:
+        modules = {k.split(".")[0] for k in f.keys()}
+    with caplog.at_level(logging.WARNING):
+        out = host.M["STDLoraLoader"].execute(tiny_models[0], "tiny_sid.safetensors", 1.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert out.result[2] == 625 and f"{len(modules)}/{len(modules)} layers applied" in out.ui["text"][0]
+    prompt = json.loads((comfy_host.REPO / "workflows" / "api" / "sid_onestep.json").read_text())
+    prompt["1"]["inputs"]["ckpt_name"] = tiny_ckpt
+    prompt["2"]["inputs"]["lora_name"] = "tiny_sid.safetensors"
+    prompt["4"]["inputs"].update(width=64, height=64)
+    ex, server = comfy_host.execute(prompt)
+    assert ex.success, [d for e, d in server.events if e == "execution_error"]
+    images = ex.history_result["outputs"]["6"]["images"]
+    assert Image.open(host.base / "output" / images[0]["subfolder"] / images[0]["filename"]).size == (64, 64)

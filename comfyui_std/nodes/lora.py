@@ -58,7 +58,8 @@ def apply_std_lora(model, name: str, strength: float):
     eta = info.get("start_strength")
     report = (f"STD LoRA {name}: {len(matched)}/{len(unet_modules)} layers applied"
               + (f", trained for start_strength {eta}" if eta is not None else "")
-              + (f", recommended nfe {info['nfe']}" if "nfe" in info else ""))
+              + (f", recommended nfe {info['nfe']}" if "nfe" in info else "")
+              + (f", one-step generator at t_init {info['t_init']}" if "t_init" in info else ""))
     return patched, info, report
 
 
@@ -81,7 +82,9 @@ class STDLoraLoader(io.ComfyNode):
             ],
             outputs=[io.Model.Output(),
                      io.Float.Output(display_name="start_strength",
-                                     tooltip="The η the LoRA was trained for (0.75 when unknown).")],
+                                     tooltip="The η the LoRA was trained for (0.75 when unknown)."),
+                     io.Int.Output(display_name="t_init",
+                                   tooltip="For SiD-LSG one-step LoRAs: the generator's t_init (625 when unknown).")],
         )
 
     @classmethod
@@ -89,7 +92,9 @@ class STDLoraLoader(io.ComfyNode):
         patched, info, report = apply_std_lora(model, lora_name, strength)
         log.info(report)
         eta = info.get("start_strength")
-        return io.NodeOutput(patched, float(eta) if isinstance(eta, (int, float)) else 0.75, ui={"text": [report]})
+        t_init = info.get("t_init")
+        return io.NodeOutput(patched, float(eta) if isinstance(eta, (int, float)) else 0.75,
+                             int(t_init) if isinstance(t_init, (int, float)) else 625, ui={"text": [report]})
 
 
 NODES = [STDLoraLoader]
