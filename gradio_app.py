@@ -200,6 +200,31 @@ def compare_tab(app: StyleApp) -> None:
     gpu_event(run, app.compare, inputs, [teacher, student, info, c["seed"]], "compare")
 
 
+def onestep_tab(app: StyleApp) -> None:
+    loras = app.engine.catalog.choices("onestep")
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a lighthouse on a cliff at dusk, oil painting")
+            lora = gr.Dropdown(loras, value=loras[0] if loras else None, label="SiD-LSG one-step LoRA",
+                               info="Trained with python -m training.sid_lsg (one network evaluation per image).")
+            with gr.Row():
+                seed = gr.Number(value=0, precision=0, label="Seed")
+                randomize = gr.Checkbox(value=True, label="Randomize seed")
+            with gr.Row():
+                width = gr.Slider(app.limits.min_size, app.limits.max_size, value=min(512, app.limits.max_size),
+                                  step=8, label="Width")
+                height = gr.Slider(app.limits.min_size, app.limits.max_size, value=min(512, app.limits.max_size),
+                                   step=8, label="Height")
+            batch = gr.Slider(1, 8, value=1, step=1, label="Images")
+            run = gr.Button("Generate", variant="primary")
+        with gr.Column():
+            gallery = gr.Gallery(label="One-step images", height=RESULT_HEIGHT)
+            download = gr.File(label="Download (PNGs with the settings in their metadata)", file_count="multiple")
+            info = gr.Markdown(label="run info")
+    gpu_event(run, app.one_step, [prompt, lora, seed, randomize, width, height, batch],
+              [gallery, download, info, seed], "one_step")
+
+
 def build_demo(app: StyleApp) -> gr.Blocks:
     """The whole UI around a :class:`StyleApp`; the queue has one worker for everything that runs the model."""
     with gr.Blocks(title=TITLE) as demo:
@@ -212,6 +237,8 @@ def build_demo(app: StyleApp) -> gr.Blocks:
                 video_tab(app)
             with gr.Tab("Compare"):
                 compare_tab(app)
+            with gr.Tab("One-step"):
+                onestep_tab(app)
     demo.queue(default_concurrency_limit=1)
     return demo
 

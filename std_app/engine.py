@@ -14,6 +14,7 @@ import time
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -276,6 +277,33 @@ class STDEngine:
         return torch.cat(out)
 
     # Runs ---------------------------------------------------------------------------------------------------------
+    def onestep_sigmas(self, t_init: int) -> torch.Tensor:
+        """[σ(t_init), 0]: a SiD-LSG generator is one deterministic step from noise at t_init (as SiDSchedule)."""
+        t_init = check_range("t_init", t_init, 1, self.schedule.num_train_timesteps - 1, kind=int)
+        return torch.stack([self.schedule.sigma(torch.tensor(float(t_init))).float(), torch.tensor(0.0)])
+
+    def generate(self, settings: StyleSettings, height: int, width: int, batch: int, t_init: int) -> RunResult:
+        """One-step text-to-image with a SiD-LSG generator LoRA (guidance is distilled in: cfg 1, no negative)."""
+        settings = dataclasses.replace(settings, cfg=1.0, gamma=0.0, negative_prompt="").validated()
+        entry = self.catalog.get(settings.lora)
+        if entry is None or entry.kind != "onestep":
+            raise STDInputError("lora", "choose a SiD-LSG one-step LoRA (trained with python -m training.sid_lsg)")
+        batch = check_range("batch_size", batch, 1, 16, kind=int)
+        sigmas = self.onestep_sigmas(t_init)
+        plan = STDPlan((int(t_init),), 1, 1.0, "sid_lsg one-step")
+        with self._lock:
+            start = time.perf_counter()
+            self.use_lora(entry, settings.lora_scale)
+            branches = self.branches(settings, height, width)
+            channels = int(self.pipe.unet.config.in_channels)
+            latents = torch.zeros(batch, channels, height // self.vae_scale, width // self.vae_scale,
+                                  device=self.device)
+            out = stylize_latents(self.denoiser(branches, 1.0), latents, sigmas, settings.seed, noise="per_frame",
+                                  schedule=self.schedule, disable=False)
+            images = self.decode(out, batch)
+            seconds = time.perf_counter() - start
+        return RunResult(images, plan, seconds, settings, entry)
+
     def run(self, frames: torch.Tensor, settings: StyleSettings, style_image=None, *, teacher_steps: int | None = None,
             frames_per_batch: int | None = None, overlap: int = 0, noise: str = "shared") -> RunResult:
         """Stylize frames [N, H, W, 3] (an image is N = 1) with STD, or with the teacher when ``teacher_steps``.

@@ -241,3 +241,31 @@ class StyleApp:
                 f"{student.plan.start_timestep} | {student.seconds:.2f} s |\n\n"
                 f"STD is {speedup:.1f}x faster. " + " ".join(f"⚠️ {n}" for n in notices))
         return str(paths[0]), str(paths[1]), text, settings.seed
+
+    @user_errors
+    def one_step(self, prompt, lora, seed, randomize_seed, width, height, batch_size,
+                 progress=gr.Progress(track_tqdm=True)):
+        """One-step tab: text-to-image with a SiD-LSG generator LoRA, one network evaluation per image.
+        Returns (gallery, downloads, info, seed)."""
+        entry = self.engine.catalog.get(lora)
+        if entry is None or entry.kind != "onestep":
+            raise STDInputError("lora", "choose a SiD-LSG one-step LoRA (its metadata says method sid_lsg)")
+        if randomize_seed:
+            seed = random.randrange(SEED_RANGE)
+        if not str(prompt or "").strip():
+            raise STDInputError("prompt", "a one-step generator makes an image from the prompt: write one")
+        size = [check_range(n, v, self.limits.min_size, self.limits.max_size, kind=int)
+                for n, v in (("width", width), ("height", height))]
+        step = self.engine.vae_scale
+        w, h = (max(step, v - v % step) for v in size)
+        settings = StyleSettings(prompt=prompt, seed=int(seed), lora=entry.name, cfg=1.0).validated()
+        progress(0, desc="Generating")
+        result = self.engine.generate(settings, h, w, batch_size, entry.t_init)
+        paths = []
+        for i in range(result.frames.shape[0]):
+            path = self._stem("onestep", settings.seed).with_suffix(f".{i}.png")
+            record = dict(self.record(result, False), index=i, t_init=entry.t_init, method="sid_lsg")
+            paths.append(str(save_png(frame_to_image(result.frames[i]), path, record)))
+        text = (f"**SiD-LSG**: one step from t_init {entry.t_init}, seed {settings.seed}, {w}x{h}, "
+                f"LoRA {entry.describe()}, {result.seconds:.2f} s")
+        return paths, paths, text, settings.seed

@@ -198,7 +198,15 @@ class LoraEntry:
     def adapter_name(self) -> str:
         return "std_" + re.sub(r"\W", "_", self.name)
 
+    @property
+    def t_init(self) -> int:
+        """For SiD-LSG one-step LoRAs: the timestep the generator was distilled at (625 when unknown)."""
+        value = self.metadata.get("t_init")
+        return int(value) if isinstance(value, (int, float)) else 625
+
     def describe(self) -> str:
+        if self.kind == "onestep":
+            return f"{self.name} (SiD-LSG one-step, t_init {self.t_init})"
         eta = f"trained η {self.eta:g}" if self.eta is not None else "trained η unknown"
         return f"{self.name} ({self.kind}, {eta})"
 
@@ -220,7 +228,10 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
 def lora_entry(path: Path) -> LoraEntry:
     meta = std_metadata(read_safetensors_metadata(path), path.name)
     eta = meta.get("start_strength")
-    kind = "v2v" if "v2v" in path.name.lower() or meta.get("kind") == "v2v" else "i2i"
+    if meta.get("method") == "sid_lsg":
+        kind = "onestep"  # a SiD-LSG one-step text-to-image generator
+    else:
+        kind = "v2v" if "v2v" in path.name.lower() or meta.get("kind") == "v2v" else "i2i"
     return LoraEntry(path.stem, path, float(eta) if eta is not None else None, kind, meta)
 
 
@@ -248,11 +259,14 @@ class LoraCatalog:
         return cls(entries)
 
     def choices(self, kind: str = "i2i") -> list[str]:
-        return sorted(self.entries, key=lambda n: (self.entries[n].kind != kind, n))
+        """Names for a tab: its own kind first; one-step generators only where one-step is asked for."""
+        names = [n for n in self.entries if (self.entries[n].kind == "onestep") == (kind == "onestep")]
+        return sorted(names, key=lambda n: (self.entries[n].kind != kind, n))
 
     def default(self, kind: str = "i2i", eta: float = 0.75) -> str | None:
         """The LoRA of this kind closest to ``eta`` (the official demo's η 0.75 by default)."""
-        pool = [e for e in self.entries.values() if e.kind == kind] or list(self.entries.values())
+        pool = [e for e in self.entries.values() if e.kind == kind] or [e for e in self.entries.values()
+                                                                          if e.kind != "onestep"]
         if not pool:
             return None
         return min(pool, key=lambda e: (e.eta is None, abs((e.eta or 0.0) - eta), e.name)).name

@@ -102,7 +102,8 @@ def build_pipeline(arch: str, tokenizer_dir: Path):
     return StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def write_lora(unet, path: Path, eta: float, kind: str, base: str, rank: int = 4, seed: int = 0) -> Path:
+def write_lora(unet, path: Path, eta: float | None, kind: str, base: str, rank: int = 4, seed: int = 0,
+               method: str = "std") -> Path:
     """A PEFT-format (``unet.<module>.lora_A/B.weight``) STD LoRA on the attention projections, with the ``std.*``
     header the trainer writes."""
     from safetensors.torch import save_file
@@ -113,8 +114,10 @@ def write_lora(unet, path: Path, eta: float, kind: str, base: str, rank: int = 4
         if isinstance(module, torch.nn.Linear) and name.endswith(LORA_TARGETS) and ".attn" in name:
             sd[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.1
             sd[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.1
-    meta = encode_std_metadata({"method": "std", "start_strength": eta, "kind": kind, "base_model": base,
-                                "rank": rank, "alpha": rank})
+    values = {"method": method, "start_strength": eta, "kind": kind, "base_model": base, "rank": rank, "alpha": rank}
+    if method == "sid_lsg":
+        values.update(t_init=625, nfe=1)
+    meta = encode_std_metadata(values)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path), metadata=meta)
     return path
@@ -156,6 +159,7 @@ def build_tiny_models(root: Path, arch: str = "sd15") -> Path:
 
     * ``diffusers/tiny-<arch>/``: the base pipeline (diffusers folder);
     * ``loras/std_tiny_{i2i,v2v}_eta{0.65,0.75,0.85,0.95}.safetensors``: the STD LoRA zoo;
+    * ``loras/sid_lsg_tiny_onestep.safetensors``: a SiD-LSG one-step generator LoRA (method and t_init metadata);
     * ``ipadapter/ip-adapter_tiny.safetensors`` and ``clip_vision/tiny_clip_vision.safetensors``.
 
     Files already there are reused.
@@ -175,6 +179,9 @@ def build_tiny_models(root: Path, arch: str = "sd15") -> Path:
             path = root / "loras" / f"std_tiny_{kind}_eta{eta:.2f}.safetensors"
             if not path.exists():
                 write_lora(unet, path, eta, kind, base_name(arch), seed=i * 2 + (kind == "v2v"))
+    onestep = root / "loras" / "sid_lsg_tiny_onestep.safetensors"
+    if not onestep.exists():
+        write_lora(unet, onestep, None, "onestep", base_name(arch), seed=99, method="sid_lsg")
     adapter, encoder = root / "ipadapter" / TINY_FILES["ip_adapter"], root / "clip_vision" / TINY_FILES["image_encoder"]
     if not adapter.exists():
         write_ip_adapter(unet, adapter)

@@ -343,7 +343,7 @@ def test_a_style_image_without_an_ip_adapter_is_a_readable_error(tiny_root, tmp_
 
 
 def test_cli_tiny_serves_all_tabs(tmp_path):
-    """``python gradio_app.py --tiny`` as a user runs it: the page and its API come up with the three tabs."""
+    """``python gradio_app.py --tiny`` as a user runs it: the page and its API come up with its four tabs."""
     port = free_port()
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "gradio_app.py", "--tiny", "--port", str(port), "--output-dir",
@@ -359,7 +359,7 @@ def test_cli_tiny_serves_all_tabs(tmp_path):
                 time.sleep(0.5)
         assert config is not None, (tmp_path / "server.log").read_text()[-3000:]
         tabs = [c["props"].get("label") for c in config["components"] if c["type"] in ("tab", "tabitem")]
-        assert tabs == ["Image", "Video", "Compare"]
+        assert tabs == ["Image", "Video", "Compare", "One-step"]
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         assert "start timestep 739" in client.predict("std_tiny_i2i_eta0.75", 0.75, True, 8, "official",
                                                       api_name="/plan")
@@ -367,3 +367,27 @@ def test_cli_tiny_serves_all_tabs(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_one_step_tab_generates_with_the_sid_lora_and_refuses_bad_input(client, app):
+    gallery, downloads, info, seed = client.predict("a lighthouse", "sid_lsg_tiny_onestep", 5, False, 64, 48, 2,
+                                                    api_name="/one_step")
+    assert len(gallery) == 2 and seed == 5 and "one step from t_init 625" in info
+    first = gallery[0]["image"] if isinstance(gallery[0], dict) else gallery[0]
+    path = first["path"] if isinstance(first, dict) else first
+    image = Image.open(path)
+    assert image.size == (64, 48)
+    record = json.loads(image.text["std"])
+    assert record["method"] == "sid_lsg" and record["t_init"] == 625
+    again = client.predict("a lighthouse", "sid_lsg_tiny_onestep", 5, False, 64, 48, 2, api_name="/one_step")
+    a = np.asarray(Image.open(path))
+    b_first = again[0][0]["image"] if isinstance(again[0][0], dict) else again[0][0]
+    b = np.asarray(Image.open(b_first["path"] if isinstance(b_first, dict) else b_first))
+    assert np.array_equal(a, b)  # same seed, same images
+    assert "sid_lsg_tiny_onestep" not in app.engine.catalog.choices("i2i")
+    for args, message in (((" ", "sid_lsg_tiny_onestep", 1, False, 64, 64, 1), "prompt"),
+                          (("x", "std_tiny_i2i_eta0.75", 1, False, 64, 64, 1), "one-step LoRA"),
+                          (("x", "sid_lsg_tiny_onestep", 1, False, 64, 64, 99), "batch_size")):
+        with pytest.raises(AppError, match=message):
+            client.predict(*args, api_name="/one_step")
+    assert client.predict("x", "sid_lsg_tiny_onestep", 1, False, 64, 64, 1, api_name="/one_step")[2]
