@@ -4,7 +4,8 @@ the one-step generator's samples close to the teacher's distribution."""
 import torch
 
 from comfyui_std.core.schedules import DiscreteSchedule
-from training.sid_lsg.toy import GMM, run, sliced_wasserstein
+from training.common.toy import GMM, sliced_wasserstein
+from training.sid_lsg.toy import run
 
 
 def test_exact_teacher_eps_matches_a_monte_carlo_posterior():
