@@ -148,3 +148,24 @@ def test_cli_bad_input(prompts, tmp_path, capsys, args, message):
     args = [subst.get(a, a) for a in args]
     assert cli(["--preset", "tiny", "--prompts", str(prompts), "--output", str(tmp_path / "o"), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_full_finetune_option_trains_copies_and_exports_merged_weights(prompts, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    trainer = Trainer(_cfg(prompts, tmp_path, max_steps=2, num_previews=0, full_finetune=True), SiDMethod)
+    m = trainer.method
+    m.setup()
+    assert m.nets[GEN] is not m.nets[FAKE] and m.nets[GEN] is not m.base.unet
+    for _, loss, _ in m.micro_step(0, GEN):
+        loss.backward()
+    assert all(p.grad is not None for p in m.nets[GEN].parameters() if p.requires_grad)
+    assert all(p.grad is None for p in m.nets[FAKE].parameters()) and all(p.grad is None for p in
+                                                                            m.base.unet.parameters())
+    trainer = Trainer(_cfg(prompts, tmp_path / "run", max_steps=2, num_previews=0, full_finetune=True), SiDMethod)
+    trainer.run()
+    folder = tmp_path / "run" / "sid_lsg_sd15_tiny_k2_unet"
+    unet = UNet2DConditionModel.from_pretrained(folder)
+    assert json.loads((folder / "std_metadata.json").read_text())["t_init"] == 625
+    ema = {k[4:]: v for k, v in trainer.method.trainable_state().items() if k.startswith("ema.")}
+    assert torch.allclose(unet.state_dict()["conv_in.weight"], ema["conv_in.weight"])

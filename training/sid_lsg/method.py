@@ -14,6 +14,7 @@ cannot span adapter switches (so it is refused).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,9 @@ class SiDConfig(CommonConfig):
     ema_halflife_kimg: float = option(50.0, "Half-life of the generator EMA in thousands of images (0 = no EMA).")
     ema_rampup: float = option(0.05, "EMA ramp-up ratio (half-life <= images seen × ramp-up).")
     preview_prompts: list = option([], "Prompts of the preview grid (default: the first prompts of the file).")
+    full_finetune: bool = option(False, "Train full copies of the UNet for the generator and the fake score (the "
+                                        "original recipe; three UNets in memory, for large GPUs) instead of two "
+                                        "LoRA adapters; the generator is exported as merged diffusers weights.")
 
 
 PRESETS = {
@@ -100,31 +104,43 @@ class SiDMethod:
         base = load_base(cfg.base, cfg.tokenizer or None, cfg.seed)
         if base.prediction_type != "epsilon":
             raise STDInputError("base", "SiD-LSG needs an ε-prediction model (SD1.5, SD2.1-base, SDXL)")
-        from peft import LoraConfig
-
         base.unet.requires_grad_(False)
         base.vae.requires_grad_(False)
         for t in base.text_encoders:
             t.requires_grad_(False)
-        targets = "|".join(t.replace(".", r"\.") for t in cfg.lora_targets)
-        pattern = rf".*\.({targets})$"
-        base.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                         target_modules=pattern), adapter_name=GEN)
-        fake_rank = cfg.fake_rank or cfg.lora_rank
-        base.unet.add_adapter(LoraConfig(r=fake_rank, lora_alpha=cfg.lora_alpha * fake_rank / cfg.lora_rank,
-                                         init_lora_weights="gaussian", target_modules=pattern), adapter_name=FAKE)
+        if cfg.full_finetune:  # G and f_ψ as full copies of the teacher, as the original code
+            import copy
+            self.nets = {None: base.unet, GEN: copy.deepcopy(base.unet), FAKE: copy.deepcopy(base.unet)}
+        else:
+            from peft import LoraConfig
+
+            targets = "|".join(t.replace(".", r"\.") for t in cfg.lora_targets)
+            pattern = rf".*\.({targets})$"
+            base.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                             init_lora_weights="gaussian", target_modules=pattern), adapter_name=GEN)
+            fake_rank = cfg.fake_rank or cfg.lora_rank
+            base.unet.add_adapter(LoraConfig(r=fake_rank, lora_alpha=cfg.lora_alpha * fake_rank / cfg.lora_rank,
+                                             init_lora_weights="gaussian", target_modules=pattern),
+                                  adapter_name=FAKE)
+            self.nets = {None: base.unet, GEN: base.unet, FAKE: base.unet}
+        for net in {id(n): n for n in self.nets.values()}.values():
+            net.to(self.trainer.device)
         base.to(self.trainer.device)
         self.base = base
         self.acp = base.schedule.alphas_cumprod.to(self.trainer.device)
         self.size = (cfg.resolution, cfg.resolution)
         self.latent_shape = self._latent_shape()
-        self.params = {name: [p for n, p in base.unet.named_parameters() if f".{name}." in n] for name in (GEN, FAKE)}
+        self.active = base.unet
+        self.params = {name: [p for _, p in self._named(name)] for name in (GEN, FAKE)}
         self.ema = ({n: p.detach().clone() for n, p in self._named(GEN)} if cfg.ema_halflife_kimg > 0 else None)
         self._null = None
         self.images_seen = 0
 
-    def _named(self, adapter: str):
-        return [(n, p) for n, p in self.base.unet.named_parameters() if f".{adapter}." in n]
+    def _named(self, role: str):
+        """(name, parameter) of the trained weights of a role: its LoRA adapter, or its whole UNet copy."""
+        if self.cfg.full_finetune:
+            return list(self.nets[role].named_parameters())
+        return [(n, p) for n, p in self.base.unet.named_parameters() if f".{role}." in n]
 
     def _latent_shape(self):
         with torch.no_grad():
@@ -139,6 +155,9 @@ class SiDMethod:
     # -- adapters --------------------------------------------------------------------------------------------
     def use(self, adapter: str | None):
         """Switch the UNet to the teacher (None), the generator or the fake score."""
+        self.active = self.nets[adapter]
+        if self.cfg.full_finetune:
+            return
         if adapter is None:
             self.base.unet.disable_adapters()
         else:
@@ -165,7 +184,7 @@ class SiDMethod:
 
     def eps(self, x, t, ctx, kappa: float):
         """Guided ε of the active network; CFG as one 2B-batch forward."""
-        unet = self.base.unet
+        unet = self.active
         if kappa == 1:
             return unet(x, t, **unet_kwargs(self.base, ctx)).sample.float()
         both = {k: torch.cat([a, b]) for (k, a), b in zip(self.null(x.shape[0]).items(), ctx.values())}
@@ -177,7 +196,7 @@ class SiDMethod:
         """x_g = G(z, c): the generator UNet once at t_init on s_init·z, then the closed-form x0."""
         t = torch.full((z.shape[0],), self.cfg.t_init, device=z.device, dtype=torch.long)
         x_in = generator_input(z, self.acp[t])
-        eps = self.base.unet(x_in, t, **unet_kwargs(self.base, ctx)).sample.float()
+        eps = self.active(x_in, t, **unet_kwargs(self.base, ctx)).sample.float()
         return x0_from_eps(x_in, eps, self.acp[t])
 
     def _batch(self, micro_step: int, gen: torch.Generator, dropout: bool):
@@ -214,6 +233,7 @@ class SiDMethod:
         prompts, z, eps, t = self._batch(micro_step, gen, False)
         ctx = self.context(prompts)
         self.use(GEN)
+        self.train_only(GEN)  # before the forward, so the generator's weights are in the graph
         x_g = self.generate(z, ctx)
         a = self.acp[t]
         x_t = a.sqrt().view(-1, 1, 1, 1) * x_g + (1 - a).sqrt().view(-1, 1, 1, 1) * eps
@@ -238,16 +258,16 @@ class SiDMethod:
 
     # -- state -----------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        out = {f"unet.{n}": p for name in (GEN, FAKE) for n, p in self._named(name)}
+        out = {f"{name}.{n}": p for name in (GEN, FAKE) for n, p in self._named(name)}
         if self.ema is not None:
             out.update({f"ema.{n}": v for n, v in self.ema.items()})
         return out
 
     def load_trainable_state(self, sd: dict[str, torch.Tensor]) -> None:
-        params = dict(self.base.unet.named_parameters())
+        params = {f"{name}.{n}": p for name in (GEN, FAKE) for n, p in self._named(name)}
         for k, v in sd.items():
-            if k.startswith("unet."):
-                params[k[5:]].data.copy_(v)
+            if k in params:
+                params[k].data.copy_(v)
             elif k.startswith("ema.") and self.ema is not None:
                 self.ema[k[4:]].copy_(v)
 
@@ -303,5 +323,10 @@ class SiDMethod:
                   "kappa3": cfg.kappa2, "kappa4": cfg.kappa4, "alpha": None, "base_model": self.base.name,
                   "resolution": cfg.resolution, "steps": self.trainer.step}
         with self.ema_weights():
+            if cfg.full_finetune:  # merged weights: the generator UNet as a diffusers folder
+                out = Path(folder) / f"{name}_unet"
+                self.nets[GEN].save_pretrained(str(out))
+                (out / "std_metadata.json").write_text(json.dumps(values, indent=1))
+                return [out]
             return export_lora(self.base.unet, GEN, Path(folder), name, cfg.lora_rank, cfg.lora_alpha, values,
                                self.base.arch)
