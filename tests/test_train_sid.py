@@ -169,3 +169,23 @@ def test_full_finetune_option_trains_copies_and_exports_merged_weights(prompts, 
     assert json.loads((folder / "std_metadata.json").read_text())["t_init"] == 625
     ema = {k[4:]: v for k, v in trainer.method.trainable_state().items() if k.startswith("ema.")}
     assert torch.allclose(unet.state_dict()["conv_in.weight"], ema["conv_in.weight"])
+
+
+def test_two_processes_keep_identical_replicas(prompts, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from training.common.trainer import checkpoints
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "training.sid_lsg", "--preset", "tiny", "--prompts", str(prompts), "--output", str(tmp_path),
+           "--max-steps", "2", "--checkpoint-every", "0", "--num-previews", "0"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = checkpoints(tmp_path / "checkpoints")[-1]
+    r0, r1 = (json.loads((ckpt / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["trainable_sha256"] == r1["trainable_sha256"]
