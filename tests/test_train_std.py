@@ -259,7 +259,8 @@ def test_video_mode_trains_clips_with_a_motion_module(tmp_path):
     (data / "still.png").write_bytes(b"")  # images are not clips: ignored in video mode
     out = tmp_path / "out"
     assert cli(["--preset", "tiny-video", "--data", str(data), "--output", str(out), "--max-steps", "2",
-                "--num-previews", "0"]) == 0
+                "--adversarial", "true"]) == 0  # with the per-frame discriminator and a clip preview
+    assert list((out / "previews").glob("*.png"))
     files = {p.name for p in out.glob("*.safetensors")}
     assert files == {"std_sd15_tiny_eta0.75.safetensors", "std_sd15_tiny_eta0.75_diffusers.safetensors",
                      "std_sd15_tiny_eta0.75_motion.safetensors"}
