@@ -9,13 +9,13 @@ Nothing is downloaded; building takes a few seconds on a CPU.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from comfyui_std.core.lora import encode_std_metadata
 from comfyui_std.core.style_blocks import ip_layer_order
+from training.common.models import write_tiny_tokenizer
 
 ARCHITECTURES = ("sd15", "sdxl")
 ZOO_ETAS = (0.65, 0.75, 0.85, 0.95)
@@ -28,26 +28,6 @@ TINY_FILES = {"ip_adapter": "ip-adapter_tiny.safetensors", "image_encoder": "tin
 
 def base_name(arch: str) -> str:
     return f"tiny-{arch}"
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's printable stand-ins for the 256 byte values."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def write_tokenizer(folder: Path) -> None:
-    """A byte-level CLIP tokenizer with no merges (every character is a token): vocab.json + merges.txt."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
 def _text_encoder(with_projection: bool):
@@ -169,7 +149,7 @@ def build_tiny_models(root: Path, arch: str = "sd15") -> Path:
     root = Path(root)
     base = root / "diffusers" / base_name(arch)
     if not (base / "model_index.json").exists():
-        write_tokenizer(root / "tokenizer")
+        write_tiny_tokenizer(root / "tokenizer")
         build_pipeline(arch, root / "tokenizer").save_pretrained(str(base))
     from diffusers import UNet2DConditionModel
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from training.common.config import build_parser, resolve
+from training.common.config import config_from_argv
 from training.common.trainer import Trainer
 from training.sid_lsg.__main__ import main as cli
 from training.sid_lsg.losses import ema_beta, guided, sid_generator_loss, x0_from_eps
@@ -22,12 +22,7 @@ def prompts(tmp_path_factory):
 
 
 def _cfg(prompts, out, **kw):
-    args = build_parser(SiDConfig, "t", "", PRESETS).parse_args(["--preset", "tiny", "--prompts", str(prompts),
-                                                                 "--output", str(out)])
-    cfg = resolve(SiDConfig, args, PRESETS)
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+    return config_from_argv(SiDConfig, PRESETS, ["--preset", "tiny", "--prompts", str(prompts), "--output", str(out)], **kw)
 
 
 def test_generator_loss_matches_its_formula_and_detaches_only_w():

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from training.common.config import build_parser, resolve
+from training.common.config import config_from_argv
 from training.common.trainer import NaNLossError, Trainer, checkpoints
 from training.std.__main__ import main as cli
 from training.std.method import PRESETS, STDConfig, STDMethod
@@ -34,12 +34,7 @@ def data(tmp_path_factory):
 
 
 def _cfg(data, out, **kw):
-    args = build_parser(STDConfig, "t", "", PRESETS).parse_args(["--preset", "tiny", "--data", str(data),
-                                                                 "--output", str(out)])
-    cfg = resolve(STDConfig, args, PRESETS)
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+    return config_from_argv(STDConfig, PRESETS, ["--preset", "tiny", "--data", str(data), "--output", str(out)], **kw)
 
 
 def _losses(history):
@@ -187,9 +182,8 @@ def test_disk_full_for_the_bank_stops_with_a_message(data, tmp_path, monkeypatch
 
 def test_config_file_and_help(data, tmp_path):
     (tmp_path / "c.toml").write_text(f'data = "{data}"\nmax_steps = 2\nstyle_prompt = "ink wash"\n')
-    args = build_parser(STDConfig, "t", "", PRESETS).parse_args(["--preset", "tiny", "--config",
-                                                                 str(tmp_path / "c.toml"), "--max-steps", "3"])
-    cfg = resolve(STDConfig, args, PRESETS)
+    cfg = config_from_argv(STDConfig, PRESETS, ["--preset", "tiny", "--config", str(tmp_path / "c.toml"),
+                                                "--max-steps", "3"])
     assert (cfg.max_steps, cfg.style_prompt, cfg.base) == (3, "ink wash", "tiny")
     help_text = subprocess.run([sys.executable, "-m", "training.std", "--help"], capture_output=True, text=True,
                                cwd=REPO).stdout

@@ -111,7 +111,7 @@ def build(cfg, trainer) -> int:
 
 
 def main(argv=None) -> int:
-    from training.common.config import build_parser, option, resolve
+    from training.common.config import config_from_argv, option
     from training.common.trainer import Trainer
     from training.std.method import PRESETS, STDConfig, STDMethod
     import dataclasses
@@ -125,12 +125,9 @@ def main(argv=None) -> int:
     if not argv or argv[0] != "build":
         print("usage: python -m training.bank build [options]  (see --help after 'build')", file=sys.stderr)
         return 2
-    ap = build_parser(BuildConfig, "python -m training.bank build",
-                      "Precompute whole teacher trajectories for a dataset (resumable; one shard per item).",
-                      PRESETS)
-    args = ap.parse_args(argv[1:])
     try:
-        cfg = resolve(BuildConfig, args, PRESETS)
+        cfg = config_from_argv(BuildConfig, PRESETS, argv[1:], "python -m training.bank build",
+                               "Precompute whole teacher trajectories for a dataset (resumable; one shard per item).")
         trainer = Trainer(cfg, STDMethod)
         n = build(cfg, trainer)
     except (ValueError, FileNotFoundError) as err:

@@ -12,6 +12,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..core import STDInputError
+from ..core.pipeline import NOISE_MODES, check_noise_mode
 from ..core.plan import check_gamma
 from ..core.video import (RESIZE_MODES, SAVE_FORMATS, VIDEO_EXTENSIONS, blend_chunks, chunk_ranges, load_video,
                           save_video)
@@ -113,7 +114,7 @@ class STDStylizeVideo(io.ComfyNode):
                 io.Int.Input("overlap", default=0, min=0, max=4095,
                              tooltip="Frames shared by consecutive chunks, cross-faded to hide seams "
                                      "(must be below frames_per_batch)."),
-                io.Combo.Input("noise", options=["shared", "per_frame"], default="shared",
+                io.Combo.Input("noise", options=list(NOISE_MODES), default="shared",
                                tooltip="shared: every frame gets the same noise, so static regions stay identical "
                                        "(temporally consistent); per_frame: independent noise per frame."),
                 plan_input(),
@@ -129,8 +130,7 @@ class STDStylizeVideo(io.ComfyNode):
             samples = check_latent(model, latent_image)
             gamma = check_gamma(gamma)
             ranges = chunk_ranges(samples.shape[0], frames_per_batch, overlap)
-            if noise not in ("shared", "per_frame"):
-                raise STDInputError("noise", f"got {noise!r}, choose shared or per_frame")
+            check_noise_mode(noise)
         except STDInputError as err:
             raise _user_error(err) from None
         p = make_plan(nfe, start_strength, plan)

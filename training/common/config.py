@@ -141,8 +141,15 @@ def resolve(cls, args: argparse.Namespace, presets: dict[str, dict]):
     return cls(**typed)
 
 
+def config_from_argv(cls, presets: dict[str, dict], argv, prog: str = "", description: str = "", **overrides):
+    """Parse ``argv`` like the command line does (--help and usage errors exit), resolve it, then apply
+    ``overrides`` (field names, already typed)."""
+    args = build_parser(cls, prog, description, presets).parse_args(argv)
+    return dataclasses.replace(resolve(cls, args, presets), **overrides)
+
+
 def as_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["CommonConfig", "option", "build_parser", "resolve", "as_dict", "load_file"]
+__all__ = ["CommonConfig", "option", "build_parser", "resolve", "config_from_argv", "as_dict", "load_file"]

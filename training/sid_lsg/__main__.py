@@ -5,21 +5,19 @@ from __future__ import annotations
 import logging
 import sys
 
-from training.common.config import build_parser, resolve
+from training.common.config import config_from_argv
 from training.sid_lsg.method import PRESETS, SiDConfig, SiDMethod
+
+DESCRIPTION = ("SiD-LSG: data-free one-step distillation of Stable Diffusion into a LoRA generator, from a prompt "
+               "file. Options from --preset, --config FILE or the command line (in that order).")
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ap = build_parser(SiDConfig, "python -m training.sid_lsg",
-                      "SiD-LSG: data-free one-step distillation of Stable Diffusion into a LoRA generator, from a "
-                      "prompt file. Options from --preset, --config FILE or the command line (in that order).",
-                      PRESETS)
-    args = ap.parse_args(argv)
     from training.common.trainer import NaNLossError, Trainer
 
     try:
-        cfg = resolve(SiDConfig, args, PRESETS)
+        cfg = config_from_argv(SiDConfig, PRESETS, argv, "python -m training.sid_lsg", DESCRIPTION)
         if cfg.output == "output/std":
             cfg.output = "output/sid_lsg"
         Trainer(cfg, SiDMethod).run()

@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from comfyui_std.core.errors import STDInputError, check_range
 from training.common.config import CommonConfig, option
+from training.common.ema import ema_copy, ema_update, swapped
 from training.common.export import export_lora
 from training.common.models import encode_prompts, load_base, unet_kwargs
 from training.sid_lsg.losses import (ema_beta, fake_score_loss, generator_input, guided, sample_t,
@@ -132,7 +132,7 @@ class SiDMethod:
         self.latent_shape = self._latent_shape()
         self.active = base.unet
         self.params = {name: [p for _, p in self._named(name)] for name in (GEN, FAKE)}
-        self.ema = ({n: p.detach().clone() for n, p in self._named(GEN)} if cfg.ema_halflife_kimg > 0 else None)
+        self.ema = ema_copy(self._named(GEN)) if cfg.ema_halflife_kimg > 0 else None
         self._null = None
         self.images_seen = 0
 
@@ -252,9 +252,7 @@ class SiDMethod:
             return
         beta = ema_beta(self.cfg.batch_size * self.cfg.grad_accum * self.trainer.world, self.images_seen,
                         self.cfg.ema_halflife_kimg, self.cfg.ema_rampup)
-        with torch.no_grad():
-            for n, p in self._named(GEN):
-                self.ema[n].lerp_(p.detach(), 1 - beta)
+        ema_update(self.ema, self._named(GEN), beta)
 
     # -- state -----------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -280,22 +278,9 @@ class SiDMethod:
         if f.exists():
             self.images_seen = int(f.read_text())
 
-    @contextmanager
     def ema_weights(self):
-        """The generator adapter with its EMA weights (what is exported and previewed)."""
-        if self.ema is None:
-            yield
-            return
-        saved = {n: p.detach().clone() for n, p in self._named(GEN)}
-        with torch.no_grad():
-            for n, p in self._named(GEN):
-                p.copy_(self.ema[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in self._named(GEN):
-                    p.copy_(saved[n])
+        """The generator with its EMA weights (what is exported and previewed)."""
+        return swapped(self._named(GEN), self.ema)
 
     # -- previews and export ---------------------------------------------------------------------------------
     @torch.no_grad()

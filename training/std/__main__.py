@@ -5,21 +5,20 @@ from __future__ import annotations
 import logging
 import sys
 
-from training.common.config import build_parser, resolve
+from training.common.config import config_from_argv
 from training.std.method import PRESETS, STDConfig, STDMethod
+
+DESCRIPTION = ("Single-trajectory distillation (STD) of a few-step style-transfer LoRA on one GPU. Every option can "
+               "come from --preset, --config FILE or the command line (in that order).")
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ap = build_parser(STDConfig, "python -m training.std",
-                      "Single-trajectory distillation (STD) of a few-step style-transfer LoRA on one GPU. Every "
-                      "option can come from --preset, --config FILE or the command line (in that order).", PRESETS)
-    args = ap.parse_args(argv)
     from training.common.trainer import NaNLossError, Trainer
     from training.std.bank import BankDiskFullError
 
     try:
-        cfg = resolve(STDConfig, args, PRESETS)
+        cfg = config_from_argv(STDConfig, PRESETS, argv, "python -m training.std", DESCRIPTION)
         Trainer(cfg, STDMethod).run()
     except (ValueError, FileNotFoundError, NaNLossError, BankDiskFullError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -24,6 +24,7 @@ from comfyui_std.core.plan import std_plan
 from comfyui_std.core.sampling import sample_std
 from comfyui_std.core.schedules import KDenoiser
 from training.common.config import CommonConfig, option
+from training.common.ema import ema_copy, ema_update, swapped
 from training.common.data import StepSampler, load_pixels, scan_folder
 from training.common.export import export_lora
 from training.common.models import attach_motion_adapter, encode_prompts, load_base, merge_lora, unet_kwargs
@@ -179,7 +180,7 @@ class STDMethod:
         self.seen: list[int] = []  # data indices this rank trained on (written into checkpoints)
         self._latent_cache: dict[int, torch.Tensor] = {}
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
-        self.ema = ({n: p.detach().clone() for n, p in self._student_params()} if cfg.ema_target else None)
+        self.ema = ema_copy(self._student_params()) if cfg.ema_target else None
         self.offline = None
         if cfg.bank_source:
             from training.bank import OfflineTrajectories
@@ -229,29 +230,14 @@ class STDMethod:
 
     def after_optimizer_step(self) -> None:
         if self.ema is not None:
-            with torch.no_grad():
-                for name, p in self._student_params():
-                    self.ema[name].lerp_(p.detach(), 1 - self.cfg.ema_decay)
+            ema_update(self.ema, self._student_params(), self.cfg.ema_decay)
 
     def _student_params(self):
         return [(n, p) for n, p in self.base.unet.named_parameters() if p.requires_grad]
 
-    @contextmanager
     def target(self):
         """The target network θ⁻: the online weights (stop-gradient), or their EMA when ema_target is on."""
-        if self.ema is None:
-            yield
-            return
-        saved = {n: p.detach().clone() for n, p in self._student_params()}
-        with torch.no_grad():
-            for n, p in self._student_params():
-                p.copy_(self.ema[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in self._student_params():
-                    p.copy_(saved[n])
+        return swapped(self._student_params(), self.ema)
 
     # -- model calls -----------------------------------------------------------------------------------------
     @contextmanager
