@@ -41,9 +41,32 @@ def _stub_torchvision():
         sys.modules[name] = mod
 
 
+def tree_snapshot(root: str | None = None) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file and folder of the ComfyUI tree (what the tests must leave untouched)."""
+    root = Path(root or comfyui_path())
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        for name in [*dirnames, *filenames]:
+            st = os.lstat(os.path.join(dirpath, name))
+            out[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def tree_changes(before: dict[str, tuple[int, int]]) -> list[str]:
+    """Paths of the ComfyUI tree added, removed or modified since ``before``."""
+    after = tree_snapshot()
+    return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+
+
 def boot(base: Path) -> SimpleNamespace:
-    """Import ComfyUI the way main.py does, on CPU, with model/input/output folders under ``base``."""
+    """Import ComfyUI the way main.py does, on CPU, with every folder it writes to under ``base``.
+
+    Nothing is written into the ComfyUI tree (so a read-only copy works): models, input, output, temp and user
+    folders point into ``base``, and bytecode of ComfyUI's modules is cached under ``base`` too.
+    """
     path = comfyui_path()
+    sys.pycache_prefix = str(base / "pycache")
     # diffusers/transformers must be imported before the torchvision stub (their image utils probe it).
     import diffusers  # noqa: F401
     import transformers  # noqa: F401
@@ -64,6 +87,8 @@ def boot(base: Path) -> SimpleNamespace:
                         ("temp", folder_paths.set_temp_directory)):
         (base / sub).mkdir(parents=True, exist_ok=True)
         setter(str(base / sub))
+    (base / "user").mkdir(parents=True, exist_ok=True)
+    folder_paths.set_user_directory(str(base / "user"))
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     # Install the pack as a user would: a clone under custom_nodes/ (a symlink to this checkout).
     custom = base / "custom_nodes"

@@ -1,5 +1,14 @@
-"""Shared fixtures. Real-host fixtures skip (with the reason shown by -ra) unless COMFYUI_PATH is set."""
+"""Shared fixtures and suite-wide rules.
 
+* Real-host fixtures skip (with the reason shown by -ra) unless COMFYUI_PATH is set.
+* ``STD_NO_SKIP=1`` (what ``.ci/run`` sets) turns every skip into a failure, so CI cannot pass with host or browser
+  tests silently skipped.
+* Tests marked ``bad_input`` are counted; the summary line ``bad-input cases: N passed`` is what the README quotes.
+* The real-host tests must not write into the ComfyUI tree: its file list, sizes and mtimes are recorded when the
+  host boots and compared when the session ends (a difference fails the run).
+"""
+
+import os
 import sys
 from pathlib import Path
 
@@ -11,16 +20,59 @@ sys.path.insert(0, str(TESTS))
 import comfy_host  # noqa: E402
 
 REAL_HOST_REASON = ("real-host test: set COMFYUI_PATH to a ComfyUI checkout (pinned 0.3.64, commit a125cd84) to run it")
+NO_SKIP = os.environ.get("STD_NO_SKIP", "") not in ("", "0")
+_TREE = {}
+
+
+def pytest_runtest_makereport(item, call):
+    """Under STD_NO_SKIP a skip (in setup or in the test) is reported as a failure with the skip's reason."""
+    if not NO_SKIP or call.excinfo is None or not call.excinfo.errisinstance(pytest.skip.Exception):
+        return None
+    from _pytest.reports import TestReport
+
+    report = TestReport.from_item_and_call(item, call)
+    report.outcome = "failed"
+    report.longrepr = f"skipped under STD_NO_SKIP=1 (CI runs every test): {call.excinfo.value}"
+    return report
+
+
+pytest_runtest_makereport.tryfirst = True
+
+
+def pytest_terminal_summary(terminalreporter):
+    passed = [r for r in terminalreporter.stats.get("passed", []) if "bad_input" in r.keywords]
+    failed = [r for r in terminalreporter.stats.get("failed", []) if "bad_input" in r.keywords]
+    host_counts = {key: sum(1 for r in terminalreporter.stats.get(key, []) if "host" in r.keywords
+                            and (r.when == "call" or key != "passed"))
+                   for key in ("passed", "failed", "skipped")}
+    terminalreporter.write_line(f"bad-input cases: {len(passed)} passed, {len(failed)} failed")
+    terminalreporter.write_line("real-host tests: " + ", ".join(f"{v} {k}" for k, v in host_counts.items()))
+    if _TREE:
+        changed = comfy_host.tree_changes(_TREE)
+        if changed:
+            terminalreporter.write_line(f"the tests wrote into the ComfyUI tree: {changed[:10]}", red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _TREE and comfy_host.tree_changes(_TREE):
+        session.exitstatus = 1
 
 
 @pytest.fixture(scope="session")
 def host(tmp_path_factory):
     if not comfy_host.comfyui_path():
         pytest.skip(REAL_HOST_REASON)
+    _TREE.update(comfy_host.tree_snapshot())
     host = comfy_host.boot(tmp_path_factory.mktemp("comfy"))
     assert host.loaded, "the pack failed to load in ComfyUI (see log)"
     return host
 
+
+def pytest_collection_modifyitems(items):
+    """Tag every test that uses the real host (directly or through another fixture) with the marker ``host``."""
+    for item in items:
+        if "host" in getattr(item, "fixturenames", ()):
+            item.add_marker("host")
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(host):
