@@ -1,26 +1,36 @@
-"""Stylize a batch of clean latents with STD: the noise policy and the chunked loop the front ends share.
+"""Stylize a batch of clean latents with STD: the noise policy and the chunk loop every front end shares.
 
 An image is a batch of one; a video is a batch of frames, cut into chunks of ``frames_per_batch`` that share
-``overlap`` frames, each chunk sampled as one batch, overlaps cross-faded (:mod:`.video`). The noise follows the
-conventions of the ComfyUI nodes, so the same seed gives the same noise in every front end:
+``overlap`` frames, each chunk sampled as one batch, overlaps cross-faded (:mod:`.video`). The ComfyUI nodes, the
+Gradio app and the trainer's previews all run :func:`stylize_chunks`, so the same seed gives the same noise in every
+front end:
 
-* the start noise is ``torch.randn`` on the CPU from a generator seeded with ``seed`` (ComfyUI's
-  ``prepare_noise``); with ``noise = "shared"`` it is drawn for one frame and repeated for every frame, so static
-  regions of a video stay identical from frame to frame;
-* with gamma > 0 the per-step noise of the STD step is drawn from a generator seeded with ``seed`` on the latent's
-  device, once for one frame and repeated (shared) or for the whole chunk (per_frame), restarting for every chunk.
+* the start noise (:func:`start_noise`) is ComfyUI's ``prepare_noise``: ``torch.randn`` on the CPU from a
+  generator seeded with ``seed``, in the latent's dtype, one draw per ``batch_index`` entry when the latent carries
+  one; with ``noise = "shared"`` it is drawn for one frame and repeated for every frame, so static regions of a
+  video stay identical from frame to frame;
+* with gamma > 0 the per-step noise of the STD step (:func:`step_noise_sampler`) is drawn from a generator seeded
+  with ``seed`` on the latent's device, once for one frame and repeated (shared) or for the whole chunk
+  (per_frame), restarting for every chunk;
+* per-frame tensors that travel with a chunk (inpainting masks, ControlNet hints) are sliced with
+  :func:`frame_rows`, ComfyUI's broadcast rule: frame ``i`` of an ``n``-frame batch uses row ``i % k`` of a ``k``-row
+  tensor, a single row serves every frame.
 
-Pure torch: the denoiser is any k-diffusion callable ``model(x, sigma, **extra_args) -> x0``, e.g. a
-:class:`~.schedules.KDenoiser` around a diffusers UNet with classifier-free guidance.
+Pure torch: :func:`stylize_latents` runs the core sampler on any k-diffusion denoiser
+``model(x, sigma, **extra_args) -> x0`` (e.g. a :class:`~.schedules.KDenoiser` around a diffusers UNet with
+classifier-free guidance); the ComfyUI nodes hand :func:`stylize_chunks` a chunk function that samples through
+ComfyUI's own stack.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from .errors import STDInputError
 from .sampling import default_noise_sampler, sample_std
-from .video import blend_chunks, chunk_ranges
+from .video import ChunkBlender, chunk_ranges
 
 NOISE_MODES = ("shared", "per_frame")
 
@@ -31,16 +41,28 @@ def check_noise_mode(noise: str) -> str:
     return noise
 
 
-def start_noise(latents: torch.Tensor, seed: int, noise: str = "shared") -> torch.Tensor:
-    """The noise added at the plan's first sigma, float32 on the CPU, shaped like ``latents`` ``[N, C, H, W]``."""
+def start_noise(latents: torch.Tensor, seed: int, noise: str = "shared", batch_index=None) -> torch.Tensor:
+    """The noise added at the plan's first sigma, on the CPU in the latents' dtype, shaped like ``latents``.
+
+    ``per_frame`` with ``batch_index`` follows ComfyUI: one ``[1, ...]`` draw per index up to the largest, entry
+    ``b`` taking the draw of ``batch_index[b]`` (so a batch split into several latents keeps its noise).
+    """
     generator = torch.Generator().manual_seed(int(seed))
+    dtype = latents.dtype if latents.is_floating_point() else torch.float32
+    one_shape = (1, *latents.shape[1:])
     if check_noise_mode(noise) == "shared":
-        one = torch.randn((1, *latents.shape[1:]), generator=generator, dtype=torch.float32)
+        one = torch.randn(one_shape, generator=generator, dtype=dtype)
         return one.expand(latents.shape[0], *one.shape[1:])
-    return torch.randn(tuple(latents.shape), generator=generator, dtype=torch.float32)
+    if batch_index is None:
+        return torch.randn(tuple(latents.shape), generator=generator, dtype=dtype)
+    index = [int(i) for i in batch_index]
+    if len(index) != latents.shape[0] or min(index) < 0:
+        raise STDInputError("batch_index", f"expected {latents.shape[0]} non-negative indices, got {index}")
+    draws = [torch.randn(one_shape, generator=generator, dtype=dtype) for _ in range(max(index) + 1)]
+    return torch.cat([draws[i] for i in index])
 
 
-def step_noise_sampler(x: torch.Tensor, seed: int, noise: str = "shared"):
+def step_noise_sampler(x: torch.Tensor, seed: int | None, noise: str = "shared"):
     """Per-step noise for the STD step when gamma > 0: one draw per step, repeated over frames when shared."""
     if check_noise_mode(noise) == "shared":
         one = default_noise_sampler(x[:1], seed)
@@ -48,22 +70,35 @@ def step_noise_sampler(x: torch.Tensor, seed: int, noise: str = "shared"):
     return default_noise_sampler(x, seed)
 
 
-def stylize_latents(denoiser, latents: torch.Tensor, sigmas: torch.Tensor, seed: int, *, gamma: float = 0.0,
-                    noise: str = "shared", frames_per_batch: int | None = None, overlap: int = 0, schedule=None,
-                    extra_args: dict | None = None, callback=None, disable: bool | None = None) -> torch.Tensor:
-    """Noise clean latents to ``sigmas[0]`` and run the STD sampler chunk by chunk.
+def frame_rows(start: int, end: int, rows: int) -> torch.Tensor | None:
+    """Rows of a per-frame tensor with ``rows`` rows that frames ``[start, end)`` use (None: the one row serves all)."""
+    if rows == 1:
+        return None
+    return torch.arange(start, end) % rows
+
+
+def frames_of(tensor: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    """The part of a per-frame tensor (mask, hint) for frames ``[start, end)`` (see :func:`frame_rows`)."""
+    if tensor is None:
+        return None
+    rows = frame_rows(start, end, tensor.shape[0])
+    return tensor if rows is None else tensor[rows.to(tensor.device)]
+
+
+def stylize_chunks(latents: torch.Tensor, seed: int, run_chunk: Callable[[int, int, torch.Tensor], torch.Tensor], *,
+                   noise: str = "shared", frames_per_batch: int | None = None, overlap: int = 0,
+                   batch_index=None) -> torch.Tensor:
+    """The chunk loop: draw the start noise for every frame, sample each chunk, cross-fade the overlaps.
 
     Args:
-        denoiser: ``model(x, sigma, **extra_args) -> x0`` in VE coordinates (k-diffusion form).
-        latents: clean latents ``[N, C, H, W]`` (VAE latents times the VAE's scaling factor).
-        sigmas: descending noise levels, normally ``plan.sigmas(schedule)``.
-        seed: seed of the start noise and, with gamma > 0, of the per-step noise.
-        gamma: per-step stochasticity of the STD step (0 = deterministic).
+        latents: clean latents ``[N, C, H, W]``.
+        seed: seed of the start noise.
+        run_chunk: ``run_chunk(start, end, noise) -> stylized latents [end - start, C, H, W]`` for the frames
+            ``[start, end)``; ``noise`` is their start noise (add it at the first sigma).
         noise: ``"shared"`` (one noise for every frame) or ``"per_frame"``.
         frames_per_batch: frames sampled together (``None`` = all at once).
         overlap: frames shared by consecutive chunks, cross-faded.
-        schedule: the model's schedule (``sigma(t)`` / ``timestep(sigma)``), needed when gamma > 0.
-        callback: called once per sampler step of every chunk (k-diffusion callback dict).
+        batch_index: ComfyUI's per-entry noise indices (per_frame only).
 
     Returns:
         The stylized latents ``[N, C, H, W]``, float32 on the CPU.
@@ -73,13 +108,38 @@ def stylize_latents(denoiser, latents: torch.Tensor, sigmas: torch.Tensor, seed:
                                        f"{list(latents.shape)}")
     n = latents.shape[0]
     ranges = chunk_ranges(n, frames_per_batch or n, overlap)
-    full_noise = start_noise(latents, seed, noise)
+    full_noise = start_noise(latents, seed, noise, batch_index)
+    blender, parts = ChunkBlender(), []
+    for i, (s, e) in enumerate(ranges):
+        out = run_chunk(s, e, full_noise[s:e].contiguous())
+        parts.append(blender.push(s, e, out.float().cpu(), ranges[i + 1][0] if i + 1 < len(ranges) else None))
+    return torch.cat(parts)
+
+
+def stylize_latents(denoiser, latents: torch.Tensor, sigmas: torch.Tensor, seed: int, *, gamma: float = 0.0,
+                    noise: str = "shared", frames_per_batch: int | None = None, overlap: int = 0, schedule=None,
+                    extra_args: dict | None = None, callback=None, disable: bool | None = None) -> torch.Tensor:
+    """Noise clean latents to ``sigmas[0]`` and run the core STD sampler chunk by chunk (:func:`stylize_chunks`).
+
+    Args:
+        denoiser: ``model(x, sigma, **extra_args) -> x0`` in VE coordinates (k-diffusion form).
+        latents: clean latents ``[N, C, H, W]`` (VAE latents times the VAE's scaling factor).
+        sigmas: descending noise levels, normally ``plan.sigmas(schedule)``.
+        seed: seed of the start noise and, with gamma > 0, of the per-step noise.
+        gamma: per-step stochasticity of the STD step (0 = deterministic).
+        noise, frames_per_batch, overlap: as :func:`stylize_chunks`.
+        schedule: the model's schedule (``sigma(t)`` / ``timestep(sigma)``), needed when gamma > 0.
+        callback: called once per sampler step of every chunk (k-diffusion callback dict).
+
+    Returns:
+        The stylized latents ``[N, C, H, W]``, float32 on the CPU.
+    """
     sigmas = sigmas.to(latents.device)
-    chunks = []
-    for s, e in ranges:
-        x = latents[s:e] + sigmas[0].to(latents.dtype) * full_noise[s:e].to(latents.device, latents.dtype)
+
+    def run_chunk(s, e, chunk_noise):
+        x = latents[s:e] + sigmas[0].to(latents.dtype) * chunk_noise.to(latents.device, latents.dtype)
         noise_sampler = step_noise_sampler(x, seed, noise) if gamma > 0 else None
-        out = sample_std(denoiser, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
-                         noise_sampler=noise_sampler, gamma=gamma, schedule=schedule)
-        chunks.append(out.float().cpu())
-    return blend_chunks(n, ranges, chunks)
+        return sample_std(denoiser, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                          noise_sampler=noise_sampler, gamma=gamma, schedule=schedule)
+
+    return stylize_chunks(latents, seed, run_chunk, noise=noise, frames_per_batch=frames_per_batch, overlap=overlap)

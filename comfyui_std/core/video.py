@@ -4,8 +4,8 @@
   returns only what was asked for: with a frame cap it stops decoding early, and memory holds only kept frames.
 * :func:`save_video` writes an IMAGE-style batch ``[T, H, W, 3]`` (float 0..1) as mp4 (h264), webm (vp9),
   animated webp or gif.
-* :func:`chunk_ranges` / :func:`blend_chunks` split a long clip into overlapping chunks and cross-fade the overlaps,
-  so peak memory follows the chunk size and no seam shows.
+* :func:`chunk_ranges` / :class:`ChunkBlender` (:func:`blend_chunks`) split a long clip into overlapping chunks and
+  cross-fade the overlaps, so peak memory follows the chunk size and no seam shows.
 """
 
 from __future__ import annotations
@@ -269,20 +269,51 @@ def chunk_ranges(num_frames: int, frames_per_batch: int, overlap: int = 0) -> li
         start += step
 
 
+class ChunkBlender:
+    """Cross-fade consecutive overlapping chunks as they arrive, handing back each frame once it is final.
+
+    Chunks come in the order of :func:`chunk_ranges`. :meth:`push` blends a chunk's leading frames (the ones it
+    shares with earlier chunks) into the frames still pending with linear ramps, copies the rest, and returns the
+    frames before ``next_start`` (the start of the next chunk, which cannot touch them); the last push (no
+    ``next_start``) returns everything left. Only the overlap is ever held back, so a streamed clip needs memory
+    for one chunk, not for the whole clip, and the result is exactly :func:`blend_chunks`.
+    """
+
+    def __init__(self):
+        self.pending: torch.Tensor | None = None  # frames [self.start, self.end) not handed out yet
+        self.start = 0
+        self.end = 0
+
+    def push(self, start: int, end: int, chunk: torch.Tensor, next_start: int | None = None) -> torch.Tensor:
+        if start < self.start or start > self.end or end - start != chunk.shape[0] or end < self.end:
+            raise ValueError(f"chunk [{start}, {end}) does not continue the frames [{self.start}, {self.end})")
+        ov = self.end - start
+        if self.pending is None:
+            buf = chunk.clone()
+        else:
+            buf = torch.empty((end - self.start, *chunk.shape[1:]), dtype=chunk.dtype)
+            buf[: self.end - self.start] = self.pending
+            if ov:
+                w = torch.linspace(0, 1, ov + 2)[1:-1].to(chunk.dtype).view((ov,) + (1,) * (chunk.ndim - 1))
+                lo = start - self.start
+                buf[lo:lo + ov] = buf[lo:lo + ov] * (1 - w) + chunk[:ov] * w
+            buf[self.end - self.start:] = chunk[ov:]
+        self.end = end
+        cut = (end if next_start is None else next_start) - self.start
+        done, self.pending = buf[:cut], buf[cut:]
+        self.start += cut
+        return done
+
+
 def blend_chunks(num_frames: int, ranges, chunks) -> torch.Tensor:
     """Cross-fade overlapping chunk outputs (frame axis 0) with linear ramps; non-overlapping frames are copied.
 
-    ``ranges`` come from :func:`chunk_ranges`: consecutive, so the frames a chunk shares with earlier ones are the
-    first ``prev_end - start`` of it.
+    ``ranges`` come from :func:`chunk_ranges` (consecutive), ``chunks`` are the outputs for them, in order.
     """
-    out, prev_end = None, 0
-    for (s, e), chunk in zip(ranges, chunks):
-        if out is None:
-            out = torch.zeros((num_frames, *chunk.shape[1:]), dtype=chunk.dtype)
-        ov = max(0, prev_end - s)
-        if ov:
-            w = torch.linspace(0, 1, ov + 2)[1:-1].to(chunk.dtype).view((ov,) + (1,) * (chunk.ndim - 1))
-            out[s:s + ov] = out[s:s + ov] * (1 - w) + chunk[:ov] * w
-        out[s + ov:e] = chunk[ov:]
-        prev_end = max(prev_end, e)
+    blender, parts = ChunkBlender(), []
+    for i, ((s, e), chunk) in enumerate(zip(ranges, chunks)):
+        parts.append(blender.push(s, e, chunk, ranges[i + 1][0] if i + 1 < len(ranges) else None))
+    out = torch.cat(parts)
+    if out.shape[0] != num_frames:
+        raise ValueError(f"the chunks cover {out.shape[0]} frames, expected {num_frames}")
     return out

@@ -1,15 +1,21 @@
-"""Small adapters between the pure-torch core and ComfyUI's sampling objects.
+"""Adapters between the pure-torch core and ComfyUI's sampling objects.
 
-Only imported inside ComfyUI (it imports ``comfy``).
+Only imported inside ComfyUI (it imports ``comfy``). The nodes sample through ComfyUI's own stack
+(``comfy.sample.sample_custom``: CFG guider, model patches, inpainting masks, ControlNets, previews, interrupts)
+with the core's STD sampler, start noise, step noise and chunk loop (:mod:`comfyui_std.core.pipeline`).
 """
 
 from __future__ import annotations
 
 import comfy.model_management
 import comfy.model_sampling as cms
+import comfy.sample
 import comfy.samplers
+import comfy.utils
+import latent_preview
 
-from ..core import STDInputError, default_noise_sampler, sample_lcm, sample_onestep, sample_std
+from ..core import STDInputError, sample_std
+from ..core.pipeline import check_noise_mode, frames_of, step_noise_sampler, stylize_chunks
 
 
 def _with_interrupt(callback):
@@ -29,30 +35,18 @@ def _schedule_of(model):
     return getattr(inner, "model_sampling", None)
 
 
-def comfy_sample_std(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=0.0, shared_noise=False):
-    """STD sampler for KSAMPLER. ``shared_noise``: the per-step noise (gamma > 0) is the same for every batch entry,
-    which keeps the frames of a video consistent."""
+def comfy_sample_std(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=0.0, noise="per_frame"):
+    """The core STD sampler as a KSAMPLER function. ``noise``: the per-step noise (gamma > 0) of the core's step
+    noise policy, ``shared`` (the same for every batch entry: consistent video frames) or ``per_frame``."""
     extra_args = {} if extra_args is None else extra_args
-    noise_sampler = None
-    if gamma > 0 and shared_noise:
-        one = default_noise_sampler(x[:1], extra_args.get("seed"))
-        noise_sampler = lambda s, sn: one(s, sn).expand_as(x)  # noqa: E731
-    elif gamma > 0:
-        noise_sampler = default_noise_sampler(x, extra_args.get("seed"))
+    noise_sampler = step_noise_sampler(x, extra_args.get("seed"), noise) if gamma > 0 else None
     return sample_std(model, x, sigmas, extra_args=extra_args, callback=_with_interrupt(callback), disable=disable,
                       noise_sampler=noise_sampler, gamma=gamma, schedule=_schedule_of(model))
 
 
-def comfy_sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    return sample_lcm(model, x, sigmas, extra_args=extra_args, callback=_with_interrupt(callback), disable=disable)
-
-
-def comfy_sample_onestep(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    return sample_onestep(model, x, sigmas, extra_args=extra_args, callback=_with_interrupt(callback), disable=disable)
-
-
-def std_ksampler(gamma: float, shared_noise: bool = False) -> comfy.samplers.KSAMPLER:
-    return comfy.samplers.KSAMPLER(comfy_sample_std, extra_options={"gamma": float(gamma), "shared_noise": shared_noise})
+def std_ksampler(gamma: float, noise: str = "per_frame") -> comfy.samplers.KSAMPLER:
+    return comfy.samplers.KSAMPLER(comfy_sample_std, extra_options={"gamma": float(gamma),
+                                                                    "noise": check_noise_mode(noise)})
 
 
 def describe_model_sampling(ms) -> str:
@@ -86,8 +80,6 @@ def check_model_sampling(model, input_name: str = "model"):
 
 def check_latent(model, latent, input_name: str = "latent_image"):
     """Validate a LATENT dict against the model; returns its samples with empty-latent channels fixed."""
-    import comfy.sample
-
     if not isinstance(latent, dict) or "samples" not in latent:
         raise STDInputError(input_name, "expected a LATENT (a dict with 'samples')")
     samples = latent["samples"]
@@ -102,3 +94,58 @@ def check_latent(model, latent, input_name: str = "latent_image"):
     if samples.shape[0] < 1 or samples.shape[2] < 1 or samples.shape[3] < 1:
         raise STDInputError(input_name, f"empty latent of shape {list(samples.shape)}")
     return samples
+
+
+def _control_for_frames(control, start: int, end: int):
+    """A copy of a ControlNet chain whose hint images are the rows frames ``[start, end)`` use.
+
+    ComfyUI broadcasts a hint batch to the sampled batch by truncating it, so a chunk of a video sampled alone
+    would see the hints of the clip's first frames; each chunk gets its own frames' hints instead.
+    """
+    if control is None:
+        return None
+    c = control.copy()
+    hint = getattr(control, "cond_hint_original", None)
+    if hint is not None and hint.ndim >= 1:
+        c.cond_hint_original = frames_of(hint, start, end)
+    return c.set_previous_controlnet(_control_for_frames(control.previous_controlnet, start, end))
+
+
+def conditioning_for_frames(conditioning, start: int, end: int):
+    """Conditioning whose per-frame parts (ControlNet hints) are those of frames ``[start, end)``."""
+    out = []
+    for tensor, options in conditioning:
+        if options.get("control") is not None:
+            options = dict(options, control=_control_for_frames(options["control"], start, end))
+        out.append([tensor, options])
+    return out
+
+
+def sample_std_chunks(model, positive, negative, latent: dict, samples, sigmas, seed: int, gamma: float, cfg: float,
+                      *, noise: str = "per_frame", frames_per_batch: int | None = None, overlap: int = 0,
+                      batch_index=None) -> dict:
+    """Stylize ``samples`` through ComfyUI's sampling stack, chunk by chunk with the core's noise and cross-fades.
+
+    The latent's ``noise_mask`` (SetLatentNoiseMask; inpainting) and ControlNet hints are sliced per chunk with
+    ComfyUI's broadcast rule, so every frame is sampled with its own mask and hint. Returns the output LATENT.
+    """
+    n = samples.shape[0]
+    mask = latent.get("noise_mask")
+    if mask is not None:  # ComfyUI's own layout of a mask batch: [frames, 1, H, W]
+        mask = mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))
+
+    def run_chunk(s, e, chunk_noise):
+        whole = (s, e) == (0, n)
+        pos = positive if whole else conditioning_for_frames(positive, s, e)
+        neg = negative if whole else conditioning_for_frames(negative, s, e)
+        callback = latent_preview.prepare_callback(model, len(sigmas) - 1, {})
+        return comfy.sample.sample_custom(
+            model, chunk_noise, cfg, std_ksampler(gamma, noise), sigmas, pos, neg, samples[s:e],
+            noise_mask=mask if whole else frames_of(mask, s, e), callback=callback,
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+
+    result = stylize_chunks(samples, seed, run_chunk, noise=noise, frames_per_batch=frames_per_batch, overlap=overlap,
+                            batch_index=batch_index)
+    out = latent.copy()
+    out["samples"] = result
+    return out

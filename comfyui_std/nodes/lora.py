@@ -11,7 +11,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core.lora import lora_module_names, peft_alpha_from_metadata, std_metadata, to_kohya
-from .sampling import CATEGORY
+from .common import CATEGORY_LOADERS
 
 log = logging.getLogger("comfyui_std")
 
@@ -69,7 +69,7 @@ class STDLoraLoader(io.ComfyNode):
         return io.Schema(
             node_id="STDLoraLoader",
             display_name="STD LoRA Loader",
-            category=CATEGORY,
+            category=CATEGORY_LOADERS,
             description="Loads an STD LoRA from models/loras in kohya, diffusers/PEFT (the released "
                         "std_sdxl_*_eta*.safetensors files) or old diffusers format, and reports the start_strength "
                         "it was trained for. Every layer is applied, or the node says which are not.",

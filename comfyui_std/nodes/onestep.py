@@ -14,9 +14,9 @@ import comfy.sample
 import torch
 from comfy_api.latest import io
 
-from ..core import STDInputError, check_range
-from .comfy_glue import check_model_sampling
-from .sampling import CATEGORY, _user_error, stylize_latent
+from ..core import check_range
+from .comfy_glue import check_model_sampling, sample_std_chunks
+from .common import CATEGORY_SID, user_errors
 
 log = logging.getLogger("comfyui_std")
 T_INIT_TIP = ("Timestep the generator was distilled at (SiD-LSG default 625, i.e. sigma ≈ 2.5). STD LoRA Loader "
@@ -35,7 +35,7 @@ class SiDSchedule(io.ComfyNode):
         return io.Schema(
             node_id="SiDSchedule",
             display_name="SiD One-Step Schedule",
-            category=CATEGORY,
+            category=CATEGORY_SID,
             description="SIGMAS [σ(t_init), 0] for a SiD-LSG one-step generator: use with SamplerCustom (add_noise on, "
                         "an empty latent) and STD Sampler at gamma 0, cfg 1.",
             inputs=[io.Model.Input("model", tooltip="The base model with the SiD-LSG generator LoRA."),
@@ -44,11 +44,9 @@ class SiDSchedule(io.ComfyNode):
         )
 
     @classmethod
+    @user_errors
     def execute(cls, model, t_init=625) -> io.NodeOutput:
-        try:
-            sigmas = onestep_sigmas(model, t_init)
-        except STDInputError as err:
-            raise _user_error(err) from None
+        sigmas = onestep_sigmas(model, t_init)
         return io.NodeOutput(sigmas, ui={"text": [f"one step from t_init {t_init} (sigma {float(sigmas[0]):.4f})"]})
 
 
@@ -58,7 +56,7 @@ class SiDOneStep(io.ComfyNode):
         return io.Schema(
             node_id="SiDOneStep",
             display_name="SiD One-Step Generate",
-            category=CATEGORY,
+            category=CATEGORY_SID,
             description="Text-to-image in one network evaluation with a SiD-LSG generator LoRA (data-free "
                         "distillation with long and short guidance). Guidance is distilled in: no negative prompt.",
             inputs=[
@@ -75,19 +73,16 @@ class SiDOneStep(io.ComfyNode):
         )
 
     @classmethod
+    @user_errors
     def execute(cls, model, positive, width=512, height=512, batch_size=1, seed=0, t_init=625) -> io.NodeOutput:
-        try:
-            sigmas = onestep_sigmas(model, t_init)
-            check_range("width", width, 64, 4096, kind=int)
-            check_range("height", height, 64, 4096, kind=int)
-            check_range("batch_size", batch_size, 1, 64, kind=int)
-        except STDInputError as err:
-            raise _user_error(err) from None
+        sigmas = onestep_sigmas(model, t_init)
+        check_range("width", width, 64, 4096, kind=int)
+        check_range("height", height, 64, 4096, kind=int)
+        check_range("batch_size", batch_size, 1, 64, kind=int)
         latent_format = model.get_model_object("latent_format")
         samples = torch.zeros([batch_size, latent_format.latent_channels, height // 8, width // 8],
                               device=comfy.model_management.intermediate_device())
-        latent = {"samples": samples}
-        out = stylize_latent(model, positive, positive, latent, samples, seed, sigmas, 0.0, 1.0)
+        out = sample_std_chunks(model, positive, positive, {"samples": samples}, samples, sigmas, seed, 0.0, 1.0)
         return io.NodeOutput(out, ui={"text": [f"SiD one step at t_init {t_init}, {batch_size} x {width}x{height}"]})
 
 

@@ -25,7 +25,7 @@ from ..core.errors import STDInputError
 from ..core.style_blocks import (PRESET_NAMES, IPAdapterWeights, architecture_for_context_dim, check_adapter_fits,
                                  comfy_patch_key, image_prompt_tokens, ip_layer_order, parse_ip_adapter, selects,
                                  target_blocks)
-from .sampling import CATEGORY, _user_error
+from .common import CATEGORY_LOADERS, CATEGORY_STYLE, user_errors
 
 log = logging.getLogger("comfyui_std")
 
@@ -148,15 +148,12 @@ def resolve_style_layers(model, ipadapter: dict, preset: str):
     """Validate the adapter against the model and pick the preset's layers (before any image is encoded).
 
     Returns (weights, all layers, chosen [(layer index, patch key)], architecture)."""
-    try:
-        w: IPAdapterWeights = parse_ip_adapter(ipadapter)
-        context_dim = int(model.model.model_config.unet_config.get("context_dim") or 0)
-        layers = model_cross_attention(model)
-        check_adapter_fits(w, context_dim, [inner for _, _, inner in layers], "this model")
-        arch = architecture_for_context_dim(context_dim)
-        prefixes = target_blocks(preset, arch)
-    except STDInputError as err:
-        raise _user_error(err) from None
+    w: IPAdapterWeights = parse_ip_adapter(ipadapter)
+    context_dim = int(model.model.model_config.unet_config.get("context_dim") or 0)
+    layers = model_cross_attention(model)
+    check_adapter_fits(w, context_dim, [inner for _, _, inner in layers], "this model")
+    arch = architecture_for_context_dim(context_dim)
+    prefixes = target_blocks(preset, arch)
     chosen = [(i, key) for i, (dname, key, _) in enumerate(layers) if selects(dname, prefixes)]
     if not chosen:
         raise ValueError(f"preset: '{preset}' selects no cross-attention layer of this {arch.upper()} model "
@@ -170,10 +167,7 @@ def apply_style_reference(model, ipadapter: dict, image_embeds: torch.Tensor, we
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"start_percent/end_percent: need 0 <= start ({start_percent}) <= end ({end_percent}) <= 1")
     w, layers, chosen, arch = resolve_style_layers(model, ipadapter, preset)
-    try:
-        cond, uncond = image_prompt_tokens(w, image_embeds)
-    except STDInputError as err:
-        raise _user_error(err) from None
+    cond, uncond = image_prompt_tokens(w, image_embeds)
     ms = model.get_model_object("model_sampling")
     s_start, s_end = float(ms.percent_to_sigma(start_percent)), float(ms.percent_to_sigma(end_percent))
     patched = model.clone()
@@ -208,7 +202,7 @@ class STDIPAdapterLoader(io.ComfyNode):
         return io.Schema(
             node_id="STDIPAdapterLoader",
             display_name="STD IP-Adapter Loader",
-            category=CATEGORY,
+            category=CATEGORY_LOADERS,
             description="Loads a standard IP-Adapter (image_proj + ip_adapter layout, e.g. "
                         "ip-adapter_sdxl_vit-h.safetensors) from models/ipadapter. Weights are cached.",
             inputs=[io.Combo.Input("ipadapter_file", options=folder_paths.get_filename_list("ipadapter"),
@@ -217,6 +211,7 @@ class STDIPAdapterLoader(io.ComfyNode):
         )
 
     @classmethod
+    @user_errors
     def execute(cls, ipadapter_file) -> io.NodeOutput:
         sd = load_ip_adapter_file(ipadapter_file)
         return io.NodeOutput(sd, ui={"text": [f"{ipadapter_file}: {parse_ip_adapter(sd).describe()}"]})
@@ -228,7 +223,7 @@ class STDStyleReference(io.ComfyNode):
         return io.Schema(
             node_id="STDStyleReference",
             display_name="STD Style Reference",
-            category=CATEGORY,
+            category=CATEGORY_STYLE,
             description="Conditions the model on a style image through an IP-Adapter on the style block only "
                         "(InstantStyle; what STD's official inference does). Returns a patched copy of the MODEL "
                         "that works with every sampler.",
@@ -254,6 +249,7 @@ class STDStyleReference(io.ComfyNode):
         )
 
     @classmethod
+    @user_errors
     def execute(cls, model, ipadapter, clip_vision, image, weight=1.0, preset="style", start_percent=0.0,
                 end_percent=1.0) -> io.NodeOutput:
         if not isinstance(ipadapter, dict):

@@ -6,18 +6,15 @@ import logging
 import os
 from pathlib import Path
 
-import comfy.sample
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..core import STDInputError
 from ..core.pipeline import NOISE_MODES, check_noise_mode
 from ..core.plan import check_gamma
-from ..core.video import (RESIZE_MODES, SAVE_FORMATS, VIDEO_EXTENSIONS, blend_chunks, chunk_ranges, load_video,
-                          save_video)
-from .comfy_glue import check_latent, check_model_sampling
-from .sampling import CATEGORY, _user_error, make_plan, plan_input, stylize_inputs, stylize_latent
+from ..core.video import RESIZE_MODES, SAVE_FORMATS, VIDEO_EXTENSIONS, chunk_ranges, load_video, save_video
+from .comfy_glue import sample_std_chunks
+from .common import CATEGORY_VIDEO, plan_input, prepare_run, stylize_inputs, user_errors
 
 log = logging.getLogger("comfyui_std")
 
@@ -47,7 +44,7 @@ class STDLoadVideo(io.ComfyNode):
         return io.Schema(
             node_id="STDLoadVideo",
             display_name="STD Load Video",
-            category=CATEGORY,
+            category=CATEGORY_VIDEO,
             description="Loads a video (mp4, webm, mov, mkv, gif) or a folder of frames as an IMAGE batch, decoding "
                         "as a stream: with a frame cap it stops early and only kept frames are held in memory.",
             inputs=[
@@ -82,13 +79,11 @@ class STDLoadVideo(io.ComfyNode):
             return ""
 
     @classmethod
+    @user_errors
     def execute(cls, video, frame_load_cap=0, skip_first_frames=0, select_every_nth=1, force_rate=0.0,
                 resize="crop", path="") -> io.NodeOutput:
-        try:
-            frames, info = load_video(_resolve(video, path), frame_load_cap, skip_first_frames, select_every_nth,
-                                      force_rate, resize)
-        except STDInputError as err:
-            raise _user_error(err) from None
+        frames, info = load_video(_resolve(video, path), frame_load_cap, skip_first_frames, select_every_nth,
+                                  force_rate, resize)
         text = (f"{info.frame_count} frames at {info.fps:g} fps, {info.width}x{info.height} "
                 f"(source {info.source_width}x{info.source_height} at {info.source_fps:g} fps; "
                 f"{info.decoded_frames} decoded)")
@@ -102,9 +97,10 @@ class STDStylizeVideo(io.ComfyNode):
         return io.Schema(
             node_id="STDStylizeVideo",
             display_name="STD Stylize Video",
-            category=CATEGORY,
+            category=CATEGORY_VIDEO,
             description="STD style transfer of a batch of frames as one video: one noise shared by all frames "
-                        "(temporally consistent), processed in chunks of frames_per_batch with cross-faded overlaps. "
+                        "(temporally consistent), processed in chunks of frames_per_batch with cross-faded overlaps; every frame "
+                        "keeps its own inpainting mask and ControlNet hint. "
                         "Works with AnimateDiff-Evolved motion models (set its beta_schedule to 'use existing').",
             inputs=[
                 *stylize_inputs("Model with the STD LoRA (and optionally a motion module).",
@@ -123,33 +119,15 @@ class STDStylizeVideo(io.ComfyNode):
         )
 
     @classmethod
+    @user_errors
     def execute(cls, model, positive, negative, latent_image, seed, nfe=8, start_strength=0.75, gamma=0.0, cfg=6.0,
                 frames_per_batch=16, overlap=0, noise="shared", plan="official") -> io.NodeOutput:
-        try:
-            ms = check_model_sampling(model)
-            samples = check_latent(model, latent_image)
-            gamma = check_gamma(gamma)
-            ranges = chunk_ranges(samples.shape[0], frames_per_batch, overlap)
-            check_noise_mode(noise)
-        except STDInputError as err:
-            raise _user_error(err) from None
-        p = make_plan(nfe, start_strength, plan)
-        sigmas = p.sigmas(ms)
-        if noise == "shared":
-            one = comfy.sample.prepare_noise(samples[:1], seed)
-            full_noise = one.expand(samples.shape[0], *one.shape[1:])
-        else:
-            full_noise = comfy.sample.prepare_noise(samples, seed)
-        chunks = []
-        for s, e in ranges:
-            part = {k: v for k, v in latent_image.items() if k not in ("samples", "batch_index", "noise_mask")}
-            out = stylize_latent(model, positive, negative, part, samples[s:e], seed, sigmas, gamma, cfg,
-                                 noise=full_noise[s:e].contiguous(), shared_step_noise=(noise == "shared"))
-            chunks.append(out["samples"].cpu())
-        result = blend_chunks(samples.shape[0], ranges, chunks)
-        out = {k: v for k, v in latent_image.items() if k != "noise_mask"}
-        out["samples"] = result
-        text = p.describe() + f"; {samples.shape[0]} frames in {len(ranges)} chunk(s)"
+        gamma, noise = check_gamma(gamma), check_noise_mode(noise)
+        p, sigmas, samples = prepare_run(model, nfe, start_strength, plan, latent_image)
+        chunks = len(chunk_ranges(samples.shape[0], frames_per_batch, overlap))
+        out = sample_std_chunks(model, positive, negative, latent_image, samples, sigmas, seed, gamma, cfg,
+                                noise=noise, frames_per_batch=frames_per_batch, overlap=overlap)
+        text = p.describe() + f"; {samples.shape[0]} frames in {chunks} chunk(s)"
         log.info(text)
         return io.NodeOutput(out, ui={"text": [text]})
 
@@ -160,7 +138,7 @@ class STDSaveVideo(io.ComfyNode):
         return io.Schema(
             node_id="STDSaveVideo",
             display_name="STD Save Video",
-            category=CATEGORY,
+            category=CATEGORY_VIDEO,
             description="Saves an IMAGE batch as mp4 (h264), webm (vp9), animated webp or gif in the output folder.",
             inputs=[
                 io.Image.Input("images", tooltip="Frames to save, in order."),
@@ -173,16 +151,14 @@ class STDSaveVideo(io.ComfyNode):
         )
 
     @classmethod
+    @user_errors
     def execute(cls, images, fps=8.0, filename_prefix="STD/video", format="mp4") -> io.NodeOutput:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] < 1:
             raise ValueError("images: expected an IMAGE batch [frames, height, width, 3]")
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory(), images.shape[2], images.shape[1])
         file = f"{filename}_{counter:05}_.{format}"
-        try:
-            save_video(images, Path(folder) / file, fps, format)
-        except STDInputError as err:
-            raise _user_error(err) from None
+        save_video(images, Path(folder) / file, fps, format)
         result = ui.SavedResult(file, subfolder, io.FolderType.output)
         if format in ("mp4", "webm"):
             return io.NodeOutput(ui=ui.PreviewVideo([result]))

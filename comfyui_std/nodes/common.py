@@ -1,0 +1,98 @@
+"""What the STD nodes share: categories, input declarations, the error decorator and the run preamble.
+
+Only imported inside ComfyUI. Node modules import from here (public names only); the sampling-stack glue lives in
+:mod:`.comfy_glue`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from comfy_api.latest import io
+
+from ..core import PLANS, STDInputError, std_plan
+from ..core.plan import check_nfe, check_start_strength
+from .comfy_glue import check_latent, check_model_sampling
+
+log = logging.getLogger("comfyui_std")
+
+#: node categories (the menu paths in ComfyUI's node library); node ids never change, categories may
+CATEGORY_SAMPLING = "STD/sampling"
+CATEGORY_STYLE = "STD/style"
+CATEGORY_VIDEO = "STD/video"
+CATEGORY_LOADERS = "STD/loaders"
+CATEGORY_SID = "SiD"
+
+NFE_TIP = ("Number of sampler steps (network evaluations per CFG branch). STD students are distilled for 4-8; "
+           "the most at a given start_strength is limited by the 50-step grid.")
+ETA_TIP = ("start_strength (η): how far into the noise schedule the input is pushed before sampling (0-1]. "
+           "Use the η the STD LoRA was trained for (0.65/0.75/0.85/0.95): higher stylises more, lower keeps more content.")
+GAMMA_TIP = ("Per-step stochasticity of the TCD/STD step (0 = deterministic DDIM-like steps, what the official STD "
+             "inference runs; 1 = LCM-like full re-noising). Called 'eta' in diffusers' TCDScheduler.step.")
+PLAN_TIP = ("official: the timesteps the official STD inference visits (diffusers img2img + TCD, "
+            "num_inference_steps = ceil(nfe/η)). trained_start: start exactly at the timestep the LoRA was trained "
+            "to start from (ceil(50η) on the 50-step grid) and space nfe steps below it.")
+
+
+def user_errors(execute):
+    """Decorate a node's ``execute``: a core :class:`STDInputError` reaches ComfyUI as a plain ``ValueError`` with
+    the same message ("input: what is wrong"), without the chained traceback of the core."""
+
+    @functools.wraps(execute)
+    def wrapper(*args, **kwargs):
+        try:
+            return execute(*args, **kwargs)
+        except STDInputError as err:
+            raise ValueError(str(err)) from None
+
+    return wrapper
+
+
+def plan_ui(plan) -> dict:
+    return {"text": [plan.describe()]}
+
+
+def nfe_input(default: int = 8) -> io.Int.Input:
+    return io.Int.Input("nfe", default=default, min=1, max=50, tooltip=NFE_TIP)
+
+
+def start_strength_input(default: float = 0.75) -> io.Float.Input:
+    return io.Float.Input("start_strength", default=default, min=0.01, max=1.0, step=0.01, tooltip=ETA_TIP)
+
+
+def gamma_input() -> io.Float.Input:
+    return io.Float.Input("gamma", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=GAMMA_TIP)
+
+
+def plan_input() -> io.Combo.Input:
+    return io.Combo.Input("plan", options=list(PLANS), default="official", optional=True, tooltip=PLAN_TIP)
+
+
+def stylize_inputs(model_tip: str, latent_tip: str) -> list:
+    """The inputs STD Stylize and STD Stylize Video share, in widget order (before their own extras)."""
+    return [
+        io.Model.Input("model", tooltip=model_tip),
+        io.Conditioning.Input("positive", tooltip="Prompt describing the target style."),
+        io.Conditioning.Input("negative", tooltip="Negative prompt (used when cfg > 1)."),
+        io.Latent.Input("latent_image", tooltip=latent_tip),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Seed of the noise added at the start timestep."),
+        nfe_input(),
+        start_strength_input(),
+        gamma_input(),
+        io.Float.Input("cfg", default=6.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale (the official STD demo uses 6; 1 disables the "
+                               "negative branch and halves the cost)."),
+    ]
+
+
+def prepare_run(model, nfe, start_strength, plan="official", latent=None):
+    """The preamble of every STD node: check the model's schedule (and the latent), compute the plan and its sigmas
+    on the model's own ``model_sampling``. Returns ``(plan, sigmas, samples)``; samples is None without a latent."""
+    ms = check_model_sampling(model)
+    samples = check_latent(model, latent) if latent is not None else None
+    p = std_plan(check_nfe(nfe), check_start_strength(start_strength), plan or "official")
+    sigmas = p.sigmas(ms)
+    log.info(p.describe())
+    return p, sigmas, samples
