@@ -79,7 +79,7 @@ def boot(base: Path) -> SimpleNamespace:
     import folder_paths
     import nodes
 
-    for sub in ("checkpoints", "loras", "ipadapter", "clip_vision", "animatediff_models"):
+    for sub in ("checkpoints", "loras", "ipadapter", "clip_vision", "animatediff_models", "controlnet"):
         d = base / "models" / sub
         d.mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path(sub, str(d), is_default=True)
@@ -147,6 +147,31 @@ def build_tiny_sd15(path: Path, seed: int = 0) -> Path:
     sd = _init_(sd, seed)
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def build_tiny_controlnet(path: Path, seed: int = 1, hint_channels: int = 3) -> Path:
+    """A tiny randomly initialised SD1.5 ControlNet for the tiny checkpoint, in the original LDM layout
+    (``control_model.*``, as the lllyasviel ControlNets ship) and built with ComfyUI's own ``cldm.ControlNet``.
+
+    Real ControlNets start with zero "zero convolutions" and learn them; here they are random too, so the control
+    signal changes the output and the tests can see it."""
+    import comfy.cldm.cldm
+    import comfy.ops
+    from safetensors.torch import save_file
+
+    cfg = {k: v for k, v in TINY_UNET.items() if k not in ("out_channels", "transformer_depth_output")}
+    with torch.device("meta"):
+        net = comfy.cldm.cldm.ControlNet(**cfg, hint_channels=hint_channels, operations=comfy.ops.disable_weight_init)
+    sd = {f"control_model.{k}": torch.empty(v.shape, dtype=v.dtype) for k, v in net.state_dict().items()}
+    sd = _init_(sd, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for k, v in sd.items():  # He-initialised hint encoder, so the hint image itself (not only x) steers the output
+        if k.startswith("control_model.input_hint_block.") and k.endswith(".weight"):
+            sd[k] = torch.randn(v.shape, generator=g) * (2.0 / (v.shape[1] * v[0, 0].numel())) ** 0.5
+    sd = {k: v.half() for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path))
     return path
@@ -318,3 +343,26 @@ def write_tiny_ip_adapter(model, path: Path, clip_dim: int = 32, tokens: int = 4
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half() for k, v in sd.items()}, str(path))
     return path
+
+
+def prepare_workflow(path, ckpt, files):
+    """An API workflow with its model and file names replaced by the test files (and short CPU runs)."""
+    prompt = json.loads(path.read_text())
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "STDIPAdapterLoader":
+            inputs["ipadapter_file"] = files["ipadapter"]
+        if node["class_type"] == "CLIPVisionLoader":
+            inputs["clip_name"] = files["clip_name"]
+        if "ckpt_name" in inputs:
+            inputs["ckpt_name"] = ckpt
+        if node["class_type"] == "STDLoraLoader":
+            inputs["lora_name"] = files["lora"]
+        if node["class_type"] == "ControlNetLoader":
+            inputs["control_net_name"] = files["controlnet"]
+        if node["class_type"] == "SiDOneStep":
+            inputs["width"] = inputs["height"] = 64
+        for k in ("nfe",):
+            if k in inputs and not isinstance(inputs[k], list):
+                inputs[k] = 3  # keep CPU runs short
+    return prompt

@@ -114,3 +114,26 @@ def style_files(host, tiny_models):
         clip_vision_48 = host.M["CLIPVisionLoader"]().load_clip("tiny_clip_vision_48.safetensors")[0]
     return {"ipadapter": "tiny_ip_adapter.safetensors", "clip_name": "tiny_clip_vision.safetensors",
             "clip_vision": clip_vision, "clip_vision_48": clip_vision_48}
+
+
+@pytest.fixture(scope="session")
+def host_files(host, tiny_models, style_files):
+    """Content image, clip and inpainting image (alpha = mask) in input/, a PEFT-format STD LoRA with metadata in
+    models/loras/, a tiny ControlNet in models/controlnet/ (plus the style files)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from comfyui_std.core.video import save_video
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(host.base / "input" / "std_content.png")
+    clip = torch.rand(1, 64, 64, 3).repeat(24, 1, 1, 1) * torch.linspace(0.5, 1, 24).view(24, 1, 1, 1)
+    save_video(clip, host.base / "input" / "std_content.mp4", fps=12)
+    rgba = np.concatenate([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), np.full((64, 64, 1), 255, np.uint8)], 2)
+    rgba[:, :32, 3] = 0  # LoadImage's mask is 1 - alpha: the transparent left half is repainted
+    Image.fromarray(rgba, "RGBA").save(host.base / "input" / "std_inpaint.png")
+    lora = host.base / "models" / "loras" / "tiny_std_eta0.75.safetensors"
+    n = comfy_host.write_peft_lora(tiny_models[0], lora, metadata={"std.start_strength": "0.75", "std.nfe": "4"})
+    controlnet = comfy_host.build_tiny_controlnet(host.base / "models" / "controlnet" / "tiny_controlnet.safetensors")
+    return {"lora": lora.name, "layers": n, "controlnet": controlnet.name, **style_files}

@@ -17,42 +17,10 @@ from comfyui_std.core import DiscreteSchedule, std_plan
 from comfyui_std.core.video import load_video, save_video
 
 REPO = Path(__file__).resolve().parents[1]
-API_DIR = REPO / "workflows" / "api"
+API_DIR = REPO / "example_workflows" / "api"
 API_WORKFLOWS = sorted(API_DIR.glob("*.json"))
 STD_NODES = {"STDSampler", "STDSchedule", "STDStylize", "STDLoraLoader", "STDIPAdapterLoader", "STDStyleReference",
              "STDLoadVideo", "STDStylizeVideo", "STDSaveVideo", "SiDOneStep", "SiDSchedule"}
-
-
-@pytest.fixture(scope="module")
-def host_files(host, tiny_models, style_files):
-    """A content image in input/, a PEFT-format STD LoRA with metadata in models/loras/ (plus the style files)."""
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(host.base / "input" / "std_content.png")
-    clip = torch.rand(1, 64, 64, 3).repeat(24, 1, 1, 1) * torch.linspace(0.5, 1, 24).view(24, 1, 1, 1)
-    save_video(clip, host.base / "input" / "std_content.mp4", fps=12)
-    lora = host.base / "models" / "loras" / "tiny_std_eta0.75.safetensors"
-    n = comfy_host.write_peft_lora(tiny_models[0], lora, metadata={"std.start_strength": "0.75", "std.nfe": "4"})
-    return {"lora": lora.name, "layers": n, **style_files}
-
-
-def _prepared(path, ckpt, files):
-    prompt = json.loads(path.read_text())
-    for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "STDIPAdapterLoader":
-            inputs["ipadapter_file"] = files["ipadapter"]
-        if node["class_type"] == "CLIPVisionLoader":
-            inputs["clip_name"] = files["clip_name"]
-        if "ckpt_name" in inputs:
-            inputs["ckpt_name"] = ckpt
-        if node["class_type"] == "STDLoraLoader":
-            inputs["lora_name"] = files["lora"]
-        if node["class_type"] == "SiDOneStep":
-            inputs["width"] = inputs["height"] = 64
-        for k in ("nfe",):
-            if k in inputs and not isinstance(inputs[k], list):
-                inputs[k] = 3  # keep CPU runs short
-    return prompt
 
 
 def test_pack_loads_like_a_clone_in_custom_nodes(host):
@@ -140,7 +108,7 @@ def test_core_lora_loader_misses_peft_keys_that_ours_applies(host, tiny_models, 
 
 @pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
 def test_api_workflow_executes(host, tiny_ckpt, host_files, workflow):
-    prompt = _prepared(workflow, tiny_ckpt, host_files)
+    prompt = comfy_host.prepare_workflow(workflow, tiny_ckpt, host_files)
     ex, server = comfy_host.execute(prompt)
     errors = [d for e, d in server.events if e == "execution_error"]
     assert ex.success, errors
@@ -171,7 +139,7 @@ def test_api_workflow_executes(host, tiny_ckpt, host_files, workflow):
 def test_ui_workflow_converts_to_its_api_twin(host, workflow):
     from tools.workflow_format import ui_to_api
 
-    ui = json.loads((REPO / "workflows" / workflow.name).read_text())
+    ui = json.loads((REPO / "example_workflows" / workflow.name).read_text())
     assert ui_to_api(ui, host.nodes) == json.loads(workflow.read_text())
 
 
@@ -184,7 +152,7 @@ def test_interrupt_stops_sampling(host, tiny_ckpt, host_files):
         steps.append(value)
         comfy.model_management.interrupt_current_processing(True)
 
-    prompt = _prepared(API_DIR / "std_image_stylize.json", tiny_ckpt, host_files)
+    prompt = comfy_host.prepare_workflow(API_DIR / "std_image_stylize.json", tiny_ckpt, host_files)
     prompt["7"]["inputs"]["seed"] = 1234  # not cached
     try:
         ex, server = comfy_host.execute(prompt, on_step=on_step)
@@ -208,7 +176,7 @@ def test_bad_inputs_give_clear_errors_and_the_server_keeps_running(host, tiny_ck
 
     import execution
 
-    base = _prepared(API_DIR / "std_image_stylize.json", tiny_ckpt, host_files)
+    base = comfy_host.prepare_workflow(API_DIR / "std_image_stylize.json", tiny_ckpt, host_files)
     # 1) out of range widget: ComfyUI's validation names the input
     bad = json.loads(json.dumps(base))
     bad["7"]["inputs"]["start_strength"] = 1.5
@@ -275,7 +243,7 @@ def test_unsupported_models_and_latents(host, tiny_models):
 def test_latent_previews_are_sent_each_step(host, tiny_ckpt, host_files):
     from comfy.cli_args import LatentPreviewMethod, args
 
-    prompt = _prepared(API_DIR / "std_image_stylize.json", tiny_ckpt, host_files)
+    prompt = comfy_host.prepare_workflow(API_DIR / "std_image_stylize.json", tiny_ckpt, host_files)
     prompt["7"]["inputs"]["seed"] = 4321
     old = args.preview_method
     args.preview_method = LatentPreviewMethod.Latent2RGB

@@ -66,7 +66,7 @@ def test_sid_lsg_generator_from_the_single_file_runs_as_a_one_step_workflow(host
         out = host.M["STDLoraLoader"].execute(tiny_models[0], "tiny_sid.safetensors", 1.0)
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
     assert out.result[2] == 625 and f"{len(modules)}/{len(modules)} layers applied" in out.ui["text"][0]
-    prompt = json.loads((comfy_host.REPO / "workflows" / "api" / "sid_onestep.json").read_text())
+    prompt = json.loads((comfy_host.REPO / "example_workflows" / "api" / "sid_onestep.json").read_text())
     prompt["1"]["inputs"]["ckpt_name"] = tiny_ckpt
     prompt["2"]["inputs"]["lora_name"] = "tiny_sid.safetensors"
     prompt["4"]["inputs"].update(width=64, height=64)

@@ -1,8 +1,9 @@
 """Convert between ComfyUI's API-format prompts and UI-format (drag-and-drop) workflows.
 
-The UI files in ``workflows/`` are generated from their API twins in ``workflows/api/`` with this tool, and the
-real-host tests convert every UI file back (the way the frontend's graphToPrompt does) and compare it with its twin,
-so the two never drift apart.
+The UI files in ``example_workflows/`` (where ComfyUI's template browser finds them, each with a same-name ``.jpg``
+thumbnail) are generated from their API twins in ``example_workflows/api/`` with this tool, and the real-host tests
+convert every UI file back (the way the frontend's graphToPrompt does) and compare it with its twin, so the two never
+drift apart.
 
 Both directions need ComfyUI's node definitions (``/object_info``), so run it inside a booted ComfyUI process:
 
@@ -139,11 +140,62 @@ def api_to_ui(prompt: dict, nodes_module) -> dict:
             "version": 0.4}
 
 
-def regenerate(nodes_module, api_dir: Path = REPO / "workflows" / "api", ui_dir: Path = REPO / "workflows"):
+THUMB_SIZE = (640, 400)
+NODE_COLOURS = {"STD": (74, 108, 170), "SiD": (122, 86, 160)}
+
+
+def thumbnail(ui: dict, nodes_module, size: tuple[int, int] = THUMB_SIZE):
+    """A schematic picture of a UI workflow for the template browser: every node as a box with its display name
+    at its canvas position (the pack's own nodes highlighted), every link as a line from output to input."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    nodes = ui["nodes"]
+    x0 = min(n["pos"][0] for n in nodes)
+    y0 = min(n["pos"][1] for n in nodes)
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    pad = 16
+    scale = min((size[0] - 2 * pad) / (x1 - x0), (size[1] - 2 * pad) / (y1 - y0))
+
+    def box(n):
+        x, y = (n["pos"][0] - x0) * scale + pad, (n["pos"][1] - y0) * scale + pad
+        return x, y, x + n["size"][0] * scale, y + n["size"][1] * scale * 0.6
+
+    image = Image.new("RGB", size, (32, 32, 32))
+    draw = ImageDraw.Draw(image)
+    by_id = {n["id"]: n for n in nodes}
+    for _, src, _, dst, _, _ in ui["links"]:  # cubic curves from the source's right edge to the target's left edge
+        a, b = box(by_id[src]), box(by_id[dst])
+        p0, p3 = (a[2], (a[1] + a[3]) / 2), (b[0], (b[1] + b[3]) / 2)
+        bend = max(20.0, abs(p3[0] - p0[0]) / 2)
+        p1, p2 = (p0[0] + bend, p0[1]), (p3[0] - bend, p3[1])
+        pts = [tuple(((1 - t) ** 3) * q0 + 3 * ((1 - t) ** 2) * t * q1 + 3 * (1 - t) * t * t * q2 + t ** 3 * q3
+                     for q0, q1, q2, q3 in zip(p0, p1, p2, p3)) for t in (i / 24 for i in range(25))]
+        draw.line(pts, fill=(140, 140, 140), width=2)
+    for n in nodes:
+        cls = nodes_module.NODE_CLASS_MAPPINGS[n["type"]]
+        name = nodes_module.NODE_DISPLAY_NAME_MAPPINGS.get(n["type"], n["type"])
+        category = str(getattr(cls, "CATEGORY", "") or "")
+        colour = next((c for key, c in NODE_COLOURS.items() if category.startswith(key)), (70, 70, 70))
+        x, y, xe, ye = box(n)
+        draw.rounded_rectangle([x, y, xe, ye], radius=6, fill=(53, 53, 53), outline=colour, width=3)
+        draw.rounded_rectangle([x, y, xe, y + (ye - y) * 0.3], radius=6, fill=colour)
+        size_pt = 15
+        font = ImageFont.load_default(size=size_pt)
+        while size_pt > 7 and draw.textlength(name, font=font) > (xe - x) - 10:
+            size_pt -= 1
+            font = ImageFont.load_default(size=size_pt)
+        draw.text((x + 5, y + 2), name, fill=(235, 235, 235), font=font)
+    return image
+
+
+def regenerate(nodes_module, api_dir: Path = REPO / "example_workflows" / "api",
+               ui_dir: Path = REPO / "example_workflows"):
     for api_file in sorted(api_dir.glob("*.json")):
         ui = api_to_ui(json.loads(api_file.read_text()), nodes_module)
         (ui_dir / api_file.name).write_text(json.dumps(ui, indent=1) + "\n")
-        print(f"wrote {ui_dir / api_file.name}")
+        thumbnail(ui, nodes_module).save(ui_dir / f"{api_file.stem}.jpg", quality=88)
+        print(f"wrote {ui_dir / api_file.name} and its thumbnail")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
+import torch
 
 from ..core import STDInputError, sample_std
 from ..core.pipeline import check_noise_mode, frames_of, step_noise_sampler, stylize_chunks
@@ -96,28 +97,36 @@ def check_latent(model, latent, input_name: str = "latent_image"):
     return samples
 
 
-def _control_for_frames(control, start: int, end: int):
+def _control_for_frames(control, start: int, end: int, memo: dict):
     """A copy of a ControlNet chain whose hint images are the rows frames ``[start, end)`` use.
 
     ComfyUI broadcasts a hint batch to the sampled batch by truncating it, so a chunk of a video sampled alone
-    would see the hints of the clip's first frames; each chunk gets its own frames' hints instead.
+    would see the hints of the clip's first frames; each chunk gets its own frames' hints instead. ``memo`` keeps
+    one copy per ControlNet, shared by the positive and negative conditioning as ComfyUI's Apply ControlNet does.
     """
     if control is None:
         return None
-    c = control.copy()
-    hint = getattr(control, "cond_hint_original", None)
-    if hint is not None and hint.ndim >= 1:
-        c.cond_hint_original = frames_of(hint, start, end)
-    return c.set_previous_controlnet(_control_for_frames(control.previous_controlnet, start, end))
+    if id(control) not in memo:
+        c = control.copy()
+        hint = getattr(control, "cond_hint_original", None)
+        if isinstance(hint, torch.Tensor) and hint.ndim >= 1:
+            c.cond_hint_original = frames_of(hint, start, end)
+        memo[id(control)] = c.set_previous_controlnet(
+            _control_for_frames(control.previous_controlnet, start, end, memo))
+    return memo[id(control)]
 
 
-def conditioning_for_frames(conditioning, start: int, end: int):
-    """Conditioning whose per-frame parts (ControlNet hints) are those of frames ``[start, end)``."""
+def conditionings_for_frames(conditionings, start: int, end: int) -> list:
+    """Each conditioning with its per-frame parts (ControlNet hints) cut to frames ``[start, end)``."""
+    memo: dict = {}
     out = []
-    for tensor, options in conditioning:
-        if options.get("control") is not None:
-            options = dict(options, control=_control_for_frames(options["control"], start, end))
-        out.append([tensor, options])
+    for conditioning in conditionings:
+        part = []
+        for tensor, options in conditioning:
+            if options.get("control") is not None:
+                options = dict(options, control=_control_for_frames(options["control"], start, end, memo))
+            part.append([tensor, options])
+        out.append(part)
     return out
 
 
@@ -136,8 +145,7 @@ def sample_std_chunks(model, positive, negative, latent: dict, samples, sigmas, 
 
     def run_chunk(s, e, chunk_noise):
         whole = (s, e) == (0, n)
-        pos = positive if whole else conditioning_for_frames(positive, s, e)
-        neg = negative if whole else conditioning_for_frames(negative, s, e)
+        pos, neg = (positive, negative) if whole else conditionings_for_frames((positive, negative), s, e)
         callback = latent_preview.prepare_callback(model, len(sigmas) - 1, {})
         return comfy.sample.sample_custom(
             model, chunk_noise, cfg, std_ksampler(gamma, noise), sigmas, pos, neg, samples[s:e],
