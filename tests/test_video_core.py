@@ -103,3 +103,32 @@ def test_chunks_cover_and_blend():
     assert torch.allclose(blend_chunks(20, r, [x[s:e] for s, e in r]), x)  # consistent chunks blend to themselves
     with pytest.raises(STDInputError, match="overlap"):
         chunk_ranges(20, 8, overlap=8)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", ["nth-too-slow", "gif-too-fast", "fps-too-low", "corrupt-no-server-path"])
+def test_loader_and_saver_agree_on_the_fps_range(clip, tmp_path, case):
+    """Whatever fps the loader reports, the saver can write (so a loaded clip can always be saved again); what
+    cannot be represented is refused with a message, never written wrongly."""
+    from comfyui_std.core.video import FPS_RANGE
+
+    if case == "nth-too-slow":  # 12 fps, every 2000th frame -> 0.006 fps: refused at load time, naming the option
+        with pytest.raises(STDInputError, match="select_every_nth: every 2000th frame .* gives 0.006 fps"):
+            load_video(clip, select_every_nth=2000)
+        _, info = load_video(clip, select_every_nth=1000)  # 0.012 fps is inside the range: it saves and reads back
+        assert FPS_RANGE[0] <= info.fps <= FPS_RANGE[1]
+        out = save_video(numbered_frames(2), tmp_path / "slow.mp4", info.fps)
+        assert abs(load_video(out)[1].fps - info.fps) < 1e-6
+    elif case == "gif-too-fast":
+        with pytest.raises(STDInputError, match="GIF stores frame delays in hundredths of a second"):
+            save_video(numbered_frames(2), tmp_path / "fast.gif", 60.0)
+        assert not (tmp_path / "fast.gif").exists()
+    elif case == "fps-too-low":
+        with pytest.raises(STDInputError, match=r"fps: got 0.001, allowed range is \[0.01, 1000.0\]"):
+            save_video(numbered_frames(2), tmp_path / "x.mp4", 0.001)
+    else:
+        bad = tmp_path / "broken.mp4"
+        bad.write_bytes(b"junk" * 50)
+        with pytest.raises(STDInputError) as err:
+            load_video(bad)
+        assert "could not decode 'broken.mp4'" in str(err.value) and str(tmp_path) not in str(err.value)

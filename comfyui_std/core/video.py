@@ -24,6 +24,10 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 RESIZE_MODES = ("none", "crop", "pad", "stretch")
 SAVE_FORMATS = ("mp4", "webm", "webp", "gif")
+#: frame rates the loader reports and the saver writes (one range, so a loaded clip can always be saved again)
+FPS_RANGE = (0.01, 1000.0)
+#: GIF stores frame delays in hundredths of a second: faster than this cannot be represented
+GIF_MAX_FPS = 50.0
 
 
 @dataclass
@@ -136,7 +140,7 @@ def load_video(path, frame_load_cap: int = 0, skip_first_frames: int = 0, select
     cap, skip, nth, rate = _check_selection(frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize)
     path = Path(path)
     if not path.exists():
-        raise STDInputError("video", f"'{path}' does not exist")
+        raise STDInputError("video", f"'{path.name}' does not exist")
     if path.is_dir():
         return _load_folder(path, cap, skip, nth, rate, resize, folder_fps)
     if path.suffix.lower() not in VIDEO_EXTENSIONS:
@@ -168,7 +172,8 @@ def load_video(path, frame_load_cap: int = 0, skip_first_frames: int = 0, select
     except STDInputError:
         raise
     except Exception as err:  # PyAV raises InvalidDataError and friends for corrupt files
-        raise STDInputError("video", f"could not decode '{path.name}': {type(err).__name__}: {err}") from None
+        reason = str(err).replace(f"'{path}'", "").replace(str(path), path.name).rstrip(": ")  # no server paths
+        raise STDInputError("video", f"could not decode '{path.name}': {type(err).__name__}: {reason}") from None
     return _finish(frames, f"'{path.name}' ({decoded} decoded)", cap, skip, nth, rate, src_fps, sw, sh, decoded)
 
 
@@ -178,7 +183,13 @@ def _finish(frames, source: str, cap, skip, nth, rate, src_fps, source_width, so
         raise STDInputError("video", f"no frames left from {source} after "
                                      f"skip_first_frames={skip}, select_every_nth={nth}, frame_load_cap={cap}")
     h, w = frames[0].shape[:2]
-    info = VideoInfo((rate or src_fps) / nth, src_fps, len(frames), source_width, source_height, w, h, decoded)
+    fps = (rate or src_fps) / nth
+    if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
+        raise STDInputError("select_every_nth", f"every {nth}th frame of {source} at {rate or src_fps:g} fps gives "
+                                                f"{fps:g} fps, outside the {FPS_RANGE[0]:g}-{FPS_RANGE[1]:g} fps a "
+                                                "video can be saved at; keep fewer frames with frame_load_cap or "
+                                                "set force_rate")
+    info = VideoInfo(fps, src_fps, len(frames), source_width, source_height, w, h, decoded)
     return _stack(frames), info
 
 
@@ -187,7 +198,7 @@ def _load_folder(path: Path, cap, skip, nth, rate, resize, folder_fps):
 
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise STDInputError("video", f"folder '{path}' has no image frames ({', '.join(IMAGE_EXTENSIONS)})")
+        raise STDInputError("video", f"folder '{path.name}' has no image frames ({', '.join(IMAGE_EXTENSIONS)})")
     src_fps = float(folder_fps)
     sel = _Selector(cap, skip, nth, rate)
     frames, first_size = [], None
@@ -219,7 +230,10 @@ def save_video(frames: torch.Tensor, path, fps: float, fmt: str | None = None, q
     fmt = (fmt or path.suffix.lstrip(".")).lower()
     if fmt not in SAVE_FORMATS:
         raise STDInputError("format", f"got {fmt!r}, choose one of {', '.join(SAVE_FORMATS)}")
-    check_range("fps", fps, 0.1, 240.0)
+    check_range("fps", fps, *FPS_RANGE)
+    if fmt == "gif" and fps > GIF_MAX_FPS:
+        raise STDInputError("fps", f"got {fps:g}: GIF stores frame delays in hundredths of a second, so it plays at "
+                                   f"most {GIF_MAX_FPS:g} fps; use mp4 or webm for faster clips")
     if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[-1] not in (3, 4) or not len(frames):
         raise STDInputError("images", "expected an IMAGE batch [frames, height, width, 3]")
     arr = (frames[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+from pathlib import Path
+
+import folder_paths
 
 from comfy_api.latest import io
 
@@ -96,3 +100,46 @@ def prepare_run(model, nfe, start_strength, plan="official", latent=None):
     sigmas = p.sigmas(ms)
     log.info(p.describe())
     return p, sigmas, samples
+
+
+#: extra folders (os.pathsep-separated) the server owner allows file paths in, besides ComfyUI's input/output/temp
+ROOTS_ENV = "STD_ALLOWED_PATHS"
+
+
+def allowed_roots() -> list[Path]:
+    """ComfyUI's input, output and temp folders plus the folders named in ``STD_ALLOWED_PATHS`` (real paths)."""
+    roots = [folder_paths.get_input_directory(), folder_paths.get_output_directory(), folder_paths.get_temp_directory()]
+    roots += [r for r in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if r.strip()]
+    return [Path(os.path.realpath(os.path.expanduser(r.strip()))) for r in roots]
+
+
+def _inside(path: Path, roots) -> bool:
+    return any(path == root or root in path.parents for root in roots)
+
+
+def input_file(name: str, what: str) -> Path:
+    """A file (or frames folder) picked from ComfyUI's input folder by name (``name [output]`` / ``[temp]`` pick the
+    output or temp folder, as in ComfyUI's loaders). The name is normalised and must stay inside that folder:
+    ``../``, absolute names and symlinks leading out are refused with one message, whether or not the target exists."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{what}: choose a file from ComfyUI's input folder")
+    rel, base = folder_paths.annotated_filepath(name.strip())
+    base = Path(os.path.realpath(base or folder_paths.get_input_directory()))
+    real = Path(os.path.realpath(os.path.join(base, rel)))
+    if os.path.isabs(rel) or not _inside(real, [base]) or real == base:
+        raise ValueError(f"{what}: '{name}' is not a file in ComfyUI's input folder")
+    return real
+
+
+def user_path(path: str, what: str) -> Path:
+    """A path typed into a node: relative to ComfyUI's input folder, or absolute inside the input, output or temp
+    folder or a folder the server owner allowed with ``STD_ALLOWED_PATHS``. Anything else is refused with one message
+    (the same whether or not it exists), so an API client cannot read or probe the server's files."""
+    raw = os.path.expanduser(path.strip().strip('"'))
+    if not os.path.isabs(raw):
+        return input_file(raw, what)
+    real = Path(os.path.realpath(raw))
+    if not _inside(real, allowed_roots()):
+        raise ValueError(f"{what}: '{path}' is outside ComfyUI's input and output folders; the server owner can allow "
+                         f"more folders with the {ROOTS_ENV} environment variable")
+    return real

@@ -14,7 +14,7 @@ import comfy.sample
 import torch
 from comfy_api.latest import io
 
-from ..core import check_range
+from ..core import STDInputError, check_range
 from .comfy_glue import check_model_sampling, sample_std_chunks
 from .common import CATEGORY_SID, user_errors
 
@@ -76,8 +76,9 @@ class SiDOneStep(io.ComfyNode):
     @user_errors
     def execute(cls, model, positive, width=512, height=512, batch_size=1, seed=0, t_init=625) -> io.NodeOutput:
         sigmas = onestep_sigmas(model, t_init)
-        check_range("width", width, 64, 4096, kind=int)
-        check_range("height", height, 64, 4096, kind=int)
+        for name, value in (("width", width), ("height", height)):
+            if check_range(name, value, 64, 4096, kind=int) % 8:
+                raise STDInputError(name, f"got {value}, must be a multiple of 8 (the latent is 8x smaller)")
         check_range("batch_size", batch_size, 1, 64, kind=int)
         latent_format = model.get_model_object("latent_format")
         samples = torch.zeros([batch_size, latent_format.latent_channels, height // 8, width // 8],

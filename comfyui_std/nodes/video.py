@@ -12,9 +12,10 @@ from comfy_api.latest import io, ui
 
 from ..core.pipeline import NOISE_MODES, check_noise_mode
 from ..core.plan import check_gamma
-from ..core.video import RESIZE_MODES, SAVE_FORMATS, VIDEO_EXTENSIONS, chunk_ranges, load_video, save_video
+from ..core.video import (FPS_RANGE, RESIZE_MODES, SAVE_FORMATS, VIDEO_EXTENSIONS, chunk_ranges, load_video,
+                          save_video)
 from .comfy_glue import sample_std_chunks
-from .common import CATEGORY_VIDEO, plan_input, prepare_run, stylize_inputs, user_errors
+from .common import CATEGORY_VIDEO, input_file, plan_input, prepare_run, stylize_inputs, user_errors, user_path
 
 log = logging.getLogger("comfyui_std")
 
@@ -28,14 +29,9 @@ def _input_videos() -> list[str]:
 
 
 def _resolve(video: str, path: str) -> Path:
-    if path and path.strip():
-        p = Path(path.strip().strip('"')).expanduser()
-        if not p.is_absolute():
-            raise ValueError(f"path: '{path}' must be an absolute path to a video file or a folder of frames")
-        return p
-    if not video:
-        raise ValueError("video: choose a video from the input folder or give an absolute path")
-    return Path(folder_paths.get_annotated_filepath(video))
+    if isinstance(path, str) and path.strip():
+        return user_path(path, "path")
+    return input_file(video, "video")
 
 
 class STDLoadVideo(io.ComfyNode):
@@ -48,7 +44,8 @@ class STDLoadVideo(io.ComfyNode):
             description="Loads a video (mp4, webm, mov, mkv, gif) or a folder of frames as an IMAGE batch, decoding "
                         "as a stream: with a frame cap it stops early and only kept frames are held in memory.",
             inputs=[
-                io.Combo.Input("video", options=_input_videos(), tooltip="A video in ComfyUI's input folder."),
+                io.Combo.Input("video", options=_input_videos(), upload=io.UploadType.video,
+                               tooltip="A video in ComfyUI's input folder (the button uploads one)."),
                 io.Int.Input("frame_load_cap", default=0, min=0, max=100000,
                              tooltip="Keep at most this many frames (0 = all)."),
                 io.Int.Input("skip_first_frames", default=0, min=0, max=10000000,
@@ -59,8 +56,9 @@ class STDLoadVideo(io.ComfyNode):
                 io.Combo.Input("resize", options=list(RESIZE_MODES), default="crop",
                                tooltip="Make width and height multiples of 8: center crop, edge pad or stretch."),
                 io.String.Input("path", default="", optional=True,
-                                tooltip="Optional absolute path to a video file or a folder of frames; overrides "
-                                        "video."),
+                                tooltip="Optional video file or folder of frames instead of video: relative to the "
+                                        "input folder, or absolute inside the input/output folders (the server owner "
+                                        "can allow more with the STD_ALLOWED_PATHS environment variable)."),
             ],
             outputs=[io.Image.Output(display_name="images"),
                      io.Int.Output(display_name="frame_count"),
@@ -142,7 +140,9 @@ class STDSaveVideo(io.ComfyNode):
             description="Saves an IMAGE batch as mp4 (h264), webm (vp9), animated webp or gif in the output folder.",
             inputs=[
                 io.Image.Input("images", tooltip="Frames to save, in order."),
-                io.Float.Input("fps", default=8.0, min=0.1, max=240.0, step=0.1, tooltip="Frame rate of the file."),
+                io.Float.Input("fps", default=8.0, min=FPS_RANGE[0], max=FPS_RANGE[1], step=0.01,
+                               tooltip="Frame rate of the file (connect STD Load Video's fps); gif plays at most "
+                                       "50 fps."),
                 io.String.Input("filename_prefix", default="STD/video", tooltip="Prefix inside the output folder."),
                 io.Combo.Input("format", options=list(SAVE_FORMATS), default="mp4", tooltip="Container and codec."),
             ],
@@ -155,6 +155,10 @@ class STDSaveVideo(io.ComfyNode):
     def execute(cls, images, fps=8.0, filename_prefix="STD/video", format="mp4") -> io.NodeOutput:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] < 1:
             raise ValueError("images: expected an IMAGE batch [frames, height, width, 3]")
+        prefix = os.path.normpath(str(filename_prefix or "").strip())
+        if not prefix or prefix == "." or os.path.isabs(prefix) or prefix.split(os.sep)[0] == "..":
+            raise ValueError(f"filename_prefix: '{filename_prefix}' must be a name inside the output folder "
+                             "(subfolders allowed, e.g. STD/video)")
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory(), images.shape[2], images.shape[1])
         file = f"{filename}_{counter:05}_.{format}"
