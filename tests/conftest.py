@@ -118,7 +118,7 @@ def style_files(host, tiny_models):
 
 @pytest.fixture(scope="session")
 def host_files(host, tiny_models, style_files):
-    """Content image, clip and inpainting image (alpha = mask) in input/, a PEFT-format STD LoRA with metadata in
+    """Content image, clip, inpainting image (alpha = mask) and a folder of photos in input/, a PEFT-format STD LoRA with metadata in
     models/loras/, a tiny ControlNet in models/controlnet/ (plus the style files)."""
     import numpy as np
     import torch
@@ -133,6 +133,10 @@ def host_files(host, tiny_models, style_files):
     rgba = np.concatenate([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), np.full((64, 64, 1), 255, np.uint8)], 2)
     rgba[:, :32, 3] = 0  # LoadImage's mask is 1 - alpha: the transparent left half is repainted
     Image.fromarray(rgba, "RGBA").save(host.base / "input" / "std_inpaint.png")
+    photos = host.base / "input" / "std_photos"
+    photos.mkdir(exist_ok=True)
+    for i, size in enumerate([(64, 64), (64, 64), (96, 80)]):  # the third is fitted to the first ("crop to first")
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(photos / f"photo{i + 1}.png")
     lora = host.base / "models" / "loras" / "tiny_std_eta0.75.safetensors"
     n = comfy_host.write_peft_lora(tiny_models[0], lora, metadata={"std.start_strength": "0.75", "std.nfe": "4"})
     controlnet = comfy_host.build_tiny_controlnet(host.base / "models" / "controlnet" / "tiny_controlnet.safetensors")

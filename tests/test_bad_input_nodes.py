@@ -52,6 +52,13 @@ def _load_video(**inputs):
     return {"1": node, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
 
 
+def _image_folder(**inputs):
+    node = {"class_type": "STDLoadImageFolder", "inputs": {"folder": "std_photos", "image_load_cap": 0,
+                                                           "skip_first_images": 0, "sort": "natural", "resize": "crop",
+                                                           "mismatch": "crop to first", **inputs}}
+    return {"1": node, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+
+
 def _save_video(**inputs):
     return {"1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 3, "color": 0}},
             "2": {"class_type": "STDSaveVideo", "inputs": {"images": ["1", 0], "fps": 8.0,
@@ -124,6 +131,16 @@ CASES = [
     ("load-video-negative-cap", lambda c, f: _load_video(frame_load_cap=-1), _range("Value -1 smaller than min of 0", "frame_load_cap")),
     ("load-video-bad-resize", lambda c, f: _load_video(resize="zoom"), "resize: got 'zoom', choose one of none, crop, pad, stretch"),
     ("load-video-nth-zero", lambda c, f: _load_video(select_every_nth=0), _range("Value 0 smaller than min of 1", "select_every_nth")),
+    # STD Load Image Folder
+    ("image-folder-traversal", lambda c, f: _image_folder(folder="../secret"),
+     "folder: '../secret' is not a file in ComfyUI's input folder"),
+    ("image-folder-absolute", lambda c, f: _image_folder(folder="/etc"),
+     "folder: '/etc' is not a file in ComfyUI's input folder"),
+    ("image-folder-missing", lambda c, f: _image_folder(folder="no_such_folder"), "'no_such_folder' is not a folder"),
+    ("image-folder-mixed-sizes-refused", lambda c, f: _image_folder(mismatch="refuse"),
+     "'photo3.png' is 96x80 but the first image is 64x64"),
+    ("image-folder-empty", lambda c, f: _image_folder(folder="empty_frames"), "'empty_frames' has no images"),
+    ("image-folder-skip-all", lambda c, f: _image_folder(skip_first_images=50), "skipping 50 leaves none"),
     # STD Save Video
     ("save-video-fps-zero", lambda c, f: _save_video(fps=0.0), _range("Value 0.0 smaller than min of 0.01", "fps")),
     ("save-video-gif-too-fast", lambda c, f: _save_video(fps=100.0, format="gif"),

@@ -167,3 +167,17 @@ def test_controlnet_workflow_runs_through_the_executor(host, tiny_ckpt, host_fil
     # every latent to the same flat image)
     a, b = (e.caches.outputs.get("7")[0][0]["samples"] for e in (ex, ex2))
     assert (a - b).abs().mean() > 1e-3
+
+
+def test_image_folder_node_batches_the_folder_with_its_masks(host, host_files):
+    with torch.inference_mode():
+        out = host.M["STDLoadImageFolder"].execute("std_photos", 0, 0, "natural", "crop", "crop to first")
+    images, masks, count, names = out.result
+    assert images.shape == (3, 64, 64, 3) and masks.shape == (3, 64, 64) and count == 3
+    assert names.splitlines() == ["photo1.png", "photo2.png", "photo3.png"]
+    assert float(masks.abs().max()) < 1e-6  # opaque photos: nothing masked (photo3 resampled: float rounding)
+    assert "1 of another size fitted to the first (photo3.png)" in out.ui["text"][0]
+    first = np.asarray(Image.open(host.base / "input" / "std_photos" / "photo1.png"), dtype=np.float32) / 255
+    assert np.allclose(images[0].numpy(), first, atol=1e-6)
+    capped = host.M["STDLoadImageFolder"].execute("std_photos", 1, 1, "natural", "crop", "refuse").result
+    assert capped[2] == 1 and capped[3] == "photo2.png"

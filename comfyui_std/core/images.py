@@ -1,0 +1,175 @@
+"""Still images in: exact mode conversion and folders of images as one batch (Pillow + torch; no ComfyUI).
+
+* :func:`image_to_float` turns any image Pillow opens into float RGB in 0..1 without clipping: 16-bit and 32-bit
+  integer images are scaled by their bit depth (a 16-bit PNG is not 99 % white), float images by their range,
+  palette/CMYK/grey images through RGB; the alpha channel is returned separately (ComfyUI's convention: the mask is
+  ``1 - alpha``). EXIF orientation is applied.
+* :func:`load_image_folder` reads a folder of images as one ``[N, H, W, 3]`` batch with a cap, a skip, a sort order
+  and an explicit rule for images of another size (refuse, or crop/stretch them to the first image's size), and says
+  what it did.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import STDInputError, check_range
+from .video import IMAGE_EXTENSIONS, RESIZE_MODES
+
+SORT_ORDERS = ("name", "natural", "modified")
+MISMATCH_MODES = ("refuse", "crop to first", "stretch to first")
+#: images larger than this many pixels are refused before decoding (decompression bombs)
+MAX_PIXELS = 100_000_000
+
+
+def _scale_of(arr: np.ndarray, mode: str) -> float:
+    """The value that means "white" for a single-channel high-bit-depth image."""
+    if mode.startswith("I;16") or mode == "I;16B":
+        return 65535.0
+    top = float(arr.max()) if arr.size else 0.0
+    if mode == "F" and top <= 1.0:
+        return 1.0
+    for limit in (255.0, 65535.0):
+        if top <= limit:
+            return limit
+    return float(2 ** 32 - 1)
+
+
+def image_to_float(image) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(rgb [H, W, 3] float32 in 0..1, alpha [H, W] float32 in 0..1 or None)`` of a PIL image, no clipping."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    alpha = None
+    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        arr = np.asarray(image).astype(np.float64)
+        grey = np.clip(arr / _scale_of(arr, mode), 0.0, 1.0).astype(np.float32)
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+    else:
+        if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+            rgba = np.asarray(image.convert("RGBA"))
+            alpha = torch.from_numpy(rgba[..., 3].astype(np.float32) / 255.0)
+        rgb = np.asarray(image.convert("RGB")).astype(np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(rgb)), alpha
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+@dataclass
+class FolderInfo:
+    names: list[str]                      # the files in the batch, in order
+    total: int                            # images in the folder
+    width: int
+    height: int
+    adjusted: list[str] = field(default_factory=list)  # files cropped/stretched to the first image's size
+
+    def describe(self) -> str:
+        text = f"{len(self.names)} of {self.total} images, {self.width}x{self.height}"
+        if self.adjusted:
+            text += f"; {len(self.adjusted)} of another size fitted to the first ({', '.join(self.adjusted[:3])}" + \
+                    (", ..." if len(self.adjusted) > 3 else "") + ")"
+        return text
+
+
+def _fit(frame: np.ndarray, size: tuple[int, int], how: str) -> np.ndarray:
+    """Fit an image to (height, width): scale to cover and center-crop, or stretch."""
+    h, w = size
+    t = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]
+    if how == "crop to first":
+        scale = max(h / frame.shape[0], w / frame.shape[1])
+        sh, sw = max(h, round(frame.shape[0] * scale)), max(w, round(frame.shape[1] * scale))
+        t = torch.nn.functional.interpolate(t, size=(sh, sw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (sh - h) // 2, (sw - w) // 2
+        t = t[..., top:top + h, left:left + w]
+    else:
+        t = torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return t[0].permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def _to_multiple_of_8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Float version of the video loader's resize rule: center ``crop``, edge ``pad`` or ``stretch`` to multiples of 8."""
+    h, w = arr.shape[:2]
+    if mode == "none" or (h % 8 == 0 and w % 8 == 0):
+        return arr
+    if mode == "crop":
+        if h < 8 or w < 8:
+            raise STDInputError("resize", f"images of {w}x{h} are smaller than 8 pixels; use pad or stretch")
+        th, tw = h // 8 * 8, w // 8 * 8
+        top, left = (h - th) // 2, (w - tw) // 2
+        return arr[top:top + th, left:left + tw]
+    if mode == "pad":
+        return np.pad(arr, ((0, -h % 8), (0, -w % 8), (0, 0)), mode="edge")
+    return _fit(arr, (max(8, round(h / 8) * 8), max(8, round(w / 8) * 8)), "stretch to first")
+
+
+def load_image_folder(folder, image_load_cap: int = 0, skip_first_images: int = 0, sort: str = "natural",
+                      resize: str = "none", mismatch: str = "refuse") -> tuple[torch.Tensor, torch.Tensor, FolderInfo]:
+    """Read the images of ``folder`` (not recursive) as one batch ``[N, H, W, 3]`` float32 in 0..1, with their
+    alpha channels ``[N, H, W]`` (1 where an image has none), fitted and resized exactly like the pixels.
+
+    Args:
+        folder: the folder.
+        image_load_cap: keep at most this many images (0 = all).
+        skip_first_images: skip this many images first (in sort order).
+        sort: ``name`` (code points), ``natural`` (``img2`` before ``img10``) or ``modified`` (oldest first).
+        resize: make sides multiples of 8 after fitting: ``none``, ``crop``, ``pad`` or ``stretch``.
+        mismatch: what to do with images whose size differs from the first one's: ``refuse`` (an error naming the
+            file), ``crop to first`` (scale to cover and center-crop) or ``stretch to first``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    cap = check_range("image_load_cap", image_load_cap, 0, 1_000_000, kind=int)
+    skip = check_range("skip_first_images", skip_first_images, 0, 10_000_000, kind=int)
+    for name, value, allowed in (("sort", sort, SORT_ORDERS), ("resize", resize, RESIZE_MODES),
+                                 ("mismatch", mismatch, MISMATCH_MODES)):
+        if value not in allowed:
+            raise STDInputError(name, f"got {value!r}, choose one of {', '.join(allowed)}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise STDInputError("folder", f"'{folder.name}' is not a folder")
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if sort == "modified":
+        files.sort(key=lambda p: (os.stat(p).st_mtime_ns, p.name))
+    else:
+        files.sort(key=(lambda p: _natural_key(p.name)) if sort == "natural" else (lambda p: p.name))
+    if not files:
+        raise STDInputError("folder", f"'{folder.name}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    chosen = files[skip:skip + cap] if cap else files[skip:]
+    if not chosen:
+        raise STDInputError("skip_first_images", f"'{folder.name}' has {len(files)} images; skipping {skip} leaves none")
+    frames, adjusted, size = [], [], None
+    for path in chosen:
+        try:
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise STDInputError("folder", f"'{path.name}' is {im.width}x{im.height}, above the "
+                                                  f"{MAX_PIXELS // 1_000_000}-megapixel limit")
+                rgb, alpha = image_to_float(im)
+        except STDInputError:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+            raise STDInputError("folder", f"could not read '{path.name}': {type(err).__name__}") from None
+        alpha = torch.ones(rgb.shape[:2]) if alpha is None else alpha
+        arr = torch.cat([rgb, alpha[..., None]], dim=2).numpy()
+        if size is None:
+            size = arr.shape[:2]
+        elif arr.shape[:2] != size:
+            if mismatch == "refuse":
+                raise STDInputError("folder", f"'{path.name}' is {arr.shape[1]}x{arr.shape[0]} but the first image "
+                                              f"is {size[1]}x{size[0]}; choose mismatch 'crop to first' or 'stretch "
+                                              "to first' to fit it")
+            arr = _fit(arr, size, mismatch)
+            adjusted.append(path.name)
+        frames.append(arr)
+    batch = torch.stack([torch.from_numpy(np.ascontiguousarray(_to_multiple_of_8(arr, resize))) for arr in frames])
+    info = FolderInfo([p.name for p in chosen], len(files), batch.shape[2], batch.shape[1], adjusted)
+    return batch[..., :3].contiguous(), batch[..., 3].contiguous(), info
