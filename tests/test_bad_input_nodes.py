@@ -171,6 +171,10 @@ CASES = [
                                                     _insert_patch("ModelSamplingDiscrete", sampling="lcm",
                                                                   zsnr=False)),
      "STD needs the 1000-step schedule"),
+    ("stylize-replaced-schedule", lambda c, f: _workflow("std_image_stylize", c, f,
+                                                         _insert_patch("ModelSamplingDiscrete", sampling="eps",
+                                                                       zsnr=True)),
+     "the model's noise schedule was replaced"),
     # STD Stylize Video
     ("stylize-video-overlap-too-big", lambda c, f: _workflow("std_video_stylize", c, f,
                                                              _set(_node(c, f, "std_video_stylize", "STDStylizeVideo"),

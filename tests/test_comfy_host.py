@@ -226,6 +226,12 @@ def test_unsupported_models_and_latents(host, tiny_models):
     flow.add_object_patch("model_sampling", Flow(None))
     with pytest.raises(ValueError, match="flow-matching"):
         host.M["STDSchedule"].execute(flow, 8, 0.75)
+    same = host.M["ModelSamplingDiscrete"]().patch(model, "eps", False)[0]  # a patch that keeps the schedule is fine
+    assert torch.equal(host.M["STDSchedule"].execute(same, 4, 0.75).result[0],
+                       host.M["STDSchedule"].execute(model, 4, 0.75).result[0])
+    zsnr = host.M["ModelSamplingDiscrete"]().patch(model, "eps", True)[0]
+    with pytest.raises(ValueError, match="noise schedule was replaced"):
+        host.M["STDSchedule"].execute(zsnr, 4, 0.75)
     lcm = host.M["ModelSamplingDiscrete"]().patch(model, "lcm", False)[0]
     with pytest.raises(ValueError, match="1000-step schedule"):
         host.M["STDStylize"].execute(lcm, pos, neg, lat, 0, 4, 0.75, 0.0, 1.0)

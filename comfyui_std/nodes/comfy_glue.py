@@ -76,7 +76,26 @@ def check_model_sampling(model, input_name: str = "model"):
     if n != 1000:
         raise STDInputError(input_name, f"the model's schedule has {n} timesteps, STD needs the 1000-step schedule "
                                         "(remove a ModelSamplingDiscrete 'lcm' patch or similar before the STD nodes)")
+    own = _own_sigmas(model)
+    if own is not None and (own.shape != ms.sigmas.shape or
+                            not torch.allclose(ms.sigmas.float().cpu(), own, rtol=1e-4, atol=1e-6)):
+        raise STDInputError(input_name, "the model's noise schedule was replaced (by AnimateDiff-Evolved's "
+                                        "beta_schedule or a ModelSamplingDiscrete patch): STD LoRAs are distilled on "
+                                        "the base model's own schedule and the STD plan would run on the wrong one; "
+                                        "set beta_schedule to 'use existing' or remove the patch")
     return ms
+
+
+def _own_sigmas(model):
+    """The sigmas of the checkpoint's own schedule (ComfyUI builds it from the model config), whatever object patch
+    replaced ``model_sampling`` since; None for models that are not a ComfyUI BaseModel."""
+    import comfy.model_base
+
+    base = getattr(model, "model", None)
+    config, model_type = getattr(base, "model_config", None), getattr(base, "model_type", None)
+    if config is None or model_type is None:
+        return None
+    return comfy.model_base.model_sampling(config, model_type).sigmas.float().cpu()
 
 
 def check_latent(model, latent, input_name: str = "latent_image"):
