@@ -215,7 +215,7 @@ def settings_controls(app: StyleApp, kind: str, tab: str) -> dict:
     c["cfg"] = gr.Slider(0.0, 15.0, value=6.0, step=0.1, label="CFG scale", info="1 disables the negative branch")
     with gr.Row():
         c["seed"] = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id=f"{tab}-seed")
-        c["randomize_seed"] = gr.Checkbox(value=True, label="Randomize seed")
+        c["randomize_seed"] = gr.Checkbox(value=True, label="Randomize seed", elem_id=f"{tab}-randomize")
     c["output_size"] = gr.Slider(limits.min_size, limits.max_size, value=limits.default_size, step=8,
                                  label="Output size (long side, px)")
     c["plan_info"] = gr.Markdown(app.describe_plan(c["lora"].value, eta, True, 8, "official"), label="plan")

@@ -6,11 +6,6 @@ app loads through the same code as real files. Runs on a CPU in well under a min
 
 import json
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import gradio as gr
@@ -22,6 +17,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import gradio_app
+from app_server import serve
 from comfyui_std.core import STDInputError, std_plan
 from comfyui_std.core.video import load_video, save_video
 from std_app import tiny
@@ -30,7 +26,6 @@ from std_app.handlers import StyleApp
 from std_app.models import LoraEntry, resolve
 from std_app.startup import ModelOptions, load_engine, tiny_options
 
-REPO = Path(__file__).resolve().parents[1]
 WRONG_BASE = "std_tinyxl_i2i_eta0.75"  # an STD LoRA for the tiny SDXL, offered to the tiny SD1.5 app
 ARGS = dict(prompt="an oil painting", negative_prompt="blurry", lora="std_tiny_i2i_eta0.75", start_strength=0.75,
             snap_eta=True, nfe=4, gamma=0.0, cfg=6.0, seed=1, randomize_seed=False, output_size=64, plan="official",
@@ -45,12 +40,6 @@ def settings(**overrides) -> list:
 def compare_args(teacher_steps, **overrides) -> list:
     s = settings(**overrides)
     return [*s[:6], teacher_steps, *s[6:]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_record(path) -> tuple[Image.Image, dict]:
@@ -72,11 +61,8 @@ def app(tiny_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(app):
-    demo = gradio_app.build_demo(app)
-    port = free_port()
-    gradio_app.launch(demo, app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    demo.close()
+    with serve(app) as (base, _):
+        yield Client(base, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -429,10 +415,14 @@ def test_plan_preview_answers_bad_settings_in_its_text(client, args, message):
 # UI wiring ----------------------------------------------------------------------------------------------------------
 def test_everything_that_runs_the_model_shares_one_queue_worker(app):
     demo = gradio_app.build_demo(app)
-    gpu = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name in ("stylize_image", "stylize_video", "compare")}
-    assert set(gpu) == {"stylize_image", "stylize_video", "compare"}
+    names = ("stylize_image", "stylize_video", "compare", "one_step")
+    gpu = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name in names}
+    assert set(gpu) == set(names)
     assert all(fn.concurrency_id == gradio_app.GPU and fn.concurrency_limit == 1 for fn in gpu.values())
     assert all(not fn.preprocess for fn in gpu.values())  # uploads are opened by the handlers (readable errors)
+    # the API a client can call is exactly these and the plan preview; upload checks and the like stay private
+    public = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert public == {*names, "plan"}
 
 
 def test_server_is_local_unless_asked(tmp_path):
@@ -561,33 +551,6 @@ def test_a_style_image_without_an_ip_adapter_is_a_readable_error(tiny_root, tmp_
     app = StyleApp(engine, tmp_path, local_files=True)
     with pytest.raises(gr.Error, match="no IP-Adapter is loaded"):
         app.stylize_image(files["content"]["path"], files["style"]["path"], *settings())
-
-
-def test_cli_tiny_serves_all_tabs(tmp_path):
-    """``python gradio_app.py --tiny`` as a user runs it: the page and its API come up with its four tabs."""
-    port = free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "gradio_app.py", "--tiny", "--port", str(port), "--output-dir",
-                             str(tmp_path / "out")], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        config = None
-        deadline = time.monotonic() + 180
-        while config is None and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5) as r:
-                    config = json.load(r)
-            except OSError:
-                time.sleep(0.5)
-        assert config is not None, (tmp_path / "server.log").read_text()[-3000:]
-        tabs = [c["props"].get("label") for c in config["components"] if c["type"] in ("tab", "tabitem")]
-        assert tabs == ["Image", "Video", "Compare", "One-step"]
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        assert "start timestep 739" in client.predict("std_tiny_i2i_eta0.75", 0.75, True, 8, "official",
-                                                      api_name="/plan")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_one_step_tab_generates_with_the_sid_lora_and_refuses_bad_input(client, app):
