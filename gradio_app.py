@@ -431,6 +431,7 @@ def main(argv=None) -> int:
         print(f"error: argument --output-dir: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests are not news
     warning = exposure_warning(args)
     if warning:
         print(warning, file=sys.stderr)

@@ -227,6 +227,17 @@ def test_in_process_calls_need_local_files_on(app, secrets_dir):
     assert Path(image).is_file()
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize("target", ["/etc/hostname", "repo-readme", "secret", "climb-out-of-the-upload-folder"])
+def test_the_file_route_serves_no_server_files(server, secrets_dir, target):
+    """Gradio's /file= route serves results and uploads only, never a server file a client names."""
+    path = {"/etc/hostname": "/etc/hostname", "repo-readme": str(Path(gradio_app.__file__).parent / "README.md"),
+            "secret": str(secrets_dir / "secret.png"),
+            "climb-out-of-the-upload-folder": f"{gradio_utils.get_upload_folder()}/../../etc/hostname"}[target]
+    status, body = http(f"{server[0]}gradio_api/file={path}")
+    assert status in (403, 404), (status, body[:200])
+
+
 # Login -------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def locked(app):
@@ -263,3 +274,4 @@ def test_with_login_the_app_works(locked):
 def test_the_server_still_serves_after_all_that(client, uploaded):
     image, _, info, _ = client.predict({"path": uploaded, "meta": META}, None, *settings(), api_name="/stylize_image")
     assert Path(image).is_file() and "NFE 1" in info
+

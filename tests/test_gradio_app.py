@@ -1,7 +1,9 @@
-"""The Gradio app in tiny mode: every tab driven over HTTP with gradio_client, bad inputs, model files, the CLI.
+"""The Gradio app in tiny mode: every tab driven over HTTP with gradio_client, bad inputs, pixel formats, sizes,
+model files.
 
 The app is launched in this process on a free port with the tiny offline model zoo (``std_app.tiny``), which the
-app loads through the same code as real files. Runs on a CPU in well under a minute.
+app loads through the same code as real files. Runs on a CPU in about a minute. Hostile paths and the login are in
+``test_app_security.py``, the command line in ``test_app_cli.py``, the browser in ``test_gradio_browser.py``.
 """
 
 import json
