@@ -30,7 +30,7 @@ from comfyui_std.core.video import load_video, save_video
 
 from .engine import RunResult, STDEngine, StyleSettings, app_plan, resolve_start_strength, teacher_plan
 from .media import (MIN_SOURCE_SIDE, checked_upload, fit_size, frame_to_image, image_to_frames, payload_path,
-                    plan_record, read_image, received_files, refused, resize_frames, save_png, scrub, size_notices)
+                    plan_record, read_image, received_files, resize_frames, save_png, scrub, size_notices)
 
 log = logging.getLogger("std_app")
 
@@ -121,13 +121,11 @@ class StyleApp:
     def upload(self, payload, what: str) -> Path:
         """The local file behind an upload payload; refuses anything the serving app did not receive itself."""
         blocks, _ = _event_context()
-        if blocks is None:
-            if not self.local_files:
-                if payload_is_empty(payload):
-                    return checked_upload(payload, what, set())  # "nothing was uploaded"
-                raise refused(what)
-            return checked_upload(payload, what, None)
-        return checked_upload(payload, what, received_files(blocks))
+        if blocks is not None:
+            allowed = received_files(blocks)
+        else:  # called in-process, not by the server: local paths only when the caller asked for them
+            allowed = None if self.local_files else set()
+        return checked_upload(payload, what, allowed)
 
     def remember_error(self, message: str) -> None:
         _, session = _event_context()
