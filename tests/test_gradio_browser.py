@@ -116,7 +116,7 @@ def test_a_non_image_upload_is_flagged_at_once(page, tmp_path):
     page.find_element(By.CSS_SELECTOR, "#image-content input[type=file]").send_keys(str(tmp_path / "notes.png"))
     message = "content image: 'notes.png' is not an image that can be read"
     wait(page, 30).until(lambda d: message in text_of(d, "#image-info"))  # no click on Stylize
-    assert any(message in t for t in toasts(page))
+    wait(page, 20).until(lambda d: any(message in t for t in toasts(d)))  # the toast too
     wait(page, 10).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#image-content img"))  # no broken preview left
     screenshot(page, tmp_path / "flagged_upload.png")
 
@@ -149,7 +149,7 @@ def test_a_corrupt_video_is_flagged_at_once(page, tmp_path):
     page.find_element(By.CSS_SELECTOR, "#video-content input[type=file]").send_keys(str(tmp_path / "broken.mp4"))
     message = "video: could not decode 'broken.mp4'"
     wait(page, 30).until(lambda d: message in text_of(d, "#video-info"))
-    assert any(message in t for t in toasts(page))
+    wait(page, 20).until(lambda d: any(message in t for t in toasts(d)))  # the toast too
     assert "/tmp" not in text_of(page, "#video-info")  # the server's folders are not shown
     screenshot(page, tmp_path / "corrupt_video.png")
 
