@@ -1,9 +1,11 @@
 """Gradio event handlers: check what the browser (or an API client) sent, run the engine, return files and notices.
 
 Every handler turns :class:`~comfyui_std.core.STDInputError` (and out-of-memory) into ``gr.Error`` with the core's
-message, shows notices with ``gr.Warning`` and repeats them in the run's info text. Handlers receive raw Gradio
-payloads (the events are registered with ``preprocess=False``) so that an unreadable upload becomes a readable
-message instead of a failed preprocessing step.
+message, shows notices with ``gr.Warning`` and repeats them in the run's info text; the last error of each browser
+session is kept for the run info too (:meth:`StyleApp.last_error`), because toasts vanish. Handlers receive raw
+Gradio payloads (the events are registered with ``preprocess=False``) so that an unreadable upload becomes a
+readable message instead of a failed preprocessing step; every file path in a payload goes through
+:meth:`StyleApp.upload`, which accepts only files the serving app received as uploads.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import functools
 import json
 import logging
 import random
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +29,8 @@ from comfyui_std.core import STDInputError, check_range
 from comfyui_std.core.video import load_video, save_video
 
 from .engine import RunResult, STDEngine, StyleSettings, app_plan, resolve_start_strength, teacher_plan
-from .media import (fit_size, frame_to_image, image_to_frames, plan_record, read_image, resize_frames, save_png,
-                    upload_path)
+from .media import (MIN_SOURCE_SIDE, checked_upload, fit_size, frame_to_image, image_to_frames, payload_path,
+                    plan_record, read_image, received_files, resize_frames, save_png, scrub, size_notices)
 
 log = logging.getLogger("std_app")
 
@@ -35,26 +39,36 @@ OOM_MESSAGE = ("Out of GPU memory: lower the output size (for video also frames 
                "keeps running.")
 
 
+def _event_context():
+    """(the running ``gr.Blocks``, the browser session id) of the event being handled; (None, None) outside one."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    return LocalContext.blocks.get(None), getattr(request, "session_hash", None)
+
+
 def user_errors(fn):
     """Show input errors as they are (``gr.Error``); anything unexpected is logged with its traceback and shown as
-    one line, so the server keeps serving."""
+    one line, so the server keeps serving. The message is also kept as the session's last error."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(self, *args, **kwargs):
         try:
-            return fn(*args, **kwargs)
-        except gr.Error:
+            return fn(self, *args, **kwargs)
+        except gr.Error as err:
+            self.remember_error(str(err.message))
             raise
         except STDInputError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+            message = str(err)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            raise gr.Error(OOM_MESSAGE, print_exception=False) from None
+            message = OOM_MESSAGE
         except Exception as err:  # the last line of defence for the UI: log it and keep serving
             log.exception("%s failed", fn.__name__)
-            raise gr.Error(f"Something went wrong ({type(err).__name__}: {err}); details are in the server log.",
-                           print_exception=False) from None
+            message = f"Something went wrong ({type(err).__name__}); details are in the server log."
+        self.remember_error(message)
+        raise gr.Error(message, print_exception=False)
 
     return wrapper
 
@@ -76,24 +90,99 @@ class Limits:
                    max_frames=max_frames)
 
 
+def payload_is_empty(payload) -> bool:
+    return payload_path(payload) is None
+
+
 def _notify(notices: list[str]) -> None:
     for notice in notices:
         gr.Warning(notice)
 
 
 class StyleApp:
-    """The handlers of the Image, Video and Compare tabs around one :class:`STDEngine`."""
+    """The handlers of the Image, Video, Compare and One-step tabs around one :class:`STDEngine`.
 
-    def __init__(self, engine: STDEngine, output_dir: Path, limits: Limits | None = None):
+    ``local_files=True`` lets in-process callers (scripts, tests calling the handlers directly) pass local paths;
+    through the server only uploads are ever read, whatever this flag says.
+    """
+
+    MAX_SESSIONS = 1024  # last errors kept (one per browser session, oldest dropped first)
+
+    def __init__(self, engine: STDEngine, output_dir: Path, limits: Limits | None = None, *,
+                 local_files: bool = False):
         self.engine = engine
         self.output_dir = Path(output_dir)
         self.limits = limits or Limits.for_engine(engine)
+        self.local_files = local_files
+        self._errors: OrderedDict[str, str] = OrderedDict()
+        self._errors_lock = threading.Lock()
+
+    # Uploads and errors -------------------------------------------------------------------------------------------
+    def upload(self, payload, what: str) -> Path:
+        """The local file behind an upload payload; refuses anything the serving app did not receive itself."""
+        blocks, _ = _event_context()
+        if blocks is not None:
+            allowed = received_files(blocks)
+        else:  # called in-process, not by the server: local paths only when the caller asked for them
+            allowed = None if self.local_files else set()
+        return checked_upload(payload, what, allowed)
+
+    def remember_error(self, message: str) -> None:
+        _, session = _event_context()
+        if session is None:
+            return
+        with self._errors_lock:
+            self._errors[session] = message
+            self._errors.move_to_end(session)
+            while len(self._errors) > self.MAX_SESSIONS:
+                self._errors.popitem(last=False)
+
+    def last_error(self, request: gr.Request = None) -> str:
+        """The run info after a failed run: the error stays readable after its toast is gone."""
+        session = getattr(request, "session_hash", None)
+        with self._errors_lock:
+            message = self._errors.get(session) if session else None
+        return f"⚠️ **The last run failed**: {message}" if message else "⚠️ **The last run failed** (see the message)."
+
+    def check_image(self, payload, what: str) -> tuple[str, dict]:
+        """Run right after an image upload: say at once whether it can be used (and what will happen to it).
+        Returns (run info, update of the upload component: cleared when the file cannot be used)."""
+        try:
+            path = self.upload(payload, what)
+            _, notices, size = read_image(path, what, self.limits.max_side)
+        except STDInputError as err:
+            return self._refuse_upload(err)
+        _notify(notices)
+        lines = [f"{what.capitalize()}: {path.name}, {size[0]}x{size[1]}."] + [f"⚠️ {n}" for n in notices]
+        return "  \n".join(lines), gr.update()
+
+    def check_content(self, payload) -> tuple[str, dict]:
+        return self.check_image(payload, "content image")
+
+    def check_style(self, payload) -> tuple[str, dict]:
+        return self.check_image(payload, "style image")
+
+    def check_video(self, payload) -> tuple[str, dict]:
+        """Run right after a video upload: decode its first frame so that a broken file is flagged at once."""
+        try:
+            path, _, info = self.open_video(payload, 1, 1)
+        except STDInputError as err:
+            return self._refuse_upload(err)
+        return f"Video: {path.name}, {info.width}x{info.height} at {info.source_fps:g} fps.", gr.update()
+
+    def _refuse_upload(self, err: STDInputError) -> tuple[str, dict]:
+        gr.Warning(str(err))
+        self.remember_error(str(err))
+        return f"⚠️ {err}", gr.update(value=None)
 
     # Settings -----------------------------------------------------------------------------------------------------
     def settings(self, prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg, seed,
                  randomize_seed, plan, style_preset, style_weight, lora_scale) -> tuple[StyleSettings, list[str]]:
         """Validated settings and notices (η snapped to the LoRA, seed drawn when randomized)."""
         entry = self.engine.catalog.get(lora)
+        if entry is not None and entry.kind == "onestep":
+            raise STDInputError("lora", f"'{entry.name}' is a SiD-LSG one-step text-to-image generator, not an STD "
+                                        "style-transfer LoRA: use it in the One-step tab, or pick an STD LoRA")
         eta, notice = resolve_start_strength(entry, start_strength, bool(snap_eta))
         if randomize_seed:
             seed = random.randrange(SEED_RANGE)
@@ -105,16 +194,34 @@ class StyleApp:
     def output_size(self, size) -> int:
         return check_range("output_size", size, self.limits.min_size, self.limits.max_size, kind=int)
 
-    def style_image(self, payload):
-        """The style reference as a PIL image, or None when none was given."""
-        if not payload:
-            return None
-        return read_image(payload, "style image", self.limits.max_side)[0]
+    def style_image(self, payload) -> tuple:
+        """The style reference as a PIL image (None when none was given) and notices about it."""
+        if payload_is_empty(payload):
+            return None, []
+        image, notices, _ = read_image(self.upload(payload, "style image"), "style image", self.limits.max_side)
+        return image, notices
+
+    def open_video(self, payload, cap: int, select_every_nth) -> tuple[Path, torch.Tensor, object]:
+        """(path, frames, VideoInfo) of an uploaded video; messages name the upload, never the server folder."""
+        path = self.upload(payload, "video")
+        try:
+            frames, info = load_video(path, cap, 0, select_every_nth, 0.0, "none")
+        except STDInputError as err:
+            if err.input_name != "video":
+                raise
+            raise STDInputError("video", scrub(str(err).removeprefix("video: "), path)) from None
+        if min(info.width, info.height) < MIN_SOURCE_SIDE:
+            raise STDInputError("video", f"'{path.name}' is {info.width}x{info.height}, too small to stylize: both "
+                                         f"sides need at least {MIN_SOURCE_SIDE} pixels")
+        return path, frames, info
 
     def content_frames(self, payload, size) -> tuple[torch.Tensor, list[str]]:
-        image, notices = read_image(payload, "content image", self.limits.max_side)
-        target = fit_size(image.width, image.height, self.output_size(size), self.engine.vae_scale)
-        return image_to_frames(image, target), notices
+        """The content image as one frame at the output size, with notices (downscale, upscale, squash)."""
+        long_side = self.output_size(size)
+        path = self.upload(payload, "content image")
+        image, notices, source = read_image(path, "content image", self.limits.max_side)
+        target = fit_size(image.width, image.height, long_side, self.engine.vae_scale)
+        return image_to_frames(image, target), notices + size_notices("content image", source, target, long_side)
 
     # Plan preview -------------------------------------------------------------------------------------------------
     def describe_plan(self, lora, start_strength, snap_eta, nfe, plan) -> str:
@@ -172,8 +279,8 @@ class StyleApp:
         settings, notices = self.settings(prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
                                           seed, randomize_seed, plan, style_preset, style_weight, lora_scale)
         frames, more = self.content_frames(content, output_size)
-        style_image = self.style_image(style)
-        notices += more
+        style_image, style_notices = self.style_image(style)
+        notices += more + style_notices
         _notify(notices)
         progress(0, desc="Stylizing")
         result = self.engine.run(frames, settings, style_image)
@@ -193,13 +300,15 @@ class StyleApp:
         frames_per_batch = check_range("frames_per_batch", frames_per_batch, 1, 4096, kind=int)
         overlap = check_range("overlap", overlap, 0, frames_per_batch - 1, kind=int)
         cap = check_range("frame_load_cap", frame_load_cap, 0, self.limits.max_frames, kind=int)
-        style_image = self.style_image(style)
+        style_image, style_notices = self.style_image(style)
+        notices += style_notices
         progress(0, desc="Decoding video")
-        frames, info = load_video(upload_path(video, "video"), cap or self.limits.max_frames, 0, select_every_nth,
-                                  0.0, "none")
+        _, frames, info = self.open_video(video, cap or self.limits.max_frames, select_every_nth)
         if not cap and info.frame_count == self.limits.max_frames:
             notices.append(f"Only the first {info.frame_count} frames are stylized (the app's frame limit).")
-        frames = resize_frames(frames, fit_size(info.width, info.height, size, self.engine.vae_scale))
+        target = fit_size(info.width, info.height, size, self.engine.vae_scale)
+        notices += size_notices("video", (info.width, info.height), target, size)
+        frames = resize_frames(frames, target)
         _notify(notices)
         progress(0, desc="Stylizing")
         result = self.engine.run(frames, settings, style_image, frames_per_batch=frames_per_batch, overlap=overlap,
@@ -223,8 +332,8 @@ class StyleApp:
                                           seed, randomize_seed, plan, style_preset, style_weight, lora_scale)
         teacher_plan(app_plan(settings.nfe, settings.start_strength, settings.plan), teacher_steps)
         frames, more = self.content_frames(content, output_size)
-        style_image = self.style_image(style)
-        notices += more
+        style_image, style_notices = self.style_image(style)
+        notices += more + style_notices
         _notify(notices)
         progress(0, desc="Teacher")
         teacher = self.engine.run(frames, dataclasses.replace(settings, gamma=0.0), style_image,
@@ -258,7 +367,7 @@ class StyleApp:
                 for n, v in (("width", width), ("height", height))]
         step = self.engine.vae_scale
         w, h = (max(step, v - v % step) for v in size)
-        settings = StyleSettings(prompt=prompt, seed=int(seed), lora=entry.name, cfg=1.0).validated()
+        settings = StyleSettings(prompt=prompt, seed=seed, lora=entry.name, cfg=1.0).validated()
         progress(0, desc="Generating")
         result = self.engine.generate(settings, h, w, batch_size, entry.t_init)
         paths = []

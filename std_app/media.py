@@ -1,61 +1,210 @@
-"""Reading uploads, sizing frames and writing results (PNG with the settings in its metadata, mp4)."""
+"""Reading uploads, sizing frames and writing results (PNG with the settings in its metadata, mp4).
+
+Uploads are untrusted: a client (the browser or any API client) sends a file *path* in its payload, and the app reads
+only paths that Gradio itself wrote when it received an upload (``POST /upload``). Anything else, a path elsewhere on
+the server, ``../`` tricks, a symlink or a copy placed in Gradio's cache folder, a URL, is refused with one message
+that does not depend on whether the file exists (:func:`checked_upload`). The app ships no examples; examples would
+have to be added to the allow-list by the app itself, not taken from Gradio's caches.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from comfyui_std.core import STDInputError, STDPlan
 
 #: what PIL is allowed to decode at all (pixels); larger files are refused before decoding (decompression bombs)
 MAX_DECODE_PIXELS = 100_000_000
+#: the smallest side an input may have; below it there is nothing sensible to stylize
+MIN_SOURCE_SIDE = 8
+#: an output whose aspect ratio differs from the input's by more than this factor is announced as squashed
+ASPECT_TOLERANCE = 1.05
+IMAGE_FORMATS = "PNG, JPEG, WebP, BMP, TIFF, GIF"
 
 
-def upload_path(payload, what: str) -> Path:
-    """The file behind an upload: a Gradio ``FileData`` dict (``VideoData``: under "video"), or a plain path."""
+def refused(what: str) -> STDInputError:
+    """The one answer for a file that was not uploaded to this app (the same whether or not it exists)."""
+    return STDInputError(what, "only files uploaded to this app can be used: upload the file (paths on the server "
+                               "and URLs are not accepted)")
+
+
+def payload_path(payload):
+    """The path a payload names: a Gradio ``FileData`` dict, a ``VideoData`` dict ("video"), or a plain string;
+    ``None`` when nothing was sent. Other types are returned as they are (and refused by the caller)."""
     if isinstance(payload, dict) and isinstance(payload.get("video"), dict):
         payload = payload["video"]
     if isinstance(payload, dict):
         payload = payload.get("path")
-    if not payload:
+    if payload is None or payload == "":
+        return None
+    return payload
+
+
+def _normal(path: str) -> str:
+    return os.path.normcase(os.path.normpath(os.path.abspath(path)))
+
+
+def received_files(blocks) -> set[str]:
+    """Normalised paths of every file ``blocks`` (a running ``gr.Blocks``) received as an upload: Gradio records each
+    file that ``POST /upload`` writes into its cache folder in ``Blocks.upload_file_set``.
+
+    Deliberately not the cache folder as a whole, nor the components' ``temp_files``: while preprocessing a payload
+    marked as Gradio ``FileData``, Gradio adds any path inside its cache folder to the component's ``temp_files``
+    as it is, and downloads URLs into the cache, so both hold files a client merely named.
+    """
+    files = set(blocks.upload_file_set)  # a C-level copy: safe while the server thread adds to it
+    return {_normal(f) for f in files}
+
+
+def checked_upload(payload, what: str, allowed: set[str] | None) -> Path:
+    """The file behind an upload, if ``allowed`` (from :func:`received_files`) holds it.
+
+    The path is compared as sent (normalised, symlinks *not* followed), so ``cache/../../etc/passwd`` or a link
+    placed anywhere is not in the set. ``allowed=None`` trusts the caller (in-process use, never the server).
+    """
+    raw = payload_path(payload)
+    if raw is None:
         raise STDInputError(what, "nothing was uploaded: add one first")
-    path = Path(payload)
+    if not isinstance(raw, (str, os.PathLike)):
+        raise refused(what)
+    raw = os.fspath(raw)
+    if allowed is not None:
+        if "://" in raw or "\x00" in raw or _normal(raw) not in allowed:
+            raise refused(what)
+        path = Path(_normal(raw))
+        if path.is_symlink():
+            raise refused(what)
+    else:
+        path = Path(raw)
     if not path.is_file():
-        raise STDInputError(what, f"the upload '{path.name}' is gone; upload it again")
+        raise STDInputError(what, f"the upload '{path.name}' is gone (the app's upload cache was cleared); upload it "
+                                  "again")
     return path
 
 
-def read_image(payload, what: str, max_side: int) -> tuple[Image.Image, list[str]]:
-    """Open an uploaded image as RGB (EXIF orientation applied); returns it with notices for the user.
+def scrub(message: str, path: Path) -> str:
+    """``message`` without the server-side folder of ``path`` (errors from PIL and PyAV quote full paths)."""
+    return message.replace(str(path), path.name).replace(str(path.parent) + os.sep, "")
 
-    Images whose long side exceeds ``max_side`` are downscaled to it (with a notice); files that are not images,
-    or too large to decode safely, raise :class:`STDInputError`.
+
+# Pixels -----------------------------------------------------------------------------------------------------------
+def _gray_from_array(values: np.ndarray, label: str, what: str, notices: list[str]) -> Image.Image:
+    """8-bit gray from 16-bit, 32-bit integer or float samples, mapped by the format's range (never clipped)."""
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise STDInputError(what, f"the image ({label}) has NaN or infinite pixels")
+    lo, hi = float(values.min()), float(values.max())
+    if label.startswith("16-bit"):
+        scale_lo, scale_hi = 0.0, 65535.0
+    elif lo >= 0 and hi <= 1.0 and label.startswith("32-bit float"):
+        scale_lo, scale_hi = 0.0, 1.0
+    elif lo >= 0 and hi <= 255:
+        scale_lo, scale_hi = 0.0, 255.0
+    elif lo >= 0 and hi <= 65535:
+        scale_lo, scale_hi = 0.0, 65535.0
+    else:
+        scale_lo, scale_hi = lo, hi if hi > lo else lo + 1.0
+    if not label.startswith("16-bit"):
+        notices.append(f"The {what} has {label} pixels: values {scale_lo:g}..{scale_hi:g} were mapped to 0..255.")
+    data = np.round((values - scale_lo) / (scale_hi - scale_lo) * 255.0).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(data, "L")
+
+
+def to_rgb(im: Image.Image, what: str) -> tuple[Image.Image, list[str]]:
+    """Any PIL mode as 8-bit sRGB, converted by its meaning rather than by clipping.
+
+    16-bit gray (``I;16*``) is scaled from 0..65535; 32-bit ``I`` and float ``F`` by their nominal range (announced);
+    transparent pixels (RGBA, LA, PA, P with transparency) are placed on white (announced); CMYK and RGB with an
+    embedded non-sRGB ICC profile go through a colour transform to sRGB (PIL converts LAB itself).
     """
-    path = upload_path(payload, what)
+    notices: list[str] = []
+    mode = im.mode
+    if mode.startswith("I;16"):
+        return _gray_from_array(np.asarray(im), "16-bit", what, notices).convert("RGB"), notices
+    if mode == "I":
+        return _gray_from_array(np.asarray(im), "32-bit integer", what, notices).convert("RGB"), notices
+    if mode == "F":
+        return _gray_from_array(np.asarray(im), "32-bit float", what, notices).convert("RGB"), notices
+    if mode in ("RGBA", "LA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            rgba = Image.alpha_composite(white, rgba)
+            notices.append(f"The {what} has transparent pixels: they were placed on white.")
+        return rgba.convert("RGB"), notices
+    icc = im.info.get("icc_profile")
+    if icc and mode in ("CMYK", "RGB"):
+        try:
+            import io
+
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            if mode == "CMYK" or "srgb" not in ImageCms.getProfileDescription(source).lower().replace(" ", ""):
+                return ImageCms.profileToProfile(im, source, ImageCms.createProfile("sRGB"), outputMode="RGB"), notices
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            notices.append(f"The {what}'s colour profile could not be read: its colours were taken as they are.")
+    return im.convert("RGB"), notices
+
+
+def read_image(path: Path, what: str, max_side: int) -> tuple[Image.Image, list[str], tuple[int, int]]:
+    """Open an uploaded image as RGB (EXIF orientation applied, any mode converted by :func:`to_rgb`).
+
+    Returns the image, notices for the user and the file's own size. Images whose long side exceeds ``max_side`` are
+    downscaled to it (with a notice); files that are not images, too large to decode safely or smaller than
+    ``MIN_SOURCE_SIDE`` raise :class:`STDInputError`.
+    """
+    name = path.name
     try:
         with Image.open(path) as im:
             source_size = im.size
-            if im.width * im.height <= MAX_DECODE_PIXELS:
-                im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale when far too large
-                image = ImageOps.exif_transpose(im).convert("RGB")
+            if im.width * im.height > MAX_DECODE_PIXELS:
+                raise STDInputError(what, f"'{name}' is {im.width}x{im.height} ({im.width * im.height / 1e6:.0f} "
+                                          f"megapixels), too large to decode; the limit is "
+                                          f"{MAX_DECODE_PIXELS / 1e6:.0f} megapixels")
+            if min(source_size) < MIN_SOURCE_SIDE:
+                raise STDInputError(what, f"'{name}' is {im.width}x{im.height}, too small to stylize: both sides "
+                                          f"need at least {MIN_SOURCE_SIDE} pixels")
+            if im.mode in ("RGB", "L", "CMYK", "YCbCr"):
+                im.draft(im.mode, (max_side, max_side))  # JPEG: decode at a reduced scale when far too large
+            image, notices = to_rgb(ImageOps.exif_transpose(im), what)
+    except STDInputError:
+        raise
     except Image.DecompressionBombError as err:
-        raise STDInputError(what, f"'{path.name}' is too large to decode safely ({err})") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise STDInputError(what, f"'{path.name}' is not an image that can be read (PNG, JPEG, WebP, BMP, TIFF, "
-                                  f"GIF): {err}") from None
-    if source_size[0] * source_size[1] > MAX_DECODE_PIXELS:
-        raise STDInputError(what, f"'{path.name}' is {source_size[0]}x{source_size[1]} "
-                                  f"({source_size[0] * source_size[1] / 1e6:.0f} megapixels), too large to decode; "
-                                  f"the limit is {MAX_DECODE_PIXELS / 1e6:.0f} megapixels")
-    notices = []
-    if max(source_size) > max_side:
+        raise STDInputError(what, f"'{name}' is too large to decode safely ({scrub(str(err), path)})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise STDInputError(what, f"'{name}' is not an image that can be read ({IMAGE_FORMATS}): "
+                                  f"{scrub(str(err), path)}") from None
+    if max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         notices.append(f"The {what} is {source_size[0]}x{source_size[1]}, above the {max_side}-pixel limit: it was "
                        f"downscaled to {image.width}x{image.height}.")
-    return image, notices
+    return image, notices, source_size
+
+
+def _ratio(w: int, h: int) -> str:
+    r = max(w, h) / min(w, h)
+    return f"{r:.3g}:1" if w >= h else f"1:{r:.3g}"
+
+
+def size_notices(what: str, source: tuple[int, int], used: tuple[int, int], long_side: int) -> list[str]:
+    """What the user must be told about running ``source`` (width, height) at ``used``: an upscale, or an aspect
+    ratio that the output size cannot hold (the short side cannot go below one latent pixel)."""
+    (sw, sh), (w, h) = source, used
+    notices = []
+    if max(w, h) > max(sw, sh) * 1.01:
+        notices.append(f"The {what} is {sw}x{sh}, smaller than the output size {long_side}: it was upscaled "
+                       f"{max(w, h) / max(sw, sh):.3g}x to {w}x{h}; a larger input gives a sharper result.")
+    if abs(math.log((w / h) / (sw / sh))) > math.log(ASPECT_TOLERANCE):
+        notices.append(f"The {what} is {sw}x{sh} ({_ratio(sw, sh)}); at output size {long_side} it runs at {w}x{h} "
+                       f"({_ratio(w, h)}), so it is squashed: raise the output size or crop the {what}.")
+    return notices
 
 
 def fit_size(width: int, height: int, long_side: int, multiple: int = 8) -> tuple[int, int]:

@@ -1,16 +1,13 @@
-"""The Gradio app in tiny mode: every tab driven over HTTP with gradio_client, bad inputs, model files, the CLI.
+"""The Gradio app in tiny mode: every tab driven over HTTP with gradio_client, bad inputs, pixel formats, sizes,
+model files.
 
 The app is launched in this process on a free port with the tiny offline model zoo (``std_app.tiny``), which the
-app loads through the same code as real files. Runs on a CPU in well under a minute.
+app loads through the same code as real files. Runs on a CPU in about a minute. Hostile paths and the login are in
+``test_app_security.py``, the command line in ``test_app_cli.py``, the browser in ``test_gradio_browser.py``.
 """
 
 import json
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import gradio as gr
@@ -22,6 +19,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import gradio_app
+from app_server import serve
 from comfyui_std.core import STDInputError, std_plan
 from comfyui_std.core.video import load_video, save_video
 from std_app import tiny
@@ -30,7 +28,6 @@ from std_app.handlers import StyleApp
 from std_app.models import LoraEntry, resolve
 from std_app.startup import ModelOptions, load_engine, tiny_options
 
-REPO = Path(__file__).resolve().parents[1]
 WRONG_BASE = "std_tinyxl_i2i_eta0.75"  # an STD LoRA for the tiny SDXL, offered to the tiny SD1.5 app
 ARGS = dict(prompt="an oil painting", negative_prompt="blurry", lora="std_tiny_i2i_eta0.75", start_strength=0.75,
             snap_eta=True, nfe=4, gamma=0.0, cfg=6.0, seed=1, randomize_seed=False, output_size=64, plan="official",
@@ -45,12 +42,6 @@ def settings(**overrides) -> list:
 def compare_args(teacher_steps, **overrides) -> list:
     s = settings(**overrides)
     return [*s[:6], teacher_steps, *s[6:]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_record(path) -> tuple[Image.Image, dict]:
@@ -72,11 +63,8 @@ def app(tiny_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(app):
-    demo = gradio_app.build_demo(app)
-    port = free_port()
-    gradio_app.launch(demo, app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    demo.close()
+    with serve(app) as (base, _):
+        yield Client(base, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +77,15 @@ def files(tmp_path_factory):
     Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(d / "style.png")
     Image.fromarray(rng.integers(0, 255, (700, 1000, 3), dtype=np.uint8)).save(d / "huge.png")
     (d / "notes.png").write_text("this is not an image")
+    Image.new("RGB", (1, 1), (10, 200, 30)).save(d / "dot.png")
+    Image.fromarray(rng.integers(0, 255, (64, 4097, 3), dtype=np.uint8)).save(d / "strip.png")
+    Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(d / "small.png")
+    good = (d / "content.png").read_bytes()
+    (d / "truncated.png").write_bytes(good[:len(good) // 2])
+    (d / "bomb.png").write_bytes(png_header(12000, 10000))
+    (d / "megabomb.png").write_bytes(png_header(20000, 20000))
     save_video(torch.rand(6, 40, 56, 3), d / "clip.mp4", fps=12)
+    (d / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + rng.integers(0, 255, 4000, dtype=np.uint8).tobytes())
     import av
 
     container = av.open(str(d / "zero.avi"), mode="w")  # a valid container whose stream has no frames
@@ -98,6 +94,18 @@ def files(tmp_path_factory):
     container.start_encoding()
     container.close()
     return {p.stem: handle_file(str(p)) for p in d.iterdir()}
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` (8-bit RGB) in its header and has no pixel data: what a decompression
+    bomb looks like before decoding."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return b"\x89PNG\r\n\x1a\n" + chunk + end
 
 
 def stylize(client, files, content="content", style="style", **overrides):
@@ -176,44 +184,197 @@ def test_a_huge_image_is_downscaled_with_a_notice(client, files):
     assert Image.open(image).size == (64, 48)
 
 
+def test_small_and_extreme_aspect_inputs_are_announced_with_the_size_used(client, files):
+    image, _, info, _ = stylize(client, files, content="small")
+    assert Image.open(image).size == (64, 48)
+    assert "The content image is 16x12, smaller than the output size 64: it was upscaled 4x to 64x48" in info
+    image, _, info, _ = stylize(client, files, content="strip")
+    assert Image.open(image).size == (64, 8)
+    assert "The content image is 4097x64, above the 512-pixel limit: it was downscaled to 512x8." in info
+    assert ("The content image is 4097x64 (64:1); at output size 64 it runs at 64x8 (8:1), so it is squashed: "
+            "raise the output size or crop the content image.") in info
+    _, _, info, _ = stylize(client, files)  # 64x48 at 64: nothing to announce
+    assert "upscaled" not in info and "squashed" not in info and "⚠️" not in info
+
+
+def _ramp16(h=24, w=32) -> np.ndarray:
+    return np.linspace(0, 65535, h * w).reshape(h, w).round().astype(np.uint16)
+
+
+def _mode_case(kind: str, d: Path) -> tuple[Path, np.ndarray, str | None]:
+    """(file, the RGB pixels it must read as, a notice it must produce) for one pixel format."""
+    import cv2
+
+    ramp = _ramp16()
+    gray8 = np.round(ramp / 257).astype(np.uint8)
+    rgb_of = lambda g: np.repeat(g[..., None], 3, -1)  # noqa: E731
+    path = d / f"{kind}.{'tif' if kind in ('I;16B', 'I', 'F', 'LAB', 'CMYK') else 'png'}"
+    if kind == "I;16":
+        Image.fromarray(ramp).save(path)  # a 16-bit grayscale PNG
+        assert Image.open(path).mode == "I;16"
+        return path, rgb_of(gray8), None
+    if kind == "I;16B":
+        Image.frombytes("I;16B", (32, 24), ramp.astype(">u2").tobytes()).save(path)
+        return path, rgb_of(gray8), None
+    if kind == "RGB16":
+        rgb16 = np.stack([ramp, ramp[::-1], np.full_like(ramp, 30000)], -1)
+        cv2.imwrite(str(path), rgb16[..., ::-1])  # a 48-bit RGB PNG (OpenCV writes BGR)
+        return path, np.round(rgb16 / 257).astype(np.uint8), None
+    if kind == "I":
+        Image.fromarray(ramp.astype(np.int32), "I").save(path)
+        return path, rgb_of(gray8), "32-bit integer pixels: values 0..65535 were mapped to 0..255"
+    if kind == "F":
+        Image.fromarray((ramp / 65535).astype(np.float32), "F").save(path)
+        return path, rgb_of(gray8), "32-bit float pixels: values 0..1 were mapped to 0..255"
+    alpha = np.tile(np.linspace(0, 255, 32).round().astype(np.uint8), (24, 1))
+    on_white = lambda c: np.round(c * (alpha[..., None] / 255) + 255 * (1 - alpha[..., None] / 255))  # noqa: E731
+    if kind == "LA":
+        Image.fromarray(np.stack([gray8, alpha], -1), "LA").save(path)
+        return path, on_white(rgb_of(gray8)).astype(np.uint8), "transparent pixels: they were placed on white"
+    if kind == "RGBA":
+        color = np.stack([gray8, 255 - gray8, np.full_like(gray8, 40)], -1)
+        Image.fromarray(np.dstack([color, alpha]), "RGBA").save(path)
+        return path, on_white(color).astype(np.uint8), "transparent pixels: they were placed on white"
+    if kind == "P":
+        index = (np.arange(24 * 32).reshape(24, 32) % 3).astype(np.uint8)
+        im = Image.fromarray(index, "P")
+        im.putpalette([200, 0, 0, 0, 0, 200, 0, 150, 0] + [0] * 759)
+        im.save(path, transparency=2)  # index 2 (green) is transparent
+        colors = np.array([[200, 0, 0], [0, 0, 200], [255, 255, 255]], np.uint8)
+        return path, colors[index], "transparent pixels: they were placed on white"
+    if kind == "CMYK":
+        cmyk = np.zeros((24, 32, 4), np.uint8)
+        cmyk[:, :16] = (0, 255, 255, 0)    # red
+        cmyk[:, 16:] = (0, 0, 0, 128)      # mid gray
+        Image.fromarray(cmyk, "CMYK").save(path)
+        want = np.zeros((24, 32, 3), np.uint8)
+        want[:, :16], want[:, 16:] = (255, 0, 0), (127, 127, 127)
+        return path, want, None
+    if kind == "LAB":
+        lab = np.zeros((24, 32, 3), np.uint8)
+        lab[..., 0] = np.tile(np.linspace(0, 255, 32).round().astype(np.uint8), (24, 1))  # L 0..100
+        lab[..., 1:] = 0  # PIL stores a and b as signed bytes: 0 is neutral gray
+        Image.fromarray(lab, "LAB").save(path)
+        from PIL import ImageCms
+
+        want = np.asarray(ImageCms.profileToProfile(Image.fromarray(lab, "LAB"), ImageCms.createProfile("LAB"),
+                                                    ImageCms.createProfile("sRGB"), outputMode="RGB"))
+        assert want[0, -1].min() > 240 and want[0, 0].max() < 15  # L 100 is white, L 0 black
+        return path, want, None
+    if kind == "1":
+        bits = (np.arange(24 * 32).reshape(24, 32) % 2).astype(bool)
+        Image.fromarray(bits).save(path)
+        return path, rgb_of(bits.astype(np.uint8) * 255), None
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["I;16", "I;16B", "RGB16", "I", "F", "LA", "RGBA", "P", "CMYK", "LAB", "1"])
+def test_every_pixel_format_is_converted_by_its_meaning(kind, tmp_path):
+    """A 16-bit PNG used to come out 99.6 % white (PIL clips I;16 to 255); now every mode maps to 8-bit sRGB by
+    its range, transparency goes on white, and what is not self-evident is announced."""
+    from std_app.media import read_image
+
+    path, want, notice = _mode_case(kind, tmp_path)
+    image, notices, size = read_image(path, "content image", 512)
+    got = np.asarray(image)
+    assert image.mode == "RGB" and size == (32, 24) and got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 2, (kind, got.mean(), want.mean())
+    if notice:
+        assert any(notice in n for n in notices), notices
+    else:
+        assert notices == []
+
+
 # Bad inputs: a readable message each, and the server keeps serving ---------------------------------------------------
+ONESTEP = "lora: 'sid_lsg_tiny_onestep' is a SiD-LSG one-step text-to-image generator, not an STD style-transfer LoRA"
 BAD_INPUTS = [
     pytest.param("stylize_image", dict(content=None), "content image: nothing was uploaded", id="empty-content"),
     pytest.param("stylize_image", dict(content="notes"),
                  "content image: 'notes.png' is not an image that can be read", id="content-not-an-image"),
+    pytest.param("stylize_image", dict(content="truncated"),
+                 "content image: 'truncated.png' is not an image that can be read", id="content-truncated-png"),
+    pytest.param("stylize_image", dict(content="bomb"), "content image: 'bomb.png' is 12000x10000 (120 megapixels), "
+                 "too large to decode; the limit is 100 megapixels", id="content-decompression-bomb"),
+    pytest.param("stylize_image", dict(content="megabomb"), "content image: 'megabomb.png' is too large to decode "
+                 "safely (Image size (400000000 pixels) exceeds limit", id="content-bomb-pil-refuses"),
+    pytest.param("stylize_image", dict(content="dot"), "content image: 'dot.png' is 1x1, too small to stylize: both "
+                 "sides need at least 8 pixels", id="content-1x1"),
     pytest.param("stylize_image", dict(style="notes"), "style image: 'notes.png' is not an image that can be read",
                  id="style-not-an-image"),
+    pytest.param("stylize_image", dict(style="dot"), "style image: 'dot.png' is 1x1, too small to stylize",
+                 id="style-1x1"),
     pytest.param("stylize_image", dict(nfe=40), "nfe: nfe 40 at start_strength 0.75 needs 54 scheduler steps, more "
                  "than the 50-step grid holds; the most at this start_strength is 37", id="nfe-beyond-the-grid"),
     pytest.param("stylize_image", dict(nfe=45, plan="trained_start"), "nfe: nfe 45 at start_strength 0.75 with the "
                  "trained_start plan needs more grid points", id="nfe-beyond-trained-start"),
+    pytest.param("stylize_image", dict(nfe=0), "nfe: got 0, allowed range is [1, 50]", id="nfe-zero"),
     pytest.param("stylize_image", dict(start_strength=1.5), "start_strength: got 1.5, allowed range is (0.0, 1.0]",
                  id="eta-out-of-range"),
     pytest.param("stylize_image", dict(lora=WRONG_BASE),
                  f"lora: '{WRONG_BASE}' does not fit the loaded base model tiny-sd15", id="lora-for-another-base"),
     pytest.param("stylize_image", dict(lora="nope"), "lora: 'nope' is not one of the loaded LoRAs",
                  id="unknown-lora"),
+    pytest.param("stylize_image", dict(lora="sid_lsg_tiny_onestep"), ONESTEP, id="one-step-lora-on-image"),
     pytest.param("stylize_image", dict(output_size=4096), "output_size: got 4096, allowed range is [32, 256]",
                  id="output-size-too-large"),
+    pytest.param("stylize_image", dict(output_size="big"), "output_size: expected an integer, got 'big' (str)",
+                 id="output-size-not-a-number"),
+    pytest.param("stylize_image", dict(cfg=31), "cfg: got 31.0, allowed range is [0.0, 30.0]", id="cfg-too-large"),
+    pytest.param("stylize_image", dict(gamma=1.5), "gamma: got 1.5, allowed range is [0.0, 1.0]", id="gamma-above-1"),
+    pytest.param("stylize_image", dict(seed=-1), "seed: got -1, allowed range is [0, ", id="seed-negative"),
+    pytest.param("stylize_image", dict(seed="abc"), "seed: expected an integer, got 'abc' (str)", id="seed-text"),
+    pytest.param("stylize_image", dict(plan="fastest"), "plan: got 'fastest', choose one of official, trained_start",
+                 id="unknown-plan"),
+    pytest.param("stylize_image", dict(style_preset="nope"), "style_preset: got 'nope', choose one of style, layout",
+                 id="unknown-style-preset"),
+    pytest.param("stylize_image", dict(style_weight=3), "style_weight: got 3.0, allowed range is [0.0, 2.0]",
+                 id="style-weight-too-large"),
+    pytest.param("stylize_image", dict(lora_scale=-1), "lora_scale: got -1.0, allowed range is [0.0, 2.0]",
+                 id="lora-scale-negative"),
+    pytest.param("stylize_video", dict(content=None), "video: nothing was uploaded", id="video-empty"),
     pytest.param("stylize_video", dict(content="zero"), "video: no frames left from 'zero.avi' (0 decoded)",
                  id="video-with-zero-frames"),
     pytest.param("stylize_video", dict(content="content"), "video: 'content.png' is not a supported video",
                  id="video-not-a-video"),
+    pytest.param("stylize_video", dict(content="corrupt"), "video: could not decode 'corrupt.mp4'",
+                 id="video-corrupt-mp4"),
+    pytest.param("stylize_video", dict(lora="sid_lsg_tiny_onestep"), ONESTEP, id="one-step-lora-on-video"),
+    pytest.param("stylize_video", dict(video=dict(fpb=0)), "frames_per_batch: got 0, allowed range is [1, 4096]",
+                 id="video-frames-per-batch-zero"),
+    pytest.param("stylize_video", dict(video=dict(fpb=4, overlap=4)), "overlap: got 4, allowed range is [0, 3]",
+                 id="video-overlap-not-below-batch"),
+    pytest.param("stylize_video", dict(video=dict(cap=10_000)), "frame_load_cap: got 10000, allowed range is [0, 120]",
+                 id="video-cap-above-the-app-limit"),
+    pytest.param("stylize_video", dict(video=dict(noise="random")), "noise: got 'random', choose one of shared, "
+                 "per_frame", id="video-unknown-noise"),
+    pytest.param("stylize_video", dict(video=dict(nth=0)), "select_every_nth: got 0, allowed range is [1, 100000]",
+                 id="video-every-0th-frame"),
     pytest.param("compare", dict(teacher_steps=45), "teacher_steps: got 45, allowed range is [1, 34]",
                  id="teacher-steps-beyond-the-grid"),
+    pytest.param("compare", dict(teacher_steps=0), "teacher_steps: got 0, allowed range is [1, 34]",
+                 id="teacher-steps-zero"),
+    pytest.param("compare", dict(content=None), "content image: nothing was uploaded", id="compare-empty-content"),
+    pytest.param("compare", dict(lora="sid_lsg_tiny_onestep"), ONESTEP, id="one-step-lora-on-compare"),
 ]
+VIDEO_DEFAULTS = dict(fpb=4, overlap=0, noise="shared", cap=0, nth=1)
 
 
-def _call(client, files, endpoint, content="content", style=None, teacher_steps=10, **overrides):
+def _call(client, files, endpoint, content="content", style=None, teacher_steps=10, video=None, **overrides):
     upload = files[content] if content else None
     style = files[style] if style else None
     if endpoint == "stylize_video":
-        return client.predict(upload, style, *settings(**overrides), 4, 0, "shared", 0, 1, api_name="/stylize_video")
+        v = dict(VIDEO_DEFAULTS, **(video or {}))
+        if content == "content" and video is not None or "lora" in overrides:
+            upload = files["clip"]
+        overrides.setdefault("lora", "std_tiny_v2v_eta0.75")
+        return client.predict(upload, style, *settings(**overrides), v["fpb"], v["overlap"], v["noise"], v["cap"],
+                              v["nth"], api_name="/stylize_video")
     if endpoint == "compare":
         return client.predict(upload, style, *compare_args(teacher_steps, **overrides), api_name="/compare")
     return client.predict(upload, style, *settings(**overrides), api_name="/stylize_image")
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("endpoint, overrides, message", BAD_INPUTS)
 def test_bad_input_gives_a_readable_error_and_the_server_keeps_serving(client, files, endpoint, overrides, message):
     with pytest.raises(AppError, match=re.escape(message)):
@@ -222,20 +383,72 @@ def test_bad_input_gives_a_readable_error_and_the_server_keeps_serving(client, f
     assert Path(image).is_file() and "NFE 1" in info
 
 
+ONE_STEP_BAD = [
+    pytest.param(dict(prompt=" "), "prompt: a one-step generator makes an image from the prompt", id="empty-prompt"),
+    pytest.param(dict(lora="std_tiny_i2i_eta0.75"), "lora: choose a SiD-LSG one-step LoRA", id="std-lora"),
+    pytest.param(dict(lora="nope"), "lora: 'nope' is not one of the loaded LoRAs", id="unknown-lora"),
+    pytest.param(dict(batch=99), "batch_size: got 99, allowed range is [1, 16]", id="batch-too-large"),
+    pytest.param(dict(width=4096), "width: got 4096, allowed range is [32, 256]", id="width-too-large"),
+    pytest.param(dict(height=0), "height: got 0, allowed range is [32, 256]", id="height-zero"),
+    pytest.param(dict(seed="x"), "seed: expected an integer, got 'x' (str)", id="seed-text"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("overrides, message", ONE_STEP_BAD)
+def test_one_step_bad_input(client, overrides, message):
+    args = dict(prompt="x", lora="sid_lsg_tiny_onestep", seed=1, randomize=False, width=64, height=64, batch=1)
+    args.update(overrides)
+    with pytest.raises(AppError, match=re.escape(message)):
+        client.predict(*args.values(), api_name="/one_step")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("args, message", [
+    pytest.param(("std_tiny_i2i_eta0.75", 0.75, True, 8, "fastest"), "⚠️ plan: got 'fastest'", id="unknown-plan"),
+    pytest.param(("nope", 0.75, True, 8, "official"), "⚠️ lora: 'nope' is not one of the loaded LoRAs",
+                 id="unknown-lora"),
+    pytest.param(("std_tiny_i2i_eta0.75", "x", True, 8, "official"), "⚠️ start_strength: expected a number",
+                 id="eta-text")])
+def test_plan_preview_answers_bad_settings_in_its_text(client, args, message):
+    assert client.predict(*args, api_name="/plan").startswith(message)
+
+
 # UI wiring ----------------------------------------------------------------------------------------------------------
 def test_everything_that_runs_the_model_shares_one_queue_worker(app):
     demo = gradio_app.build_demo(app)
-    gpu = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name in ("stylize_image", "stylize_video", "compare")}
-    assert set(gpu) == {"stylize_image", "stylize_video", "compare"}
+    names = ("stylize_image", "stylize_video", "compare", "one_step")
+    gpu = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name in names}
+    assert set(gpu) == set(names)
     assert all(fn.concurrency_id == gradio_app.GPU and fn.concurrency_limit == 1 for fn in gpu.values())
     assert all(not fn.preprocess for fn in gpu.values())  # uploads are opened by the handlers (readable errors)
+    # the API a client can call is exactly these and the plan preview; upload checks and the like stay private
+    public = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert public == {*names, "plan"}
 
 
-def test_server_is_local_unless_asked():
-    assert gradio_app.server_options(gradio_app.parse_args([])) == {"server_name": "127.0.0.1",
-                                                                    "server_port": 7860, "share": False}
+def test_server_is_local_unless_asked(tmp_path):
+    args = gradio_app.parse_args([])
+    assert gradio_app.server_options(args) == {"server_name": "127.0.0.1", "server_port": 7860, "share": False}
+    assert gradio_app.exposure_warning(args) is None
     args = gradio_app.parse_args(["--listen", "--share", "--port", "9000"])
     assert gradio_app.server_options(args) == {"server_name": "0.0.0.0", "server_port": 9000, "share": True}
+    warning = gradio_app.exposure_warning(args)
+    assert warning.startswith("warning: serving on every network interface (--listen) and a public gradio.live "
+                              "link (--share) with no login") and "--auth USER:PASS or --auth-file FILE" in warning
+    (tmp_path / "users.txt").write_text("# team\ncarol:c:o:l:o:n\n\n  dave:pw  \n", encoding="utf-8")
+    args = gradio_app.parse_args(["--share", "--auth", "alice:a1", "--auth", "bob:b:2", "--auth-file",
+                                  str(tmp_path / "users.txt")])
+    assert gradio_app.server_options(args)["auth"] == [("alice", "a1"), ("bob", "b:2"), ("carol", "c:o:l:o:n"),
+                                                       ("dave", "pw")]
+    assert gradio_app.exposure_warning(args) is None
+
+
+def test_banner_names_what_is_loaded(app):
+    text = gradio_app.banner(app)
+    assert "i2i η 0.65/0.75/0.85/0.95" in text and "v2v η 0.65/0.75/0.85/0.95" in text
+    assert "**One-step (SiD-LSG)** sid_lsg_tiny_onestep (t_init 625)" in text
+    assert "?" not in text and "onestep η" not in text
 
 
 # Engine and model files (no server) ---------------------------------------------------------------------------------
@@ -337,36 +550,9 @@ def test_style_files_that_do_not_fit_are_refused(tiny_root, tmp_path):
 def test_a_style_image_without_an_ip_adapter_is_a_readable_error(tiny_root, tmp_path, files):
     engine = load_engine(ModelOptions(base="tiny-sd15", models_dir=tiny_root, device="cpu", dtype="fp32"))
     assert engine.style is None
-    app = StyleApp(engine, tmp_path)
+    app = StyleApp(engine, tmp_path, local_files=True)
     with pytest.raises(gr.Error, match="no IP-Adapter is loaded"):
         app.stylize_image(files["content"]["path"], files["style"]["path"], *settings())
-
-
-def test_cli_tiny_serves_all_tabs(tmp_path):
-    """``python gradio_app.py --tiny`` as a user runs it: the page and its API come up with its four tabs."""
-    port = free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "gradio_app.py", "--tiny", "--port", str(port), "--output-dir",
-                             str(tmp_path / "out")], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        config = None
-        deadline = time.monotonic() + 180
-        while config is None and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5) as r:
-                    config = json.load(r)
-            except OSError:
-                time.sleep(0.5)
-        assert config is not None, (tmp_path / "server.log").read_text()[-3000:]
-        tabs = [c["props"].get("label") for c in config["components"] if c["type"] in ("tab", "tabitem")]
-        assert tabs == ["Image", "Video", "Compare", "One-step"]
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        assert "start timestep 739" in client.predict("std_tiny_i2i_eta0.75", 0.75, True, 8, "official",
-                                                      api_name="/plan")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_one_step_tab_generates_with_the_sid_lora_and_refuses_bad_input(client, app):
