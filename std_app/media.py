@@ -14,11 +14,11 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from comfyui_std.core import STDInputError, STDPlan
+from comfyui_std.core.images import image_to_float
 
 #: what PIL is allowed to decode at all (pixels); larger files are refused before decoding (decompression bombs)
 MAX_DECODE_PIXELS = 100_000_000
@@ -95,62 +95,15 @@ def scrub(message: str, path: Path) -> str:
 
 
 # Pixels -----------------------------------------------------------------------------------------------------------
-def _gray_from_array(values: np.ndarray, label: str, what: str, notices: list[str]) -> Image.Image:
-    """8-bit gray from 16-bit, 32-bit integer or float samples, mapped by the format's range (never clipped)."""
-    values = values.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise STDInputError(what, f"the image ({label}) has NaN or infinite pixels")
-    lo, hi = float(values.min()), float(values.max())
-    if label.startswith("16-bit"):
-        scale_lo, scale_hi = 0.0, 65535.0
-    elif lo >= 0 and hi <= 1.0 and label.startswith("32-bit float"):
-        scale_lo, scale_hi = 0.0, 1.0
-    elif lo >= 0 and hi <= 255:
-        scale_lo, scale_hi = 0.0, 255.0
-    elif lo >= 0 and hi <= 65535:
-        scale_lo, scale_hi = 0.0, 65535.0
-    else:
-        scale_lo, scale_hi = lo, hi if hi > lo else lo + 1.0
-    if not label.startswith("16-bit"):
-        notices.append(f"The {what} has {label} pixels: values {scale_lo:g}..{scale_hi:g} were mapped to 0..255.")
-    data = np.round((values - scale_lo) / (scale_hi - scale_lo) * 255.0).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(data, "L")
-
-
 def to_rgb(im: Image.Image, what: str) -> tuple[Image.Image, list[str]]:
-    """Any PIL mode as 8-bit sRGB, converted by its meaning rather than by clipping.
-
-    16-bit gray (``I;16*``) is scaled from 0..65535; 32-bit ``I`` and float ``F`` by their nominal range (announced);
-    transparent pixels (RGBA, LA, PA, P with transparency) are placed on white (announced); CMYK and RGB with an
-    embedded non-sRGB ICC profile go through a colour transform to sRGB (PIL converts LAB itself).
-    """
-    notices: list[str] = []
-    mode = im.mode
-    if mode.startswith("I;16"):
-        return _gray_from_array(np.asarray(im), "16-bit", what, notices).convert("RGB"), notices
-    if mode == "I":
-        return _gray_from_array(np.asarray(im), "32-bit integer", what, notices).convert("RGB"), notices
-    if mode == "F":
-        return _gray_from_array(np.asarray(im), "32-bit float", what, notices).convert("RGB"), notices
-    if mode in ("RGBA", "LA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        alpha = rgba.getchannel("A")
-        if alpha.getextrema()[0] < 255:
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            rgba = Image.alpha_composite(white, rgba)
-            notices.append(f"The {what} has transparent pixels: they were placed on white.")
-        return rgba.convert("RGB"), notices
-    icc = im.info.get("icc_profile")
-    if icc and mode in ("CMYK", "RGB"):
-        try:
-            import io
-
-            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            if mode == "CMYK" or "srgb" not in ImageCms.getProfileDescription(source).lower().replace(" ", ""):
-                return ImageCms.profileToProfile(im, source, ImageCms.createProfile("sRGB"), outputMode="RGB"), notices
-        except (ImageCms.PyCMSError, OSError, ValueError):
-            notices.append(f"The {what}'s colour profile could not be read: its colours were taken as they are.")
-    return im.convert("RGB"), notices
+    """Any PIL mode as 8-bit sRGB, converted by its meaning (the core's :func:`image_to_float`: 16-bit and float
+    levels kept, ICC profiles to sRGB); transparent pixels are placed on white (announced)."""
+    rgb, alpha, notices = image_to_float(im, what)
+    if alpha is not None and float(alpha.min()) < 1.0:
+        rgb = rgb * alpha[..., None] + (1.0 - alpha[..., None])
+        notices.append(f"The {what} has transparent pixels: they were placed on white.")
+    data = (rgb * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(data, "RGB"), notices
 
 
 def read_image(path: Path, what: str, max_side: int) -> tuple[Image.Image, list[str], tuple[int, int]]:
@@ -173,7 +126,7 @@ def read_image(path: Path, what: str, max_side: int) -> tuple[Image.Image, list[
                                           f"need at least {MIN_SOURCE_SIDE} pixels")
             if im.mode in ("RGB", "L", "CMYK", "YCbCr"):
                 im.draft(im.mode, (max_side, max_side))  # JPEG: decode at a reduced scale when far too large
-            image, notices = to_rgb(ImageOps.exif_transpose(im), what)
+            image, notices = to_rgb(im, what)
     except STDInputError:
         raise
     except Image.DecompressionBombError as err:

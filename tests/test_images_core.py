@@ -13,7 +13,7 @@ from comfyui_std.core.images import image_to_float, load_image_folder
 
 def test_sixteen_bit_and_float_images_keep_their_levels():
     ramp16 = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
-    rgb, alpha = image_to_float(Image.fromarray(ramp16))  # a 16-bit grey PNG opens as I;16
+    rgb, alpha, _ = image_to_float(Image.fromarray(ramp16))  # a 16-bit grey PNG opens as I;16
     assert alpha is None and rgb.shape == (64, 64, 3)
     assert torch.allclose(rgb[..., 0], torch.from_numpy(ramp16 / 65535.0).float(), atol=1e-6)
     assert 0.45 < float(rgb.mean()) < 0.55  # not clipped to white (what convert("RGB") does)
@@ -22,14 +22,18 @@ def test_sixteen_bit_and_float_images_keep_their_levels():
     floats = Image.fromarray((ramp16 / 65535.0).astype(np.float32), mode="F")
     assert torch.allclose(image_to_float(floats)[0], rgb, atol=1e-6)
     eight = Image.fromarray((ramp16 // 257).astype(np.uint8).astype(np.int32), mode="I")  # 8-bit values in mode I
-    assert float(image_to_float(eight)[0].max()) == 1.0
+    rgb8, _, notices = image_to_float(eight, "content image")
+    assert float(rgb8.max()) == 1.0 and notices == ["The content image has 32-bit integer pixels: values 0..255 "
+                                                    "were mapped to 0..255."]
+    with pytest.raises(STDInputError, match="NaN or infinite pixels"):
+        image_to_float(Image.fromarray(np.full((2, 2), np.nan, np.float32), mode="F"))
 
 
 def test_sixteen_bit_png_file_round_trip(tmp_path):
     arr = np.full((8, 8), 30000, np.uint16)
     Image.fromarray(arr).save(tmp_path / "a.png")
     with Image.open(tmp_path / "a.png") as im:
-        rgb, _ = image_to_float(im)
+        rgb, _, _ = image_to_float(im)
     assert abs(float(rgb.mean()) - 30000 / 65535) < 1e-6
 
 
@@ -37,10 +41,10 @@ def test_palette_alpha_cmyk_and_exif_orientation():
     pal = Image.new("P", (4, 4))
     pal.putpalette([255, 0, 0] + [0, 0, 255] * 255)
     pal.info["transparency"] = 0
-    rgb, alpha = image_to_float(pal)
+    rgb, alpha, _ = image_to_float(pal)
     assert torch.equal(alpha, torch.zeros(4, 4)) and torch.allclose(rgb[0, 0], torch.tensor([1.0, 0, 0]))
     la = Image.fromarray(np.stack([np.full((4, 4), 128, np.uint8), np.full((4, 4), 64, np.uint8)], 2), "LA")
-    rgb, alpha = image_to_float(la)
+    rgb, alpha, _ = image_to_float(la)
     assert abs(float(alpha.mean()) - 64 / 255) < 1e-6 and abs(float(rgb.mean()) - 128 / 255) < 1e-6
     cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red in CMYK
     assert torch.allclose(image_to_float(cmyk)[0][0, 0], torch.tensor([1.0, 0, 0]), atol=1 / 255)

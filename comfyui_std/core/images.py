@@ -2,8 +2,8 @@
 
 * :func:`image_to_float` turns any image Pillow opens into float RGB in 0..1 without clipping: 16-bit and 32-bit
   integer images are scaled by their bit depth (a 16-bit PNG is not 99 % white), float images by their range,
-  palette/CMYK/grey images through RGB; the alpha channel is returned separately (ComfyUI's convention: the mask is
-  ``1 - alpha``). EXIF orientation is applied.
+  palette/CMYK/grey images through RGB (ICC profiles to sRGB); the alpha channel is returned separately (ComfyUI's
+  convention: the mask is ``1 - alpha``). EXIF orientation is applied. The nodes and the Gradio app both use it.
 * :func:`load_image_folder` reads a folder of images as one ``[N, H, W, 3]`` batch with a cap, a skip, a sort order
   and an explicit rule for images of another size (refuse, or crop/stretch them to the first image's size), and says
   what it did.
@@ -28,36 +28,69 @@ MISMATCH_MODES = ("refuse", "crop to first", "stretch to first")
 MAX_PIXELS = 100_000_000
 
 
-def _scale_of(arr: np.ndarray, mode: str) -> float:
-    """The value that means "white" for a single-channel high-bit-depth image."""
-    if mode.startswith("I;16") or mode == "I;16B":
-        return 65535.0
-    top = float(arr.max()) if arr.size else 0.0
-    if mode == "F" and top <= 1.0:
-        return 1.0
-    for limit in (255.0, 65535.0):
-        if top <= limit:
-            return limit
-    return float(2 ** 32 - 1)
+def _grey_levels(values: np.ndarray, label: str, what: str, notices: list[str]) -> np.ndarray:
+    """Grey levels in 0..1 from 16-bit, 32-bit integer or float samples, mapped by the format's range (never
+    clipped): 16-bit by 0..65535; 32-bit integers and floats by the nominal range their values fit (0..1 for floats,
+    0..255, 0..65535), else by their own min..max (announced)."""
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise STDInputError(what, f"the image ({label}) has NaN or infinite pixels")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if label.startswith("16-bit"):
+        scale_lo, scale_hi = 0.0, 65535.0
+    elif lo >= 0 and hi <= 1.0 and label.startswith("32-bit float"):
+        scale_lo, scale_hi = 0.0, 1.0
+    elif lo >= 0 and hi <= 255:
+        scale_lo, scale_hi = 0.0, 255.0
+    elif lo >= 0 and hi <= 65535:
+        scale_lo, scale_hi = 0.0, 65535.0
+    else:
+        scale_lo, scale_hi = lo, hi if hi > lo else lo + 1.0
+    if not label.startswith("16-bit"):
+        notices.append(f"The {what} has {label} pixels: values {scale_lo:g}..{scale_hi:g} were mapped to 0..255.")
+    return ((values - scale_lo) / (scale_hi - scale_lo)).clip(0.0, 1.0).astype(np.float32)
 
 
-def image_to_float(image) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(rgb [H, W, 3] float32 in 0..1, alpha [H, W] float32 in 0..1 or None)`` of a PIL image, no clipping."""
-    from PIL import ImageOps
+_HIGH_DEPTH = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+               "F": "32-bit float"}
+
+
+def image_to_float(image, what: str = "image") -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """``(rgb [H, W, 3] float32 0..1, alpha [H, W] float32 0..1 or None, notices)`` of a PIL image, converted by
+    meaning rather than by clipping.
+
+    EXIF orientation is applied; 16-bit, 32-bit integer and float images keep their levels (:func:`_grey_levels`);
+    palette, grey, CMYK and alpha images go through RGB, with the alpha channel returned (not composited: ComfyUI
+    makes its mask from it, the app places it on white); CMYK and RGB images with an embedded non-sRGB ICC profile go
+    through a colour transform to sRGB. ``notices`` say what was mapped, for the user.
+    """
+    from PIL import ImageCms, ImageOps
 
     image = ImageOps.exif_transpose(image)
-    mode = image.mode
-    alpha = None
-    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        arr = np.asarray(image).astype(np.float64)
-        grey = np.clip(arr / _scale_of(arr, mode), 0.0, 1.0).astype(np.float32)
-        rgb = np.repeat(grey[..., None], 3, axis=2)
+    notices: list[str] = []
+    mode, alpha = image.mode, None
+    if mode in _HIGH_DEPTH:
+        grey = _grey_levels(np.asarray(image), _HIGH_DEPTH[mode], what, notices)
+        return torch.from_numpy(np.repeat(grey[..., None], 3, axis=2)), None, notices
+    if mode in ("RGBA", "LA", "RGBa", "PA", "La") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        alpha = torch.from_numpy(np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0)
+        rgb_image = rgba.convert("RGB")
     else:
-        if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
-            rgba = np.asarray(image.convert("RGBA"))
-            alpha = torch.from_numpy(rgba[..., 3].astype(np.float32) / 255.0)
-        rgb = np.asarray(image.convert("RGB")).astype(np.float32) / 255.0
-    return torch.from_numpy(np.ascontiguousarray(rgb)), alpha
+        rgb_image = image.convert("RGB")
+        icc = image.info.get("icc_profile")
+        if icc and mode in ("CMYK", "RGB"):
+            try:
+                import io
+
+                source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+                if mode == "CMYK" or "srgb" not in ImageCms.getProfileDescription(source).lower().replace(" ", ""):
+                    rgb_image = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"),
+                                                          outputMode="RGB")
+            except (ImageCms.PyCMSError, OSError, ValueError):
+                notices.append(f"The {what}'s colour profile could not be read: its colours were taken as they are.")
+    rgb = torch.from_numpy(np.asarray(rgb_image, dtype=np.float32) / 255.0)
+    return rgb, alpha, notices
 
 
 def _natural_key(name: str):
@@ -153,7 +186,7 @@ def load_image_folder(folder, image_load_cap: int = 0, skip_first_images: int = 
                 if im.width * im.height > MAX_PIXELS:
                     raise STDInputError("folder", f"'{path.name}' is {im.width}x{im.height}, above the "
                                                   f"{MAX_PIXELS // 1_000_000}-megapixel limit")
-                rgb, alpha = image_to_float(im)
+                rgb, alpha, _ = image_to_float(im, f"'{path.name}'")
         except STDInputError:
             raise
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
