@@ -7,7 +7,15 @@ drift apart.
 
 Both directions need ComfyUI's node definitions (``/object_info``), so run it inside a booted ComfyUI process:
 
-    COMFYUI_PATH=/path/to/ComfyUI python -m tools.workflow_format --regenerate
+    COMFYUI_PATH=/path/to/ComfyUI python -m tools.workflow_format --regenerate [--peers DIR]
+
+The ``interop_*`` workflows use nodes of VideoHelperSuite, AnimateDiff-Evolved and IPAdapter_plus: ``--peers DIR``
+(a folder holding those three packs) boots ComfyUI with them too (tests/peers_host.py); without it those
+workflows are skipped with a note.
+
+Two frontend conventions of other packs are followed: VideoHelperSuite's nodes (``VHS_*``) save their widgets as a
+name -> value object instead of a list, and a combo whose ``formats`` option maps the chosen value to a list of
+``[name, type, options]`` (VHS Video Combine's ``format``) adds those widgets to the node, and to the prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +25,12 @@ from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 REPO = Path(__file__).resolve().parents[1]
+#: node types whose frontend extension stores widgets_values as {widget name: value} (VideoHelperSuite's)
+KV_WIDGET_PREFIXES = ("VHS_",)
+
+
+def keyed_widgets(class_type: str) -> bool:
+    return class_type.startswith(KV_WIDGET_PREFIXES)
 
 
 def node_info(nodes_module, class_type: str) -> dict:
@@ -52,6 +66,28 @@ def _extra_widget_values(name: str, typ: str, opts: dict) -> int:
     return 0
 
 
+def format_widgets(opts: dict, value) -> list:
+    """The widgets ([name, type, options]) a ``formats`` combo adds for its chosen ``value`` (VHS Video Combine)."""
+    extra = (opts.get("formats") or {}).get(value) if isinstance(value, str) else None
+    return [w for w in extra if isinstance(w, (list, tuple)) and w and isinstance(w[0], str)] \
+        if isinstance(extra, (list, tuple)) else []
+
+
+def _keyed_inputs(info: dict, linked: dict, links: dict, values: dict) -> dict:
+    """API inputs of a node whose widgets_values is a {name: value} object."""
+    inputs = {}
+    for name, typ, opts in _inputs_in_order(info):
+        if name in linked:
+            link = links[linked[name]]
+            inputs[name] = [str(link[1]), link[2]]
+        elif typ in WIDGET_TYPES and name in values:
+            inputs[name] = values[name]
+            for extra in format_widgets(opts, values[name]):
+                if extra[0] in values:
+                    inputs[extra[0]] = values[extra[0]]
+    return inputs
+
+
 def ui_to_api(ui: dict, nodes_module) -> dict:
     """The API prompt the frontend would queue for a UI-format workflow."""
     links = {link[0]: link for link in ui["links"]}
@@ -61,6 +97,10 @@ def ui_to_api(ui: dict, nodes_module) -> dict:
             continue
         info = node_info(nodes_module, node["type"])
         linked = {i["name"]: i.get("link") for i in node.get("inputs", []) if i.get("link") is not None}
+        if isinstance(node.get("widgets_values"), dict):
+            inputs = _keyed_inputs(info, linked, links, node["widgets_values"])
+            prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+            continue
         values = list(node.get("widgets_values", []))
         inputs = {}
         for name, typ, opts in _inputs_in_order(info):
@@ -111,7 +151,7 @@ def api_to_ui(prompt: dict, nodes_module) -> dict:
         col = depth[nid]
         row = rows.get(col, 0)
         rows[col] = row + 1
-        inputs, widgets = [], []
+        inputs, widgets, keyed = [], [], {}
         for name, typ, opts in _inputs_in_order(info):
             value = node["inputs"].get(name)
             if isinstance(value, list):
@@ -123,12 +163,19 @@ def api_to_ui(prompt: dict, nodes_module) -> dict:
                     entry["widget"] = {"name": name}
                     widgets.append(opts.get("default"))
                     widgets.extend(["fixed"] * _extra_widget_values(name, typ, opts))
+                    keyed[name] = opts.get("default")
                 inputs.append(entry)
             elif typ in WIDGET_TYPES and name in node["inputs"]:
                 widgets.append(value)
+                keyed[name] = value
+                for extra in format_widgets(opts, value):
+                    if extra[0] in node["inputs"]:
+                        keyed[extra[0]] = node["inputs"][extra[0]]
                 extra = _extra_widget_values(name, typ, opts)
                 if extra:
                     widgets.append("fixed" if typ == "INT" else "image")
+        if keyed_widgets(node["class_type"]):
+            widgets = keyed
         outputs = [{"name": n, "type": t, "links": out_links.get((nid, i), []), "slot_index": i}
                    for i, (t, n) in enumerate(zip(info["output"], info["output_name"]))]
         nodes.append({"id": int(nid), "type": node["class_type"], "pos": [60 + 360 * col, 60 + 260 * row],
@@ -175,6 +222,7 @@ def thumbnail(ui: dict, nodes_module, size: tuple[int, int] = THUMB_SIZE):
     for n in nodes:
         cls = nodes_module.NODE_CLASS_MAPPINGS[n["type"]]
         name = nodes_module.NODE_DISPLAY_NAME_MAPPINGS.get(n["type"], n["type"])
+        name = "".join(ch for ch in name if ord(ch) < 0x2000).strip()  # no emoji glyphs in the default font
         category = str(getattr(cls, "CATEGORY", "") or "")
         colour = next((c for key, c in NODE_COLOURS.items() if category.startswith(key)), (70, 70, 70))
         x, y, xe, ye = box(n)
@@ -190,22 +238,53 @@ def thumbnail(ui: dict, nodes_module, size: tuple[int, int] = THUMB_SIZE):
 
 
 def regenerate(nodes_module, api_dir: Path = REPO / "example_workflows" / "api",
-               ui_dir: Path = REPO / "example_workflows"):
+               ui_dir: Path = REPO / "example_workflows") -> list[str]:
+    """Write every UI twin and thumbnail; returns the API files skipped because their nodes are not loaded."""
+    skipped = []
     for api_file in sorted(api_dir.glob("*.json")):
-        ui = api_to_ui(json.loads(api_file.read_text()), nodes_module)
+        prompt = json.loads(api_file.read_text())
+        missing = sorted({n["class_type"] for n in prompt.values()} - set(nodes_module.NODE_CLASS_MAPPINGS))
+        if missing:
+            skipped.append(api_file.name)
+            print(f"skipped {api_file.name}: nodes not loaded: {', '.join(missing)} (boot with --peers DIR)")
+            continue
+        ui = api_to_ui(prompt, nodes_module)
         (ui_dir / api_file.name).write_text(json.dumps(ui, indent=1) + "\n")
         thumbnail(ui, nodes_module).save(ui_dir / f"{api_file.stem}.jpg", quality=88)
         print(f"wrote {ui_dir / api_file.name} and its thumbnail")
+    return skipped
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    import argparse
     import sys
     import tempfile
 
+    parser = argparse.ArgumentParser(prog="python -m tools.workflow_format", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--regenerate", action="store_true", help="write every UI twin and thumbnail from its API file")
+    parser.add_argument("--peers", type=Path, metavar="DIR",
+                        help="folder with ComfyUI-VideoHelperSuite, ComfyUI-AnimateDiff-Evolved and "
+                             "ComfyUI_IPAdapter_plus: boot with them to convert the interop_* workflows too")
+    args = parser.parse_args(argv)
+    if not args.regenerate:
+        parser.error("nothing to do: pass --regenerate")
     sys.path.insert(0, str(REPO / "tests"))
     import comfy_host
+    import peers_host
 
-    if "--regenerate" not in sys.argv:
-        sys.exit(__doc__)
-    host = comfy_host.boot(Path(tempfile.mkdtemp()))
+    if args.peers is not None:
+        if not args.peers.is_dir():
+            parser.error(f"--peers: '{args.peers}' is not a folder")
+        missing = peers_host.missing_peers(args.peers)
+        if missing:
+            parser.error(f"--peers: '{args.peers}' lacks {', '.join(missing)}")
+    if not comfy_host.comfyui_path():
+        parser.error("set COMFYUI_PATH to a ComfyUI checkout (the node definitions come from it)")
+    base = Path(tempfile.mkdtemp(prefix="workflow_format_"))
+    host = peers_host.boot(base, args.peers) if args.peers is not None else comfy_host.boot(base)
     regenerate(host.nodes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
