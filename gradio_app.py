@@ -21,7 +21,8 @@ from comfyui_std.core.pipeline import NOISE_MODES  # noqa: E402
 from comfyui_std.core.style_blocks import PRESET_NAMES  # noqa: E402
 from std_app.handlers import Limits, StyleApp  # noqa: E402
 from std_app.models import NO_LORA  # noqa: E402
-from std_app.startup import ModelOptions, load_engine, tiny_options  # noqa: E402
+from std_app.cli import add_model_arguments, model_options  # noqa: E402
+from std_app.startup import load_engine  # noqa: E402
 
 TITLE = "STD style transfer"
 GPU = "gpu"  # one concurrency group: every event that runs the model shares one worker
@@ -31,23 +32,8 @@ RESULT_HEIGHT = 480
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    m = p.add_argument_group("models (paths, names inside --models-dir, or Hugging Face references)")
-    m.add_argument("--models-dir", type=Path, help="a ComfyUI models folder: checkpoints/, diffusers/, loras/, "
-                                                  "ipadapter/, clip_vision/")
-    m.add_argument("--base", help="SDXL or SD1.5 base: diffusers folder, single .safetensors file, file name in "
-                                  "checkpoints/, or a Hub id (owner/name, downloads with a progress bar)")
-    m.add_argument("--base-config", help="diffusers folder (or Hub id) with the configs of a single-file base")
-    m.add_argument("--lora", action="append", default=[], help="STD LoRA file (repeatable; default: every STD LoRA "
-                                                               "in --models-dir/loras); hf:owner/name/file works too")
-    m.add_argument("--ip-adapter", help="IP-Adapter file for the style reference (default: "
-                                        "ip-adapter_sdxl_vit-h.safetensors in ipadapter/ if present)")
-    m.add_argument("--image-encoder", help="its CLIP image encoder (default: CLIP-ViT-H-14-laion2B-s32B-b79K."
-                                           "safetensors in clip_vision/ if present)")
-    m.add_argument("--tiny", nargs="?", const="sd15", choices=("sd15", "sdxl"),
-                   help="build tiny random models in-process (offline smoke test; default architecture sd15)")
+    add_model_arguments(p)
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
-    r.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
     r.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where results are written")
     r.add_argument("--max-frames", type=int, default=120, help="most video frames stylized per run")
     s = p.add_argument_group("server")
@@ -55,14 +41,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 (all interfaces) instead of 127.0.0.1")
     s.add_argument("--share", action="store_true", help="also open a public *.gradio.live link")
     return p.parse_args(argv)
-
-
-def model_options(args: argparse.Namespace) -> ModelOptions:
-    if args.tiny:
-        return tiny_options(args.tiny)
-    return ModelOptions(base=args.base, base_config=args.base_config, loras=args.lora, ip_adapter=args.ip_adapter,
-                        image_encoder=args.image_encoder, models_dir=args.models_dir, device=args.device,
-                        dtype=args.dtype)
 
 
 # UI ---------------------------------------------------------------------------------------------------------------
