@@ -102,7 +102,7 @@ def _open_audio(path: Path):
         container = av.open(str(path))
     except Exception as err:  # PyAV raises InvalidDataError and friends for unreadable files
         raise STDInputError("audio", f"could not open '{path.name}': {type(err).__name__}: {err}") from None
-    if not container.streams.audio:
+    if not container.streams.audio or container.streams.audio[0].codec_context is None:
         container.close()
         return None, None
     return container, container.streams.audio[0]

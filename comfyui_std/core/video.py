@@ -188,8 +188,7 @@ class VideoReader:
         self.path, self.resize = path, resize
         self.frame_count = 0
         self.decoded_frames = 0
-        self._sel_args = (cap, skip, nth)
-        notices = []
+        self._notices = notices = []
         if path.is_dir():
             self._files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not self._files:
@@ -237,10 +236,17 @@ class VideoReader:
                 if not container.streams.video:
                     raise STDInputError("video", f"'{name}' has no video stream")
                 stream = container.streams.video[0]
+                if stream.codec_context is None:
+                    raise STDInputError("video", f"'{name}': its video codec cannot be decoded by this FFmpeg build "
+                                                 f"(PyAV {av.__version__}); convert it to h264, e.g. ffmpeg -i "
+                                                 f"'{name}' -c:v libx264 -c:a aac out.mp4")
                 src_fps = float(stream.average_rate or stream.guessed_rate or 0) or 8.0
                 self._source_size = (stream.codec_context.width, stream.codec_context.height)
                 audio = container.streams.audio
-                audio_codec = audio[0].codec_context.name if audio else None
+                audio_codec = audio[0].codec_context.name if audio and audio[0].codec_context else None
+                if audio and audio_codec is None:
+                    self._notices.append(f"the audio of '{name}' cannot be decoded by this FFmpeg build and is "
+                                         f"not kept")
                 frames = int(stream.frames) or None
             variable = False
             if probe:
