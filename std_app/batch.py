@@ -210,6 +210,7 @@ class Outcome:
     frames: int = 0
     seconds: float = 0.0
     notices: tuple[str, ...] = ()
+    rank: int = 0        # the process that ran it
 
 
 class Stylizer:
@@ -288,7 +289,8 @@ class Stylizer:
         return result.frames, self.notices["v2v"] + notices
 
 
-def run_jobs(stylizer: Stylizer, jobs: list[Job], overwrite: bool, rank: int = 0, world: int = 1) -> list[Outcome]:
+def run_jobs(stylizer: Stylizer, jobs: list[Job], rank: int = 0, world: int = 1) -> list[Outcome]:
+    """Stylize each job; a failure is reported (name and reason) and the run goes on."""
     from tqdm.auto import tqdm
 
     outcomes = []
@@ -296,9 +298,6 @@ def run_jobs(stylizer: Stylizer, jobs: list[Job], overwrite: bool, rank: int = 0
     files = tqdm(jobs, desc=f"{prefix}files", unit="file", position=2 * rank, dynamic_ncols=True)
     for job in files:
         name = str(job.source)
-        if job.output.exists() and not overwrite:
-            outcomes.append(Outcome(name, str(job.output), "skipped", "output exists (use --overwrite)"))
-            continue
         files.set_postfix_str(job.source.name)
         start = time.perf_counter()
         try:
@@ -318,18 +317,15 @@ def run_jobs(stylizer: Stylizer, jobs: list[Job], overwrite: bool, rank: int = 0
                     frames, notices = stylizer.video(job, progress)
                 finally:
                     bar.close()
-        except STDInputError as err:
-            outcomes.append(Outcome(name, str(job.output), "failed", str(err)))
-            tqdm.write(f"failed: {name}: {err}", file=sys.stderr)
-            continue
-        except Exception as err:  # out of memory, a full disk, a decoder crash: report it and go on
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            outcomes.append(Outcome(name, str(job.output), "failed", reason))
+        except Exception as err:  # a bad file, out of memory, a full disk: report it and go on with the others
+            reason = str(err) if isinstance(err, STDInputError) else (
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            outcomes.append(Outcome(name, str(job.output), "failed", reason, rank=rank))
             tqdm.write(f"failed: {name}: {reason}", file=sys.stderr)
             log.debug("%s failed", name, exc_info=True)
             continue
         seconds = time.perf_counter() - start
-        outcomes.append(Outcome(name, str(job.output), "done", "", frames, seconds, tuple(notices)))
+        outcomes.append(Outcome(name, str(job.output), "done", "", frames, seconds, tuple(notices), rank))
         for notice in notices:
             tqdm.write(f"{job.source.name}: {notice}", file=sys.stderr)
     files.close()
@@ -344,6 +340,25 @@ def summary(outcomes: list[Outcome]) -> str:
              f"exists), {counts['failed']} failed"]
     lines += [f"  failed: {o.source}: {o.reason}" for o in outcomes if o.status == "failed"]
     return "\n".join(lines)
+
+
+def _tiny_root(args, state, scratch: Path) -> Path | None:
+    """Where ``--tiny`` builds its models: one folder, built by the first process, when there are several (the
+    Hugging Face writers save on the main process only)."""
+    if not args.tiny:
+        return None
+    if state is None:
+        return scratch
+    from accelerate.utils import broadcast_object_list
+
+    from . import tiny
+
+    path = [None]
+    if state.is_main_process:
+        tiny.build_tiny_models(scratch, args.tiny)
+        path = [str(scratch)]
+    broadcast_object_list(path)
+    return Path(path[0])
 
 
 def _distributed():
@@ -369,23 +384,37 @@ def main(argv=None) -> int:
         return 2
     rank, world, state = _distributed()
     mine = jobs[rank::world]  # interleaved: files of similar size usually sit next to each other
-    with tempfile.TemporaryDirectory(prefix="std-tiny-") as tiny_root:
-        options = model_options(args, Path(tiny_root) if args.tiny else None)
-        if state is not None and args.device == "auto":
-            options.device = str(state.device)
-        try:
-            from .startup import load_engine
+    todo = [j for j in mine if args.overwrite or not j.output.is_file()]  # a finished output is a file
+    outcomes = [Outcome(str(j.source), str(j.output), "skipped", "output exists (use --overwrite)", rank=rank)
+                for j in mine if j not in todo]
+    error = None
+    with tempfile.TemporaryDirectory(prefix="std-tiny-") as scratch:
+        if todo:
+            options = model_options(args, _tiny_root(args, state, Path(scratch)))
+            if state is not None and args.device == "auto":
+                options.device = str(state.device)
+            try:
+                from .startup import load_engine
 
-            engine = load_engine(options)
-            stylizer = Stylizer(engine, args)
-        except STDInputError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        outcomes = run_jobs(stylizer, mine, args.overwrite, rank, world)
-    if state is not None:
-        from accelerate.utils import gather_object
+                stylizer = Stylizer(load_engine(options), args)
+            except STDInputError as err:
+                error = str(err)
+            else:
+                outcomes += run_jobs(stylizer, todo, rank, world)
+        elif state is not None:
+            _tiny_root(args, state, Path(scratch))  # take part in the broadcast
+        if state is not None:  # every process reports to the first (all take part, also after an error)
+            from accelerate.utils import gather_object
 
-        outcomes = [Outcome(**o) for o in gather_object([asdict(o) for o in outcomes])]
+            parts = gather_object([{"error": error, "outcomes": [asdict(o) for o in outcomes]}])
+            error = next((p["error"] for p in parts if p["error"]), None)
+            outcomes = [Outcome(**o) for p in parts for o in p["outcomes"]]
+    if error is not None:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    order = {str(j.source): i for i, j in enumerate(jobs)}
+    outcomes.sort(key=lambda o: order.get(o.source, len(order)))
     if rank == 0:
         print(summary(outcomes))
         if args.report is not None:
