@@ -120,21 +120,20 @@ class RunResult:
 
 @dataclass
 class VideoRunResult:
-    """What :meth:`STDEngine.run_video_file` wrote."""
+    """What :meth:`STDEngine.run_video_file` wrote: the stream's report (``path``, ``frames``, ``fps``, ``width``,
+    ``height``, ``chunks``, ``audio``, ``notices``; read through this object too) and the run's settings."""
 
-    path: Path
-    frames: int
-    fps: float
-    width: int
-    height: int
-    chunks: int
-    audio: str             # "none", "copied (aac)", "re-encoded to AAC", ...
+    report: StreamReport
     plan: STDPlan
     seconds: float
     settings: StyleSettings
     lora: LoraEntry | None
-    notices: list[str]
-    record: dict           # the settings record written into the file's "comment" tag (JSON)
+    record: dict  # the settings record written into the file's "comment" tag (JSON)
+
+    def __getattr__(self, name):
+        if name == "report":
+            raise AttributeError(name)
+        return getattr(self.report, name)
 
 
 class STDEngine:
@@ -443,6 +442,6 @@ class STDEngine:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
-        return VideoRunResult(report.path, report.frames, report.fps, report.width, report.height, report.chunks,
-                              report.audio, plan, seconds, settings, entry, report.notices + notices, rec)
+        report.notices += notices
+        return VideoRunResult(report, plan, seconds, settings, entry, rec)
 

@@ -108,6 +108,18 @@ def test_overwrite_recursive_and_the_settings(tmp_path, flags):
     assert (out / "top.png").read_bytes() != first
 
 
+def test_frames_folder_becomes_one_video(tmp_path, flags):
+    from media_files import numbered_frame
+
+    frames = tmp_path / "shot"
+    frames.mkdir()
+    for i in range(5):
+        Image.fromarray(numbered_frame(i, 24, 32)).save(frames / f"{i:04d}.png")
+    out = tmp_path / "out"
+    assert main(frames, "--frames-folder", "--output", out, *flags, *FAST) == 0
+    assert os.listdir(out) == ["shot.mp4"] and streams(out / "shot.mp4") == (5, ["video"])
+
+
 # Bad files: one run over a folder of them, the run goes on ----------------------------------------------------
 BAD_FILES = {
     "corrupt.png": lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40),

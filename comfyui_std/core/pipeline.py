@@ -12,6 +12,8 @@ front end:
 * with gamma > 0 the per-step noise of the STD step (:func:`step_noise_sampler`) is drawn from a generator seeded
   with ``seed`` on the latent's device, once for one frame and repeated (shared) or for the whole chunk
   (per_frame), restarting for every chunk;
+* a streamed clip (:mod:`.stream`) draws the same start noise a few frames at a time (:class:`StartNoise`) and runs
+  the same chunk function (:func:`std_chunk_runner`), so streamed and in-memory outputs are identical;
 * per-frame tensors that travel with a chunk (inpainting masks, ControlNet hints) are sliced with
   :func:`frame_rows`, ComfyUI's broadcast rule: frame ``i`` of an ``n``-frame batch uses row ``i % k`` of a ``k``-row
   tensor, a single row serves every frame.

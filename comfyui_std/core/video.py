@@ -1,11 +1,14 @@
 """Video input/output and chunking for video style transfer (torch + PyAV; no ComfyUI, no diffusers).
 
-* :func:`load_video` decodes a video file (mp4, webm, mov, mkv, gif) as a stream, or reads a folder of frames, and
-  returns only what was asked for: with a frame cap it stops decoding early, and memory holds only kept frames.
-* :func:`save_video` writes an IMAGE-style batch ``[T, H, W, 3]`` (float 0..1) as mp4 (h264), webm (vp9),
-  animated webp or gif.
+* :func:`open_video` opens a video file (mp4, webm, mov, mkv, avi, gif) or a folder of frames as a stream
+  (:class:`VideoReader`): frames are decoded as they are read, with a frame cap decoding stops early, and only the
+  frames being handed out are in memory. :func:`load_video` reads the selection into one IMAGE-style tensor.
+* :class:`VideoWriter` writes frames incrementally as mp4/mov/mkv/avi (h264), webm (vp9), gif or animated webp, with
+  an optional audio track (:mod:`.audio`), to a temporary file that is renamed only when complete;
+  :func:`save_video` writes an IMAGE-style batch ``[T, H, W, 3]`` (float 0..1) through it.
 * :func:`chunk_ranges` / :class:`ChunkBlender` (:func:`blend_chunks`) split a long clip into overlapping chunks and
-  cross-fade the overlaps, so peak memory follows the chunk size and no seam shows.
+  cross-fade the overlaps, so peak memory follows the chunk size and no seam shows (:mod:`.stream` runs the whole
+  stylization this way).
 """
 
 from __future__ import annotations
