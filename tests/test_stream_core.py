@@ -360,7 +360,8 @@ def test_odd_frame_sizes_are_written(tmp_path, size):
 @pytest.mark.parametrize("where, match", [
     (lambda d: d / "missing" / "out.mp4", "folder .* does not exist"),
     (lambda d: (d / "dir.mp4").mkdir() or d / "dir.mp4", "is a folder"),
-    (lambda d: (d / "file").write_text("x") and d / "file" / "out.mp4", "does not exist")])
+    (lambda d: (d / "file").write_text("x") and d / "file" / "out.mp4", "does not exist"),
+    (lambda d: d / "out.flv", "format: got 'flv', choose one of mp4, webm, mov, mkv, avi, gif, webp")])
 def test_unwritable_output(tmp_path, where, match):
     with pytest.raises(STDInputError, match=match):
         VideoWriter(where(tmp_path), 8)

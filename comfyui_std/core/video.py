@@ -210,7 +210,6 @@ class VideoReader:
                 notices.append(f"'{path.name}' has a variable frame rate: its frames were resampled by their "
                                f"timestamps to a constant {src_fps:g} fps (its average), so the audio stays in sync")
             gen = self._file_frames(src_fps)
-        self._rate = rate
         self._sel = _Selector(cap, skip, nth, rate)
         self._gen = gen
         first = next(self._gen, None)
