@@ -23,7 +23,8 @@ from comfyui_std.core.pipeline import NOISE_MODES  # noqa: E402
 from comfyui_std.core.style_blocks import PRESET_NAMES  # noqa: E402
 from std_app.handlers import Limits, StyleApp  # noqa: E402
 from std_app.models import NO_LORA  # noqa: E402
-from std_app.startup import ModelOptions, load_engine, tiny_options  # noqa: E402
+from std_app.cli import add_model_arguments, model_options  # noqa: E402
+from std_app.startup import load_engine  # noqa: E402
 
 TITLE = "STD style transfer"
 GPU = "gpu"  # one concurrency group: every event that runs the model shares one worker
@@ -100,47 +101,12 @@ def check_output_dir(path: Path) -> str | None:
     return None
 
 
-def check_device(device: str) -> str | None:
-    """Why ``--device`` cannot be used, or None."""
-    import torch
-
-    if device == "auto":
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        return f"'{device}' is not a device: use auto, cpu, cuda, cuda:1, mps, ..."
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"'{device}': no CUDA GPU is available to this torch (torch.cuda.is_available() is False)"
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            return f"'{device}': there are only {torch.cuda.device_count()} CUDA devices"
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        return f"'{device}': MPS is not available on this machine"
-    return None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked: a bad value ends in ``error: ...`` and exit code 2 (the output folder is checked
     by :func:`main`, which creates it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    m = p.add_argument_group("models (paths, names inside --models-dir, or Hugging Face references)")
-    m.add_argument("--models-dir", type=Path, help="a ComfyUI models folder: checkpoints/, diffusers/, loras/, "
-                                                  "ipadapter/, clip_vision/")
-    m.add_argument("--base", help="SDXL or SD1.5 base: diffusers folder, single .safetensors file, file name in "
-                                  "checkpoints/, or a Hub id (owner/name, downloads with a progress bar)")
-    m.add_argument("--base-config", help="diffusers folder (or Hub id) with the configs of a single-file base")
-    m.add_argument("--lora", action="append", default=[], help="STD LoRA file (repeatable; default: every STD LoRA "
-                                                               "in --models-dir/loras); hf:owner/name/file works too")
-    m.add_argument("--ip-adapter", help="IP-Adapter file for the style reference (default: "
-                                        "ip-adapter_sdxl_vit-h.safetensors in ipadapter/ if present)")
-    m.add_argument("--image-encoder", help="its CLIP image encoder (default: CLIP-ViT-H-14-laion2B-s32B-b79K."
-                                           "safetensors in clip_vision/ if present)")
-    m.add_argument("--tiny", nargs="?", const="sd15", choices=("sd15", "sdxl"),
-                   help="build tiny random models in-process (offline smoke test; default architecture sd15)")
+    add_model_arguments(p)
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
-    r.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
     r.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where results are written (created)")
     r.add_argument("--max-frames", type=_frames, default=120, help="most video frames stylized per run (default 120)")
     s = p.add_argument_group("server")
@@ -156,18 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.auth = args.auth + read_auth_file(args.auth_file)
         except argparse.ArgumentTypeError as err:
             p.error(f"argument --auth-file: {err}")
-    problem = check_device(args.device)
-    if problem:
-        p.error(f"argument --device: {problem}")
     return args
-
-
-def model_options(args: argparse.Namespace) -> ModelOptions:
-    if args.tiny:
-        return tiny_options(args.tiny)
-    return ModelOptions(base=args.base, base_config=args.base_config, loras=args.lora, ip_adapter=args.ip_adapter,
-                        image_encoder=args.image_encoder, models_dir=args.models_dir, device=args.device,
-                        dtype=args.dtype)
 
 
 # UI ---------------------------------------------------------------------------------------------------------------

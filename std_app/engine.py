@@ -9,6 +9,7 @@ goes through diffusers' IP-Adapter with the shared style-block preset (:func:`di
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import warnings
@@ -16,17 +17,23 @@ from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 import dataclasses
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from comfyui_std.core import DiscreteSchedule, KDenoiser, STDInputError, STDPlan, check_range, std_plan
 from comfyui_std.core.plan import check_gamma, check_nfe, check_start_strength, origin_grid
-from comfyui_std.core.pipeline import check_noise_mode, stylize_latents
+from comfyui_std.core.pipeline import check_noise_mode, std_chunk_runner, stylize_latents
+from comfyui_std.core.stream import StreamReport, stylize_video_file
 from comfyui_std.core.style_blocks import PRESET_NAMES, diffusers_ip_scale
 
+from .media import fit_size, plan_record, resize_frames
 from .models import LoraCatalog, LoraEntry, architecture, check_lora_fits
 
 MAX_SEED = 2 ** 63 - 1
+#: the most frames :meth:`STDEngine.run_video_file` stylizes from one file (about an hour at 30 fps); front ends
+#: state their own, lower limit with ``max_frames``
+MAX_VIDEO_FRAMES = 100_000
 
 
 def app_plan(nfe, start_strength, plan: str = "official") -> STDPlan:
@@ -109,6 +116,24 @@ class RunResult:
     seconds: float
     settings: StyleSettings
     lora: LoraEntry | None
+
+
+@dataclass
+class VideoRunResult:
+    """What :meth:`STDEngine.run_video_file` wrote: the stream's report (``path``, ``frames``, ``fps``, ``width``,
+    ``height``, ``chunks``, ``audio``, ``notices``; read through this object too) and the run's settings."""
+
+    report: StreamReport
+    plan: STDPlan
+    seconds: float
+    settings: StyleSettings
+    lora: LoraEntry | None
+    record: dict  # the settings record written into the file's "comment" tag (JSON)
+
+    def __getattr__(self, name):
+        if name == "report":
+            raise AttributeError(name)
+        return getattr(self.report, name)
 
 
 class STDEngine:
@@ -305,7 +330,8 @@ class STDEngine:
         return RunResult(images, plan, seconds, settings, entry)
 
     def run(self, frames: torch.Tensor, settings: StyleSettings, style_image=None, *, teacher_steps: int | None = None,
-            frames_per_batch: int | None = None, overlap: int = 0, noise: str = "shared") -> RunResult:
+            frames_per_batch: int | None = None, overlap: int = 0, noise: str = "shared",
+            progress_bar: bool = True) -> RunResult:
         """Stylize frames [N, H, W, 3] (an image is N = 1) with STD, or with the teacher when ``teacher_steps``.
 
         The teacher is the base model without the LoRA, run for ``teacher_steps`` DDIM steps from the same start
@@ -329,10 +355,93 @@ class STDEngine:
                 out = stylize_latents(self.denoiser(branches, settings.cfg), latents, self.sigmas(plan),
                                       settings.seed, gamma=settings.gamma, noise=noise,
                                       frames_per_batch=frames_per_batch, overlap=overlap, schedule=self.schedule,
-                                      disable=False)
+                                      disable=not progress_bar)
                 images = self.decode(out, batch)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
         return RunResult(images, plan, seconds, settings, None if teacher_steps is not None else entry)
+
+
+    # Streamed video -----------------------------------------------------------------------------------------------
+    @contextmanager
+    def vae_tiling(self, enabled: bool):
+        """Tiled VAE encode/decode (diffusers' ``enable_tiling``) inside the block, for frames larger than the VAE's
+        tile; the previous setting is restored after."""
+        vae = self.pipe.vae
+        before = bool(getattr(vae, "use_tiling", False))
+        vae.enable_tiling() if enabled else vae.disable_tiling()
+        try:
+            yield
+        finally:
+            vae.enable_tiling() if before else vae.disable_tiling()
+
+    def run_video_file(self, source, output, settings: StyleSettings, style_image=None, *, size: int | None = None,
+                       frames_per_batch: int = 16, overlap: int = 0, noise: str = "shared", frame_load_cap: int = 0,
+                       skip_first_frames: int = 0, select_every_nth: int = 1, force_rate: float = 0.0,
+                       max_frames: int = MAX_VIDEO_FRAMES, tiled_vae: bool = False, audio: bool = True,
+                       fmt: str | None = None, record: dict | None = None, progress=None) -> VideoRunResult:
+        """Stylize a video file into ``output`` chunk by chunk (:func:`comfyui_std.core.stream.stylize_video_file`):
+        memory follows ``frames_per_batch``, not the clip length, and the frames equal :meth:`run` on the same
+        frames with the same settings (the VAE runs in blocks of ``frames_per_batch`` in both).
+
+        Args:
+            source: a video file (mp4, webm, mov, mkv, avi, gif) or a folder of frames.
+            output: the file to write; its container is ``fmt`` or the source's (a folder gives mp4). Written to a
+                temporary name and renamed when complete: on any error nothing is left behind.
+            settings, style_image: as :meth:`run`.
+            size: long side of the output in pixels (aspect kept, sides multiples of the VAE's 8); None keeps the
+                source size (snapped to multiples of 8).
+            frames_per_batch, overlap, noise: the chunking and noise policy (as the ComfyUI video node).
+            frame_load_cap, skip_first_frames, select_every_nth, force_rate: the frame selection of
+                :func:`~comfyui_std.core.video.load_video`; ``frame_load_cap`` 0 means up to ``max_frames``.
+            max_frames: the most frames stylized (longer clips are cut, with a notice).
+            tiled_vae: encode and decode in tiles (large frames on a small GPU).
+            audio: keep the source's audio (copied, or re-encoded when the container needs it).
+            record: extra fields for the settings record written into the file.
+            progress: ``progress(frames_done, frames_total_or_None)`` after every chunk.
+        """
+        settings = settings.validated()
+        check_noise_mode(noise)
+        max_frames = check_range("max_frames", max_frames, 1, MAX_VIDEO_FRAMES, kind=int)
+        cap = check_range("frame_load_cap", frame_load_cap, 0, max_frames, kind=int) or max_frames
+        frames_per_batch = check_range("frames_per_batch", frames_per_batch, 1, 4096, kind=int)
+        overlap = check_range("overlap", overlap, 0, frames_per_batch - 1, kind=int)
+        if size is not None:
+            size = check_range("size", size, self.vae_scale, 16384, kind=int)
+        entry = self.catalog.get(settings.lora)
+        plan = app_plan(settings.nfe, settings.start_strength, settings.plan)
+        from comfyui_std.core.video import open_video
+
+        with open_video(source, cap, skip_first_frames, select_every_nth, force_rate, "none") as reader:
+            info = reader.info
+            width, height = fit_size(info.width, info.height, size or max(info.width, info.height), self.vae_scale)
+            notices = []
+            if not frame_load_cap and (info.selectable_frames or 0) > max_frames:
+                notices.append(f"Only the first {max_frames} frames of '{info.path.name}' are stylized (the limit).")
+            rec = {"app": "std_app", "settings": settings.as_dict(), "plan": plan_record(plan),
+                   "size": f"{width}x{height}", "fps": info.fps, "frames_per_batch": frames_per_batch,
+                   "overlap": overlap, "noise": noise, "base_model": self.base_label,
+                   "lora": entry.name if entry else None, "source": info.path.name,
+                   "style": f"{settings.style_preset} x{settings.style_weight:g}" if style_image is not None else None,
+                   **(record or {})}
+            with self._lock:
+                start = time.perf_counter()
+                self.use_lora(entry, settings.lora_scale)
+                with self.vae_tiling(tiled_vae):
+                    branches = self.branches(settings, height, width, style_image)
+                    run_chunk = std_chunk_runner(self.denoiser(branches, settings.cfg), self.sigmas(plan),
+                                                 settings.seed, gamma=settings.gamma, noise=noise,
+                                                 schedule=self.schedule, disable=True)
+                    report: StreamReport = stylize_video_file(
+                        reader, output, seed=settings.seed, noise=noise, frames_per_batch=frames_per_batch,
+                        overlap=overlap, vae_batch=frames_per_batch, audio=audio, fmt=fmt, progress=progress,
+                        encode=lambda f: self.encode(resize_frames(f, (width, height)), frames_per_batch),
+                        run_chunk=run_chunk, decode=lambda z: self.decode(z, frames_per_batch),
+                        metadata={"comment": json.dumps(rec, sort_keys=True)})
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
+        report.notices += notices
+        return VideoRunResult(report, plan, seconds, settings, entry, rec)
 

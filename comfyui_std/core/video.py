@@ -1,16 +1,21 @@
 """Video input/output and chunking for video style transfer (torch + PyAV; no ComfyUI, no diffusers).
 
-* :func:`load_video` decodes a video file (mp4, webm, mov, mkv, gif) as a stream, or reads a folder of frames, and
-  returns only what was asked for: with a frame cap it stops decoding early, and memory holds only kept frames.
-* :func:`save_video` writes an IMAGE-style batch ``[T, H, W, 3]`` (float 0..1) as mp4 (h264), webm (vp9),
-  animated webp or gif.
+* :func:`open_video` opens a video file (mp4, webm, mov, mkv, avi, gif) or a folder of frames as a stream
+  (:class:`VideoReader`): frames are decoded as they are read, with a frame cap decoding stops early, and only the
+  frames being handed out are in memory. :func:`load_video` reads the selection into one IMAGE-style tensor.
+* :class:`VideoWriter` writes frames incrementally as mp4/mov/mkv/avi (h264), webm (vp9), gif or animated webp, with
+  an optional audio track (:mod:`.audio`), to a temporary file that is renamed only when complete;
+  :func:`save_video` writes an IMAGE-style batch ``[T, H, W, 3]`` (float 0..1) through it.
 * :func:`chunk_ranges` / :class:`ChunkBlender` (:func:`blend_chunks`) split a long clip into overlapping chunks and
-  cross-fade the overlaps, so peak memory follows the chunk size and no seam shows.
+  cross-fade the overlaps, so peak memory follows the chunk size and no seam shows (:mod:`.stream` runs the whole
+  stylization this way).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import uuid
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -18,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .audio import AudioFile, check_audio_track, open_audio_mux
 from .errors import STDInputError, check_range
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi")
@@ -28,6 +34,8 @@ SAVE_FORMATS = ("mp4", "webm", "webp", "gif")
 FPS_RANGE = (0.01, 1000.0)
 #: GIF stores frame delays in hundredths of a second: faster than this cannot be represented
 GIF_MAX_FPS = 50.0
+#: what :class:`VideoWriter` writes (streamed: mp4, mov, mkv, webm, avi; assembled at close: gif, webp)
+WRITE_FORMATS = ("mp4", "webm", "mov", "mkv", "avi", "gif", "webp")
 
 
 @dataclass
@@ -124,6 +132,272 @@ def _stack(frames: list[np.ndarray]) -> torch.Tensor:
     return out
 
 
+@dataclass
+class StreamInfo:
+    """What :func:`open_video` knows about a source before its frames are read."""
+
+    path: Path
+    fps: float                  # frame rate of the frames handed out
+    source_fps: float
+    source_width: int
+    source_height: int
+    width: int                  # size of the frames handed out (after resize)
+    height: int
+    start_time: float           # seconds into the source of the first kept frame (what audio must skip)
+    source_frames: int | None   # frames in the source (counted by the probe; None when not probed)
+    frame_estimate: int | None  # frames the selection will hand out (exact for a probed CFR file; else an estimate)
+    selectable_frames: int | None  # the same without frame_load_cap (how many a cap cut off)
+    variable_rate: bool         # the probe found uneven frame timestamps (then resampled to ``fps``, see notices)
+    has_audio: bool
+    audio_codec: str | None
+    container: str              # the source's extension without the dot ("mp4", "webm", ...) or "folder"
+    notices: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), path=str(self.path))
+
+
+def _estimate(frames: int | None, src_fps: float, cap, skip, nth, rate) -> int | None:
+    if frames is None:
+        return None
+    if rate:
+        frames = int(math.ceil(frames * rate / src_fps - 1e-6))
+    frames = max(0, frames - skip)
+    frames = -(-frames // nth)
+    return min(frames, cap) if cap else frames
+
+
+def _probe(path: Path):
+    """(packet count, variable frame rate?) of the first video stream, from its packets alone (no decoding)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size)
+    deltas = np.diff(np.asarray(pts, dtype=np.int64))
+    deltas = deltas[deltas > 0]
+    variable = bool(len(deltas) > 1 and deltas.max() - deltas.min() > 2 and deltas.max() > 1.2 * deltas.min())
+    return len(pts), variable
+
+
+def _reason(err: Exception, path: Path) -> str:
+    """An FFmpeg/PIL error text without the server-side path of ``path`` (errors quote full paths)."""
+    return str(err).replace(f": '{path}'", "").replace(f"'{path}'", f"'{path.name}'").replace(str(path), path.name)
+
+
+class VideoReader:
+    """A video file or a folder of frames opened for streaming (made by :func:`open_video`).
+
+    Iterating yields the kept frames one at a time as ``uint8`` arrays ``[H, W, 3]``; :meth:`chunks` yields float
+    batches ``[n, H, W, 3]`` in 0..1 (IMAGE layout). Only the frames being handed out are in memory. The first kept
+    frame is decoded when the reader is opened, so a file that cannot be decoded, or a selection that keeps no
+    frame, fails before any output is created. :attr:`info` describes the source; :attr:`frame_count` and
+    :attr:`decoded_frames` count what has been read so far. Use as a context manager (or call :meth:`close`).
+    """
+
+    def __init__(self, path: Path, cap: int, skip: int, nth: int, rate: float, resize: str, folder_fps: float,
+                 probe: bool):
+        self.path, self.resize = path, resize
+        self.frame_count = 0
+        self.decoded_frames = 0
+        self._notices = notices = []
+        if path.is_dir():
+            self._files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not self._files:
+                raise STDInputError("video", f"folder '{path.name}' has no image frames ({', '.join(IMAGE_EXTENSIONS)})")
+            src_fps, container, source_frames, variable = float(folder_fps), "folder", len(self._files), False
+            has_audio, audio_codec = False, None
+            gen = self._folder_frames(src_fps)
+        else:
+            if path.suffix.lower() not in VIDEO_EXTENSIONS:
+                raise STDInputError("video", f"'{path.name}' is not a supported video "
+                                             f"({', '.join(VIDEO_EXTENSIONS)})")
+            src_fps, has_audio, audio_codec, source_frames, variable = self._open_file(probe)
+            container = path.suffix.lower().lstrip(".")
+            if variable and not rate:
+                rate = src_fps
+                notices.append(f"'{path.name}' has a variable frame rate: its frames were resampled by their "
+                               f"timestamps to a constant {src_fps:g} fps (its average), so the audio stays in sync")
+            gen = self._file_frames(src_fps)
+        self._sel = _Selector(cap, skip, nth, rate)
+        self._gen = gen
+        first = next(self._gen, None)
+        if first is None:
+            self.close()
+            source = (f"folder '{path.name}' ({len(self._files)} images)" if container == "folder" else
+                      f"'{path.name}' ({self.decoded_frames} decoded)")
+            raise STDInputError("video", f"no frames left from {source} after "
+                                         f"skip_first_frames={skip}, select_every_nth={nth}, frame_load_cap={cap}")
+        self._first = first
+        if container == "folder":
+            self._source_size = self._folder_size
+        h, w = first.shape[:2]
+        base = rate or src_fps
+        if not FPS_RANGE[0] <= base / nth <= FPS_RANGE[1]:
+            self.close()
+            raise STDInputError("select_every_nth", f"every {nth}th frame of '{path.name}' at {base:g} fps gives "
+                                                    f"{base / nth:g} fps, outside the {FPS_RANGE[0]:g}-"
+                                                    f"{FPS_RANGE[1]:g} fps a video can be saved at; keep fewer frames "
+                                                    "with frame_load_cap or set force_rate")
+        self.info = StreamInfo(path, base / nth, src_fps, self._source_size[0], self._source_size[1], w, h,
+                               skip / base, source_frames, _estimate(source_frames, src_fps, cap, skip, nth, rate),
+                               _estimate(source_frames, src_fps, 0, skip, nth, rate), variable, has_audio, audio_codec, container, tuple(notices))
+
+    # Sources -----------------------------------------------------------------------------------------------------
+    def _open_file(self, probe: bool):
+        import av
+
+        name = self.path.name
+        try:
+            with av.open(str(self.path)) as container:
+                if not container.streams.video:
+                    raise STDInputError("video", f"'{name}' has no video stream")
+                stream = container.streams.video[0]
+                if stream.codec_context is None:
+                    raise STDInputError("video", f"'{name}': its video codec cannot be decoded by this FFmpeg build "
+                                                 f"(PyAV {av.__version__}); convert it to h264, e.g. ffmpeg -i "
+                                                 f"'{name}' -c:v libx264 -c:a aac out.mp4")
+                src_fps = float(stream.average_rate or stream.guessed_rate or 0) or 8.0
+                self._source_size = (stream.codec_context.width, stream.codec_context.height)
+                audio = container.streams.audio
+                audio_codec = audio[0].codec_context.name if audio and audio[0].codec_context else None
+                if audio and audio_codec is None:
+                    self._notices.append(f"the audio of '{name}' cannot be decoded by this FFmpeg build and is "
+                                         f"not kept")
+                frames = int(stream.frames) or None
+            variable = False
+            if probe:
+                frames, variable = _probe(self.path)
+        except STDInputError:
+            raise
+        except Exception as err:  # PyAV raises InvalidDataError and friends for corrupt files
+            raise STDInputError("video", f"could not decode '{name}': {type(err).__name__}: "
+                                         f"{_reason(err, self.path)}") from None
+        return src_fps, bool(audio_codec), audio_codec, frames, variable
+
+    def _file_frames(self, src_fps: float):
+        import av
+
+        name = self.path.name
+        container = None
+        try:
+            container = av.open(str(self.path))
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                self.decoded_frames += 1
+                t = float(frame.pts * stream.time_base) if frame.pts is not None and stream.time_base else None
+                if t is None:
+                    t = (self.decoded_frames - 1) / src_fps
+                n = self._sel.offer(t)
+                if n:
+                    img = resize_frame(frame.to_ndarray(format="rgb24"), self.resize)
+                    for _ in range(n):
+                        yield img
+                if self._sel.done:
+                    return
+        except (STDInputError, GeneratorExit):
+            raise
+        except Exception as err:  # PyAV raises InvalidDataError and friends for corrupt files
+            where = f" after {self.decoded_frames} frames" if self.decoded_frames else ""
+            raise STDInputError("video", f"could not decode '{name}'{where}: {type(err).__name__}: "
+                                         f"{_reason(err, self.path)}") from None
+        finally:
+            if container is not None:
+                container.close()
+
+    def _folder_frames(self, src_fps: float):
+        from PIL import Image, UnidentifiedImageError
+
+        first_size = None
+        self._folder_size = (0, 0)
+        for i, f in enumerate(self._files):
+            self.decoded_frames = i + 1
+            n = self._sel.offer(i / src_fps)
+            if n:
+                try:
+                    with Image.open(f) as im:
+                        arr = np.array(im.convert("RGB"))
+                except (UnidentifiedImageError, OSError) as err:
+                    raise STDInputError("video", f"could not read frame '{f.name}': {err}") from None
+                if first_size is None:
+                    first_size = arr.shape[:2]
+                    self._folder_size = (first_size[1], first_size[0])
+                elif arr.shape[:2] != first_size:
+                    raise STDInputError("video", f"frame '{f.name}' is {arr.shape[1]}x{arr.shape[0]} but the first "
+                                                 f"frame is {first_size[1]}x{first_size[0]}; all frames must share "
+                                                 f"one size")
+                arr = resize_frame(arr, self.resize)
+                for _ in range(n):
+                    yield arr
+            if self._sel.done:
+                return
+
+    # Reading -----------------------------------------------------------------------------------------------------
+    def __iter__(self):
+        if self._first is not None:
+            first, self._first = self._first, None
+            self.frame_count += 1
+            yield first
+        for frame in self._gen:
+            if frame.shape[:2] != (self.info.height, self.info.width):
+                raise STDInputError("video", f"'{self.path.name}' changes its frame size at frame "
+                                             f"{self.frame_count}: {frame.shape[1]}x{frame.shape[0]} after "
+                                             f"{self.info.width}x{self.info.height}")
+            self.frame_count += 1
+            yield frame
+
+    def chunks(self, n: int):
+        """The kept frames as float batches ``[<= n, H, W, 3]`` in 0..1 (the last one may be shorter)."""
+        n = check_range("chunk", n, 1, 1_000_000, kind=int)
+        batch = []
+        for frame in self:
+            batch.append(frame)
+            if len(batch) == n:
+                yield _stack(batch)
+                batch = []
+        if batch:
+            yield _stack(batch)
+
+    def video_info(self) -> VideoInfo:
+        """The :class:`VideoInfo` of the frames read so far (what :func:`load_video` returns)."""
+        i = self.info
+        return VideoInfo(i.fps, i.source_fps, self.frame_count, i.source_width, i.source_height, i.width, i.height,
+                         self.decoded_frames)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def __enter__(self) -> "VideoReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_video(path, frame_load_cap: int = 0, skip_first_frames: int = 0, select_every_nth: int = 1,
+               force_rate: float = 0.0, resize: str = "none", folder_fps: float = 8.0, *,
+               probe: bool = True) -> VideoReader:
+    """Open a video file or a folder of frames for streaming, with :func:`load_video`'s frame selection.
+
+    Args:
+        path, frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize, folder_fps: as
+            :func:`load_video` (selection order: force_rate, then skip, then every nth, then the cap).
+        probe: count the file's frames from its packets first (no decoding; gives :attr:`StreamInfo.frame_estimate`
+            for progress bars) and detect a variable frame rate, which is then resampled by timestamps to the
+            average rate unless ``force_rate`` is set (a notice in :attr:`StreamInfo.notices` says so).
+
+    Raises:
+        STDInputError: the path is missing or not a video, the file cannot be decoded or has no video stream, or
+            the selection keeps no frame.
+    """
+    cap, skip, nth, rate = _check_selection(frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize)
+    path = Path(path)
+    if not path.exists():
+        raise STDInputError("video", f"'{path.name}' does not exist")
+    return VideoReader(path, cap, skip, nth, rate, resize, folder_fps, probe)
+
+
 def load_video(path, frame_load_cap: int = 0, skip_first_frames: int = 0, select_every_nth: int = 1,
                force_rate: float = 0.0, resize: str = "none", folder_fps: float = 8.0):
     """Load frames as a float tensor ``[T, H, W, 3]`` in 0..1 plus a :class:`VideoInfo`.
@@ -137,132 +411,206 @@ def load_video(path, frame_load_cap: int = 0, skip_first_frames: int = 0, select
         resize: ``none``, or make sides a multiple of 8 by ``crop``, ``pad`` or ``stretch``.
         folder_fps: frame rate reported for a folder of frames when force_rate is 0.
     """
-    cap, skip, nth, rate = _check_selection(frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize)
-    path = Path(path)
-    if not path.exists():
-        raise STDInputError("video", f"'{path.name}' does not exist")
-    if path.is_dir():
-        return _load_folder(path, cap, skip, nth, rate, resize, folder_fps)
-    if path.suffix.lower() not in VIDEO_EXTENSIONS:
-        raise STDInputError("video", f"'{path.name}' is not a supported video ({', '.join(VIDEO_EXTENSIONS)})")
-    import av
-
-    sel = _Selector(cap, skip, nth, rate)
-    frames: list[np.ndarray] = []
-    decoded = 0
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise STDInputError("video", f"'{path.name}' has no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            src_fps = float(stream.average_rate or stream.guessed_rate or 0) or 8.0
-            sw, sh = stream.codec_context.width, stream.codec_context.height
-            for frame in container.decode(stream):
-                decoded += 1
-                t = float(frame.pts * stream.time_base) if frame.pts is not None and stream.time_base else None
-                if t is None:
-                    t = (decoded - 1) / src_fps
-                n = sel.offer(t)
-                if n:
-                    img = resize_frame(frame.to_ndarray(format="rgb24"), resize)
-                    frames.extend([img] * n)
-                if sel.done:
-                    break
-    except STDInputError:
-        raise
-    except Exception as err:  # PyAV raises InvalidDataError and friends for corrupt files
-        reason = str(err).replace(f"'{path}'", "").replace(str(path), path.name).rstrip(": ")  # no server paths
-        raise STDInputError("video", f"could not decode '{path.name}': {type(err).__name__}: {reason}") from None
-    return _finish(frames, f"'{path.name}' ({decoded} decoded)", cap, skip, nth, rate, src_fps, sw, sh, decoded)
+    with open_video(path, frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize, folder_fps,
+                    probe=False) as reader:
+        frames = list(reader)
+        return _stack(frames), reader.video_info()
 
 
-def _finish(frames, source: str, cap, skip, nth, rate, src_fps, source_width, source_height, decoded):
-    """Stack the kept frames and describe them; no frames left is a user error naming the selection."""
-    if not frames:
-        raise STDInputError("video", f"no frames left from {source} after "
-                                     f"skip_first_frames={skip}, select_every_nth={nth}, frame_load_cap={cap}")
-    h, w = frames[0].shape[:2]
-    fps = (rate or src_fps) / nth
-    if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
-        raise STDInputError("select_every_nth", f"every {nth}th frame of {source} at {rate or src_fps:g} fps gives "
-                                                f"{fps:g} fps, outside the {FPS_RANGE[0]:g}-{FPS_RANGE[1]:g} fps a "
-                                                "video can be saved at; keep fewer frames with frame_load_cap or "
-                                                "set force_rate")
-    info = VideoInfo(fps, src_fps, len(frames), source_width, source_height, w, h, decoded)
-    return _stack(frames), info
+def frames_to_uint8(frames) -> np.ndarray:
+    """IMAGE-style frames ``[T, H, W, 3 or 4]`` (float 0..1 tensor, or uint8 array) as uint8 RGB ``[T, H, W, 3]``."""
+    if isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] >= 3:
+        return np.ascontiguousarray(frames[..., :3])
+    if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[-1] not in (3, 4) or not len(frames):
+        raise STDInputError("images", "expected an IMAGE batch [frames, height, width, 3]")
+    return (frames[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def _load_folder(path: Path, cap, skip, nth, rate, resize, folder_fps):
-    from PIL import Image, UnidentifiedImageError
+#: PyAV muxer of each streamed output format
+_MUXERS = {"mp4": "mp4", "mov": "mov", "mkv": "matroska", "webm": "webm", "avi": "avi"}
 
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise STDInputError("video", f"folder '{path.name}' has no image frames ({', '.join(IMAGE_EXTENSIONS)})")
-    src_fps = float(folder_fps)
-    sel = _Selector(cap, skip, nth, rate)
-    frames, first_size = [], None
-    for i, f in enumerate(files):
-        n = sel.offer(i / src_fps)
-        if n:
+
+class VideoWriter:
+    """Write a video incrementally, with an optional audio track, atomically.
+
+    Frames go to a hidden temporary file next to ``path`` (``.<name>.<random>.partial``), which is renamed to
+    ``path`` by :meth:`close` once complete; :meth:`abort` (called on any error inside a ``with`` block, and by
+    :meth:`close` itself when writing fails) deletes it, so no half-written file is ever left at ``path`` or beside
+    it. mp4/mov/mkv/avi are h264 (yuv420p; odd sides are padded by one edge pixel), webm is vp9; each frame is
+    encoded as it arrives. Animated webp and gif are assembled when closed (their uint8 frames are held until then:
+    use them for short clips).
+
+    Args:
+        path: the file to write; its folder must exist.
+        fps: frame rate.
+        fmt: one of :data:`WRITE_FORMATS` (default: the path's extension).
+        quality: h264 CRF (lower is better; 23 is x264's default).
+        audio: an :class:`~.audio.AudioFile` (a source's audio, copied or re-encoded, see :mod:`.audio`) or an
+            :class:`~.audio.AudioTrack` / ``(waveform [C, S], sample_rate)``; cut where the video ends. gif and webp
+            cannot hold audio (refused).
+        metadata: container tags (e.g. ``{"comment": ...}``) for mp4/mov/mkv/webm/avi.
+    """
+
+    def __init__(self, path, fps: float, fmt: str | None = None, *, quality: int = 23, audio=None,
+                 metadata: dict | None = None):
+        self.path = Path(path)
+        self.fmt = (fmt or self.path.suffix.lstrip(".")).lower()
+        if self.fmt not in WRITE_FORMATS:
+            raise STDInputError("format", f"got {self.fmt!r}, choose one of {', '.join(WRITE_FORMATS)}")
+        self.fps = check_range("fps", fps, *FPS_RANGE)
+        if self.fmt == "gif" and self.fps > GIF_MAX_FPS:
+            raise STDInputError("fps", f"got {self.fps:g}: GIF stores frame delays in hundredths of a second, so it "
+                                       f"plays at most {GIF_MAX_FPS:g} fps; use mp4 or webm for faster clips")
+        self.quality = check_range("quality", quality, 0, 51, kind=int)
+        if audio is not None and self.fmt in ("gif", "webp"):
+            raise STDInputError("audio", f"{self.fmt} files cannot hold audio; save as mp4, webm, mov or mkv to keep "
+                                         f"it")
+        if audio is not None and not isinstance(audio, AudioFile):
+            audio = check_audio_track(audio)
+        self.audio, self.metadata = audio, dict(metadata or {})
+        self.audio_description = "none"
+        check_writable(self.path)
+        self.partial = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial")
+        self.frames = 0
+        self.size: tuple[int, int] | None = None  # (height, width) of the first frame
+        self._container = self._stream = self._audio = None
+        self._held: list[np.ndarray] = []  # gif / webp
+        self._closed = False
+
+    def _open(self, h: int, w: int) -> None:
+        import av
+
+        self._container = av.open(str(self.partial), mode="w", format=_MUXERS[self.fmt])
+        codec = "libvpx-vp9" if self.fmt == "webm" else "libx264"
+        self._stream = self._container.add_stream(codec, rate=Fraction(self.fps).limit_denominator(1001))
+        self._stream.width, self._stream.height = w + w % 2, h + h % 2
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.options = ({"crf": "32", "b:v": "0"} if self.fmt == "webm" else {"crf": str(self.quality)})
+        if self.metadata:
+            self._container.metadata.update({str(k): str(v) for k, v in self.metadata.items()})
+        if self.audio is not None:
+            self._audio = open_audio_mux(self._container, self.fmt, self.audio)
+            if self._audio is not None:
+                self.audio_description = self._audio.description
+
+    def _fail(self, err: Exception):
+        self.abort()
+        if isinstance(err, STDInputError):
+            return err
+        return STDInputError("output", f"could not write '{self.path.name}': {type(err).__name__}: {err}")
+
+    def write(self, frames) -> None:
+        """Append frames ``[n, H, W, 3]`` (float 0..1 tensor or uint8 array); every frame must have one size."""
+        if self._closed:
+            raise STDInputError("output", f"'{self.path.name}' is already closed")
+        arr = frames_to_uint8(frames)
+        h, w = arr.shape[1:3]
+        if self.size is None:
+            self.size = (h, w)
+        elif self.size != (h, w):
+            raise self._fail(STDInputError("images", f"frames of {w}x{h} after {self.size[1]}x{self.size[0]}: a "
+                                                     f"video has one frame size"))
+        if self.fmt in ("gif", "webp"):
+            self._held.extend(arr)
+            self.frames += len(arr)
+            return
+        try:
+            if self._container is None:
+                self._open(h, w)
+            if h % 2 or w % 2:  # yuv420p needs even sides
+                arr = np.pad(arr, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+            import av
+
+            for a in arr:
+                for packet in self._stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                    self._container.mux(packet)
+            self.frames += len(arr)
+            if self._audio is not None:
+                self._audio.feed(self._container, self.frames / self.fps)
+        except Exception as err:
+            raise self._fail(err) from None
+
+    def close(self) -> Path:
+        """Finish the file and move it to ``path`` (replacing a file there); returns ``path``."""
+        if self._closed:
+            return self.path
+        if not self.frames:
+            self.abort()
+            raise STDInputError("images", f"no frames were written to '{self.path.name}'")
+        try:
+            if self.fmt in ("gif", "webp"):
+                self._write_animation()
+            else:
+                for packet in self._stream.encode():
+                    self._container.mux(packet)
+                if self._audio is not None:
+                    self._audio.finish(self._container, self.frames / self.fps)
+                self._container.close()
+            os.replace(self.partial, self.path)
+        except Exception as err:
+            raise self._fail(err) from None
+        self._closed = True
+        return self.path
+
+    def _write_animation(self) -> None:
+        from PIL import Image
+
+        imgs = [Image.fromarray(a) for a in self._held]
+        kwargs = dict(save_all=True, append_images=imgs[1:], duration=int(round(1000 / self.fps)), loop=0)
+        if self.fmt == "webp":
+            kwargs.update(quality=90, lossless=False)
+        imgs[0].save(self.partial, format=self.fmt.upper(), **kwargs)
+        self._held = []
+
+    def abort(self) -> None:
+        """Stop and delete the temporary file (nothing is left behind); ``path`` is untouched."""
+        self._closed = True
+        for close in (getattr(self._audio, "close", None), getattr(self._container, "close", None)):
             try:
-                with Image.open(f) as im:
-                    arr = np.array(im.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as err:
-                raise STDInputError("video", f"could not read frame '{f.name}': {err}") from None
-            if first_size is None:
-                first_size = arr.shape[:2]
-            elif arr.shape[:2] != first_size:
-                raise STDInputError("video", f"frame '{f.name}' is {arr.shape[1]}x{arr.shape[0]} but the first frame "
-                                             f"is {first_size[1]}x{first_size[0]}; all frames must share one size")
-            arr = resize_frame(arr, resize)
-            frames.extend([arr] * n)
-        if sel.done:
-            break
-    width, height = (first_size[1], first_size[0]) if first_size else (0, 0)
-    return _finish(frames, f"folder '{path.name}' ({len(files)} images)", cap, skip, nth, rate, src_fps, width,
-                   height, len(files))
+                if close is not None:
+                    close()
+            except Exception:  # the file is deleted next; a broken stream cannot be finished anyway
+                pass
+        self._container = self._audio = None
+        self._held = []
+        try:
+            self.partial.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
 
 
-def save_video(frames: torch.Tensor, path, fps: float, fmt: str | None = None, quality: int = 23) -> Path:
-    """Write ``[T, H, W, 3]`` floats in 0..1 as mp4 (h264), webm (vp9), animated webp or gif."""
+def check_writable(path: Path) -> None:
+    """Refuse an output path whose folder is missing or read-only, or that is a folder."""
+    parent = path.parent
+    if path.is_dir():
+        raise STDInputError("output", f"'{path}' is a folder, not a file name")
+    if not parent.is_dir():
+        raise STDInputError("output", f"cannot write '{path.name}': the folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise STDInputError("output", f"cannot write '{path.name}': the folder '{parent}' is not writable")
+
+
+def save_video(frames: torch.Tensor, path, fps: float, fmt: str | None = None, quality: int = 23,
+               audio=None) -> Path:
+    """Write ``[T, H, W, 3]`` floats in 0..1 as mp4 (h264), webm (vp9), animated webp or gif, atomically (see
+    :class:`VideoWriter`), optionally with an audio track (``(waveform [channels, samples], sample_rate)`` or an
+    :class:`~.audio.AudioTrack`; cut where the video ends; mp4 and webm only)."""
     path = Path(path)
     fmt = (fmt or path.suffix.lstrip(".")).lower()
     if fmt not in SAVE_FORMATS:
         raise STDInputError("format", f"got {fmt!r}, choose one of {', '.join(SAVE_FORMATS)}")
-    check_range("fps", fps, *FPS_RANGE)
-    if fmt == "gif" and fps > GIF_MAX_FPS:
-        raise STDInputError("fps", f"got {fps:g}: GIF stores frame delays in hundredths of a second, so it plays at "
-                                   f"most {GIF_MAX_FPS:g} fps; use mp4 or webm for faster clips")
-    if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[-1] not in (3, 4) or not len(frames):
-        raise STDInputError("images", "expected an IMAGE batch [frames, height, width, 3]")
-    arr = (frames[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    if fmt in ("webp", "gif"):
-        from PIL import Image
-
-        imgs = [Image.fromarray(a) for a in arr]
-        kwargs = dict(save_all=True, append_images=imgs[1:], duration=int(round(1000 / fps)), loop=0)
-        if fmt == "webp":
-            kwargs.update(quality=90, lossless=False)
-        imgs[0].save(path, format=fmt.upper(), **kwargs)
-        return path
-    import av
-
-    h, w = arr.shape[1:3]
-    if h % 2 or w % 2:  # yuv420p needs even sides
-        arr = np.pad(arr, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), mode="w") as container:
-        codec = "libx264" if fmt == "mp4" else "libvpx-vp9"
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height = arr.shape[2], arr.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(quality)} if fmt == "mp4" else {"crf": "32", "b:v": "0"}
-        for a in arr:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    arr = frames_to_uint8(frames)
+    with VideoWriter(path, fps, fmt, quality=quality, audio=audio) as writer:
+        writer.write(arr)
     return path
 
 

@@ -1,0 +1,428 @@
+"""Stylize files and folders of images and videos with STD: ``python -m std_app.batch [model flags] INPUT... --output DIR``.
+
+Every input file gives one output in ``--output`` with the same stem: images become PNGs with the settings in
+their metadata (``parameters`` and ``std`` text chunks, as the app writes them); videos keep their container (mp4,
+webm, mov, mkv, avi, gif; a folder given with ``--frames-folder`` becomes an mp4), frame rate and audio, and are
+stylized as a stream, chunk by chunk, so memory does not grow with their length. A folder input contributes the
+images and videos directly in it (``--recursive``: also in its subfolders, mirrored under ``--output``).
+
+Outputs already in ``--output`` are skipped unless ``--overwrite``; outputs are written to a temporary name and
+renamed when complete, so an interrupted run leaves no half-written file and the next run resumes. A file that
+cannot be stylized is reported with its name and the reason, and the run goes on; the summary lists every
+failure and the exit status is 1 when any input failed (2: bad arguments or unusable paths, nothing was run).
+
+Several GPUs (or processes): ``accelerate launch --multi_gpu --num_processes N -m std_app.batch ...`` (or
+``torchrun --nproc-per-node N -m std_app.batch ...``) gives each process its share of the inputs; the first
+process prints the summary of all.
+
+    python -m std_app.batch --tiny photos/ clips/trailer.mp4 --output stylized/ --prompt "an oil painting"
+    python -m std_app.batch --models-dir ~/ComfyUI/models --base sd_xl_base_1.0.safetensors in/ --output out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from comfyui_std.core import PLANS, STDInputError
+from comfyui_std.core.pipeline import NOISE_MODES
+from comfyui_std.core.style_blocks import PRESET_NAMES
+from comfyui_std.core.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+
+from .cli import add_model_arguments, model_options, tiny_before_positionals
+
+log = logging.getLogger("std_app.batch")
+
+#: the container of a stylized video, by source extension
+VIDEO_OUTPUT = {".mp4": ".mp4", ".mov": ".mov", ".mkv": ".mkv", ".webm": ".webm", ".avi": ".avi", ".gif": ".gif"}
+
+
+class UsageError(Exception):
+    """Bad arguments or unusable paths: reported as ``error: ...`` with exit status 2, before any work."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m std_app.batch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", type=Path, help="image or video files, or folders of them")
+    p.add_argument("--output", "-o", type=Path, required=True, help="folder for the outputs (created if missing)")
+    p.add_argument("--overwrite", action="store_true", help="stylize again inputs whose output already exists")
+    p.add_argument("--recursive", action="store_true", help="also take the files in subfolders of folder inputs")
+    p.add_argument("--frames-folder", action="store_true",
+                   help="treat each folder input as the frames of one video (sorted by name) instead of a folder of "
+                        "separate images")
+    p.add_argument("--report", type=Path, help="also write the results as JSON (one entry per input) to this file")
+    add_model_arguments(p)
+    s = p.add_argument_group("style (as the app's controls)")
+    s.add_argument("--prompt", default="", help="the target style, e.g. 'an oil painting, thick impasto'")
+    s.add_argument("--negative-prompt", default="")
+    s.add_argument("--use-lora", metavar="NAME", help="the loaded STD LoRA to run (file stem; 'none' = the base "
+                                                      "model); default: the i2i LoRA nearest η 0.75 for images, the "
+                                                      "v2v one for videos")
+    s.add_argument("--start-strength", type=float, help="start strength η (default: the LoRA's trained η)")
+    s.add_argument("--no-snap-eta", action="store_true", help="run --start-strength even when the LoRA was trained "
+                                                             "for another η (default: snap to the LoRA's η)")
+    s.add_argument("--nfe", type=int, default=8, help="sampler steps (default 8)")
+    s.add_argument("--gamma", type=float, default=0.0, help="per-step stochasticity (0 = deterministic)")
+    s.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance scale (1 disables it)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--plan", default="official", choices=list(PLANS))
+    s.add_argument("--style", type=Path, help="style reference image (needs an IP-Adapter)")
+    s.add_argument("--style-preset", default="style", choices=list(PRESET_NAMES))
+    s.add_argument("--style-weight", type=float, default=1.0)
+    s.add_argument("--lora-scale", type=float, default=1.0)
+    s.add_argument("--size", type=int, help="long side of the outputs in pixels, aspect kept, multiples of 8 "
+                                            "(default: the model's native size; 0 = the input's size)")
+    v = p.add_argument_group("video")
+    v.add_argument("--frames-per-batch", type=int, default=16, help="frames sampled together; bounds memory")
+    v.add_argument("--overlap", type=int, default=0, help="frames shared by consecutive batches, cross-faded")
+    v.add_argument("--noise", default="shared", choices=list(NOISE_MODES),
+                   help="shared: one noise for every frame (temporally consistent)")
+    v.add_argument("--frame-load-cap", type=int, default=0, help="stylize at most this many frames (0 = all)")
+    v.add_argument("--skip-first-frames", type=int, default=0)
+    v.add_argument("--select-every-nth", type=int, default=1)
+    v.add_argument("--force-rate", type=float, default=0.0, help="resample to this frame rate (0 = the source's)")
+    v.add_argument("--tiled-vae", action="store_true", help="VAE encode/decode in tiles (large frames, small GPU)")
+    v.add_argument("--no-audio", action="store_true", help="drop the audio (default: keep the source's)")
+    return p.parse_args(tiny_before_positionals(sys.argv[1:] if argv is None else argv))
+
+
+# Inputs -----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    output: Path
+    kind: str  # "image" or "video"
+
+
+def _kind(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    return None
+
+
+def _output_name(path: Path, kind: str) -> str:
+    return path.stem + (".png" if kind == "image" else VIDEO_OUTPUT[path.suffix.lower()])
+
+
+def collect_jobs(inputs: list[Path], output: Path, recursive: bool = False, frames_folder: bool = False) -> list[Job]:
+    """One job per input file (folders expanded); raises :class:`UsageError` for paths that cannot be used."""
+    jobs: list[Job] = []
+    for item in inputs:
+        if not item.exists():
+            raise UsageError(f"input '{item}' does not exist")
+        if item.is_dir():
+            if frames_folder:
+                jobs.append(Job(item, output / f"{item.resolve().name}.mp4", "video"))
+                continue
+            files = sorted(p for p in (item.rglob("*") if recursive else item.iterdir())
+                           if p.is_file() and not p.name.startswith(".") and _kind(p))
+            if not files:
+                raise UsageError(f"folder '{item}' has no images or videos "
+                                 f"({', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})"
+                                 + ("" if recursive else "; --recursive also looks in its subfolders"))
+            for f in files:
+                rel = f.relative_to(item).parent
+                jobs.append(Job(f, output / rel / _output_name(f, _kind(f)), _kind(f)))
+        elif item.is_file():
+            kind = _kind(item)
+            if kind is None:
+                raise UsageError(f"input '{item}' is not an image or a video "
+                                 f"({', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})")
+            jobs.append(Job(item, output / _output_name(item, kind), kind))
+        else:
+            raise UsageError(f"input '{item}' is neither a file nor a folder")
+    seen: dict[Path, Job] = {}
+    sources = {j.source.resolve() for j in jobs}
+    for job in jobs:
+        key = job.output.resolve()
+        if key in sources:
+            raise UsageError(f"the output for '{job.source}' would replace the input '{job.output}': choose "
+                             f"another --output folder")
+        if key in seen:
+            if seen[key].source.resolve() == job.source.resolve():
+                continue
+            raise UsageError(f"'{seen[key].source}' and '{job.source}' would both be written to '{job.output}'; "
+                             f"stylize them into different --output folders")
+        seen[key] = job
+    return list(seen.values())
+
+
+def prepare_output(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output '{output}' is a file, not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the --output folder '{output}': {err.strerror or err}") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise UsageError(f"the --output folder '{output}' is not writable")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse out-of-range settings before any model is loaded (the same checks the engine makes)."""
+    from comfyui_std.core import check_range
+    from comfyui_std.core.plan import check_gamma, check_nfe, check_start_strength
+
+    try:
+        check_nfe(args.nfe)
+        check_gamma(args.gamma)
+        if args.start_strength is not None:
+            check_start_strength(args.start_strength)
+        check_range("cfg", args.cfg, 0.0, 30.0)
+        check_range("seed", args.seed, 0, 2 ** 63 - 1, kind=int)
+        check_range("style_weight", args.style_weight, 0.0, 2.0)
+        check_range("lora_scale", args.lora_scale, 0.0, 2.0)
+        if args.size is not None and args.size != 0:
+            check_range("size", args.size, 8, 16384, kind=int)
+        fpb = check_range("frames_per_batch", args.frames_per_batch, 1, 4096, kind=int)
+        check_range("overlap", args.overlap, 0, fpb - 1, kind=int)
+        check_range("frame_load_cap", args.frame_load_cap, 0, 100_000, kind=int)
+        check_range("skip_first_frames", args.skip_first_frames, 0, 10_000_000, kind=int)
+        check_range("select_every_nth", args.select_every_nth, 1, 100_000, kind=int)
+        check_range("force_rate", args.force_rate, 0.0, 240.0)
+    except STDInputError as err:
+        raise UsageError(str(err)) from None
+    if args.report is not None and not args.report.parent.is_dir():
+        raise UsageError(f"--report '{args.report}': the folder '{args.report.parent}' does not exist")
+    if args.style is not None and not args.style.is_file():
+        raise UsageError(f"--style '{args.style}' is not a file")
+
+
+# Running ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    source: str
+    output: str
+    status: str          # "done", "skipped" or "failed"
+    reason: str = ""
+    frames: int = 0
+    seconds: float = 0.0
+    notices: tuple[str, ...] = ()
+    rank: int = 0        # the process that ran it
+
+
+class Stylizer:
+    """Runs the jobs of one process on a loaded engine with the command line's settings."""
+
+    def __init__(self, engine, args: argparse.Namespace):
+        from .engine import StyleSettings, resolve_start_strength
+
+        self.engine, self.args = engine, args
+        self.style_image = None
+        self.settings, self.notices = {}, {}
+        for kind in ("i2i", "v2v"):
+            if args.use_lora is None:
+                name = engine.catalog.default(kind)
+            elif args.use_lora.lower() == "none":
+                name = None
+            else:
+                name = args.use_lora
+            entry = engine.catalog.get(name)
+            requested = args.start_strength
+            if requested is None:
+                requested = entry.eta if entry is not None and entry.eta is not None else 0.75
+            eta, notice = resolve_start_strength(entry, requested, not args.no_snap_eta)
+            self.settings[kind] = StyleSettings(args.prompt, args.negative_prompt, args.nfe, eta, args.gamma, args.cfg,
+                                                args.seed, args.plan, entry and entry.name, args.lora_scale,
+                                                args.style_preset, args.style_weight).validated()
+            self.notices[kind] = [notice] if notice and args.start_strength is not None else []
+        if args.style is not None:
+            from .media import read_image
+
+            if engine.style is None:
+                raise STDInputError("--style", "no IP-Adapter is loaded, so a style reference cannot be used; pass "
+                                               "--ip-adapter and --image-encoder (or put them in the models folder's "
+                                               "ipadapter/ and clip_vision/)")
+            self.style_image = read_image(Path(args.style), "style image", 4 * engine.native_size)[0]
+
+    @property
+    def size(self) -> int | None:
+        """The long side of the outputs (None: the input's own size)."""
+        return None if self.args.size == 0 else (self.args.size or self.engine.native_size)
+
+    def image(self, job: Job) -> tuple[int, list[str]]:
+        from .media import fit_size, frame_to_image, image_to_frames, plan_record, read_image, save_png, size_notices
+
+        e = self.engine
+        image, notices, source = read_image(Path(job.source), "image", 4 * e.native_size)
+        long_side = self.size or max(image.size)
+        target = fit_size(image.width, image.height, long_side, e.vae_scale)
+        notices = notices + size_notices("image", source, target, long_side)
+        result = e.run(image_to_frames(image, target), self.settings["i2i"], self.style_image, progress_bar=False)
+        record = {"app": "std_app.batch", "settings": result.settings.as_dict(), "plan": plan_record(result.plan),
+                  "size": f"{target[0]}x{target[1]}", "frames": 1, "base_model": e.base_label,
+                  "lora": result.lora.name if result.lora else None, "source": job.source.name,
+                  "style": (f"{result.settings.style_preset} x{result.settings.style_weight:g}"
+                            if self.style_image is not None else None), "seconds": round(result.seconds, 3)}
+        partial = job.output.with_name(f".{job.output.name}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            save_png(frame_to_image(result.frames[0]), partial, record)
+            os.replace(partial, job.output)
+        except OSError as err:
+            raise STDInputError("output", f"could not write '{job.output.name}': {err.strerror or err}") from None
+        finally:
+            partial.unlink(missing_ok=True)
+        return 1, self.notices["i2i"] + notices
+
+    def video(self, job: Job, progress) -> tuple[int, list[str]]:
+        a = self.args
+        fmt = "mp4" if job.source.is_dir() else None
+        result = self.engine.run_video_file(
+            job.source, job.output, self.settings["v2v"], self.style_image, size=self.size,
+            frames_per_batch=a.frames_per_batch, overlap=a.overlap, noise=a.noise, frame_load_cap=a.frame_load_cap,
+            skip_first_frames=a.skip_first_frames, select_every_nth=a.select_every_nth, force_rate=a.force_rate,
+            tiled_vae=a.tiled_vae, audio=not a.no_audio, fmt=fmt, record={"app": "std_app.batch"},
+            progress=progress)
+        notices = list(result.notices)
+        if result.audio != "none":
+            notices.append(f"audio {result.audio}")
+        return result.frames, self.notices["v2v"] + notices
+
+
+def run_jobs(stylizer: Stylizer, jobs: list[Job], rank: int = 0, world: int = 1) -> list[Outcome]:
+    """Stylize each job; a failure is reported (name and reason) and the run goes on."""
+    from tqdm.auto import tqdm
+
+    outcomes = []
+    prefix = f"[{rank + 1}/{world}] " if world > 1 else ""
+    files = tqdm(jobs, desc=f"{prefix}files", unit="file", position=2 * rank, dynamic_ncols=True)
+    for job in files:
+        name = str(job.source)
+        files.set_postfix_str(job.source.name)
+        start = time.perf_counter()
+        try:
+            job.output.parent.mkdir(parents=True, exist_ok=True)
+            if job.kind == "image":
+                frames, notices = stylizer.image(job)
+            else:
+                bar = tqdm(desc=f"{prefix}{job.source.name}", unit="frame", leave=False, position=2 * rank + 1,
+                           dynamic_ncols=True)
+
+                def progress(done, total, bar=bar):
+                    if total is not None and bar.total != total:
+                        bar.total = total
+                    bar.update(done - bar.n)
+
+                try:
+                    frames, notices = stylizer.video(job, progress)
+                finally:
+                    bar.close()
+        except Exception as err:  # a bad file, out of memory, a full disk: report it and go on with the others
+            reason = str(err) if isinstance(err, STDInputError) else (
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            outcomes.append(Outcome(name, str(job.output), "failed", reason, rank=rank))
+            tqdm.write(f"failed: {name}: {reason}", file=sys.stderr)
+            log.debug("%s failed", name, exc_info=True)
+            continue
+        seconds = time.perf_counter() - start
+        outcomes.append(Outcome(name, str(job.output), "done", "", frames, seconds, tuple(notices), rank))
+        for notice in notices:
+            tqdm.write(f"{job.source.name}: {notice}", file=sys.stderr)
+    files.close()
+    return outcomes
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    counts = {k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed")}
+    frames = sum(o.frames for o in outcomes)
+    seconds = sum(o.seconds for o in outcomes)
+    lines = [f"{counts['done']} stylized ({frames} frames, {seconds:.1f} s), {counts['skipped']} skipped (output "
+             f"exists), {counts['failed']} failed"]
+    lines += [f"  failed: {o.source}: {o.reason}" for o in outcomes if o.status == "failed"]
+    return "\n".join(lines)
+
+
+def _tiny_root(args, state, scratch: Path) -> Path | None:
+    """Where ``--tiny`` builds its models: one folder, built by the first process, when there are several (the
+    Hugging Face writers save on the main process only)."""
+    if not args.tiny:
+        return None
+    if state is None:
+        return scratch
+    from accelerate.utils import broadcast_object_list
+
+    from . import tiny
+
+    path = [None]
+    if state.is_main_process:
+        tiny.build_tiny_models(scratch, args.tiny)
+        path = [str(scratch)]
+    broadcast_object_list(path)
+    return Path(path[0])
+
+
+def _distributed():
+    """(rank, world size, accelerate state) when launched with several processes, else (0, 1, None)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        check_arguments(args)
+        jobs = collect_jobs(args.inputs, args.output, args.recursive, args.frames_folder)
+        prepare_output(args.output)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rank, world, state = _distributed()
+    mine = jobs[rank::world]  # interleaved: files of similar size usually sit next to each other
+    todo = [j for j in mine if args.overwrite or not j.output.is_file()]  # a finished output is a file
+    outcomes = [Outcome(str(j.source), str(j.output), "skipped", "output exists (use --overwrite)", rank=rank)
+                for j in mine if j not in todo]
+    error = None
+    with tempfile.TemporaryDirectory(prefix="std-tiny-") as scratch:
+        if todo:
+            options = model_options(args, _tiny_root(args, state, Path(scratch)))
+            if state is not None and args.device == "auto":
+                options.device = str(state.device)
+            try:
+                from .startup import load_engine
+
+                stylizer = Stylizer(load_engine(options), args)
+            except STDInputError as err:
+                error = str(err)
+            else:
+                outcomes += run_jobs(stylizer, todo, rank, world)
+        elif state is not None:
+            _tiny_root(args, state, Path(scratch))  # take part in the broadcast
+        if state is not None:  # every process reports to the first (all take part, also after an error)
+            from accelerate.utils import gather_object
+
+            parts = gather_object([{"error": error, "outcomes": [asdict(o) for o in outcomes]}])
+            error = next((p["error"] for p in parts if p["error"]), None)
+            outcomes = [Outcome(**o) for p in parts for o in p["outcomes"]]
+    if error is not None:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    order = {str(j.source): i for i, j in enumerate(jobs)}
+    outcomes.sort(key=lambda o: order.get(o.source, len(order)))
+    if rank == 0:
+        print(summary(outcomes))
+        if args.report is not None:
+            args.report.write_text(json.dumps([asdict(o) for o in outcomes], indent=1), encoding="utf-8")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Command-line model options shared by ``gradio_app.py`` and ``python -m std_app.batch``.
+
+:func:`add_model_arguments` adds the flags that say where the models come from (and the device/dtype they run
+on); :func:`model_options` turns the parsed flags into :class:`~std_app.startup.ModelOptions` for
+:func:`~std_app.startup.load_engine`, building the tiny offline zoo for ``--tiny``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .startup import ModelOptions, tiny_options
+
+TINY_ARCHITECTURES = ("sd15", "sdxl")
+
+
+def check_device(device: str) -> str | None:
+    """Why ``--device`` cannot be used, or None."""
+    import torch
+
+    if device == "auto":
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"'{device}' is not a device: use auto, cpu, cuda, cuda:1, mps, ..."
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"'{device}': no CUDA GPU is available to this torch (torch.cuda.is_available() is False)"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"'{device}': there are only {torch.cuda.device_count()} CUDA devices"
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return f"'{device}': MPS is not available on this machine"
+    return None
+
+
+def _device(value: str) -> str:
+    problem = check_device(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    m = parser.add_argument_group("models (paths, names inside --models-dir, or Hugging Face references)")
+    m.add_argument("--models-dir", type=Path, help="a ComfyUI models folder: checkpoints/, diffusers/, loras/, "
+                                                  "ipadapter/, clip_vision/")
+    m.add_argument("--base", help="SDXL or SD1.5 base: diffusers folder, single .safetensors file, file name in "
+                                  "checkpoints/, or a Hub id (owner/name, downloads with a progress bar)")
+    m.add_argument("--base-config", help="diffusers folder (or Hub id) with the configs of a single-file base")
+    m.add_argument("--lora", action="append", default=[], help="STD LoRA file (repeatable; default: every STD LoRA "
+                                                               "in --models-dir/loras); hf:owner/name/file works too")
+    m.add_argument("--ip-adapter", help="IP-Adapter file for the style reference (default: "
+                                        "ip-adapter_sdxl_vit-h.safetensors in ipadapter/ if present)")
+    m.add_argument("--image-encoder", help="its CLIP image encoder (default: CLIP-ViT-H-14-laion2B-s32B-b79K."
+                                           "safetensors in clip_vision/ if present)")
+    m.add_argument("--tiny", nargs="?", const=TINY_ARCHITECTURES[0], choices=TINY_ARCHITECTURES,
+                   help="build tiny random models in-process (offline smoke test; default architecture sd15)")
+    d = parser.add_argument_group("device")
+    d.add_argument("--device", type=_device, default="auto",
+                   help="cuda, cuda:1, cpu, ... (default: cuda if available)")
+    d.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
+
+
+def tiny_before_positionals(argv: list[str]) -> list[str]:
+    """``--tiny`` followed by something other than an architecture means the default one: a bare ``--tiny`` before
+    positional arguments (``--tiny photos/``) would otherwise take the first of them as its value."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg == "--tiny" and (i + 1 == len(out) or out[i + 1] not in TINY_ARCHITECTURES):
+            out[i] = f"--tiny={TINY_ARCHITECTURES[0]}"
+    return out
+
+
+def model_options(args: argparse.Namespace, tiny_root: Path | None = None) -> ModelOptions:
+    """The :class:`ModelOptions` the flags of :func:`add_model_arguments` ask for (``tiny_root``: where ``--tiny``
+    builds its models; a temporary folder by default)."""
+    if args.tiny:
+        return tiny_options(args.tiny, tiny_root)
+    return ModelOptions(base=args.base, base_config=args.base_config, loras=args.lora, ip_adapter=args.ip_adapter,
+                        image_encoder=args.image_encoder, models_dir=args.models_dir, device=args.device,
+                        dtype=args.dtype)
