@@ -33,6 +33,7 @@ RESULT_HEIGHT = 480
 
 
 MAX_FRAMES_LIMIT = 100_000
+DEFAULT_MAX_FRAMES = 1800
 
 
 def _port(text: str) -> int:
@@ -108,7 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_arguments(p)
     r = p.add_argument_group("runtime")
     r.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where results are written (created)")
-    r.add_argument("--max-frames", type=_frames, default=120, help="most video frames stylized per run (default 120)")
+    r.add_argument("--max-frames", type=_frames, default=DEFAULT_MAX_FRAMES,
+                   help=f"most video frames stylized per run (default {DEFAULT_MAX_FRAMES}: a minute at 30 fps; videos "
+                        "are streamed, so memory does not grow with the length)")
     s = p.add_argument_group("server")
     s.add_argument("--port", type=_port, default=7860, help="default 7860")
     s.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 (all interfaces) instead of 127.0.0.1")

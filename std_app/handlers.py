@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,11 @@ import gradio as gr
 import torch
 
 from comfyui_std.core import STDInputError, check_range
-from comfyui_std.core.video import load_video, save_video
+from comfyui_std.core.video import open_video
 
 from .engine import RunResult, STDEngine, StyleSettings, app_plan, resolve_start_strength, teacher_plan
 from .media import (MIN_SOURCE_SIDE, checked_upload, fit_size, frame_to_image, image_to_frames, payload_path,
-                    plan_record, read_image, received_files, resize_frames, save_png, scrub, size_notices)
+                    plan_record, read_image, received_files, save_png, scrub, size_notices)
 
 log = logging.getLogger("std_app")
 
@@ -84,7 +85,7 @@ class Limits:
     max_frames: int   # frames of a video stylized at most
 
     @classmethod
-    def for_engine(cls, engine: STDEngine, max_frames: int = 120) -> "Limits":
+    def for_engine(cls, engine: STDEngine, max_frames: int = 1800) -> "Limits":
         native = engine.native_size
         return cls(default_size=native, min_size=max(8, native // 4), max_size=native * 2, max_side=native * 4,
                    max_frames=max_frames)
@@ -165,7 +166,7 @@ class StyleApp:
     def check_video(self, payload) -> tuple[str, dict]:
         """Run right after a video upload: decode its first frame so that a broken file is flagged at once."""
         try:
-            path, _, info = self.open_video(payload, 1, 1)
+            path, info = self.open_video(payload)
         except STDInputError as err:
             return self._refuse_upload(err)
         return f"Video: {path.name}, {info.width}x{info.height} at {info.source_fps:g} fps.", gr.update()
@@ -201,19 +202,28 @@ class StyleApp:
         image, notices, _ = read_image(self.upload(payload, "style image"), "style image", self.limits.max_side)
         return image, notices
 
-    def open_video(self, payload, cap: int, select_every_nth) -> tuple[Path, torch.Tensor, object]:
-        """(path, frames, VideoInfo) of an uploaded video; messages name the upload, never the server folder."""
+    def open_video(self, payload) -> tuple[Path, object]:
+        """(path, StreamInfo) of an uploaded video, checked by decoding its first frame; messages name the upload,
+        never the server folder."""
         path = self.upload(payload, "video")
+        with self.video_errors(path):
+            with open_video(path, 1, probe=False) as reader:
+                info = reader.info
+        if min(info.width, info.height) < MIN_SOURCE_SIDE:
+            raise STDInputError("video", f"'{path.name}' is {info.width}x{info.height}, too small to stylize: both "
+                                         f"sides need at least {MIN_SOURCE_SIDE} pixels")
+        return path, info
+
+    @staticmethod
+    @contextmanager
+    def video_errors(path: Path):
+        """Core video errors with the server's folder taken out of them."""
         try:
-            frames, info = load_video(path, cap, 0, select_every_nth, 0.0, "none")
+            yield
         except STDInputError as err:
             if err.input_name != "video":
                 raise
             raise STDInputError("video", scrub(str(err).removeprefix("video: "), path)) from None
-        if min(info.width, info.height) < MIN_SOURCE_SIDE:
-            raise STDInputError("video", f"'{path.name}' is {info.width}x{info.height}, too small to stylize: both "
-                                         f"sides need at least {MIN_SOURCE_SIDE} pixels")
-        return path, frames, info
 
     def content_frames(self, payload, size) -> tuple[torch.Tensor, list[str]]:
         """The content image as one frame at the output size, with notices (downscale, upscale, squash)."""
@@ -302,25 +312,33 @@ class StyleApp:
         cap = check_range("frame_load_cap", frame_load_cap, 0, self.limits.max_frames, kind=int)
         style_image, style_notices = self.style_image(style)
         notices += style_notices
-        progress(0, desc="Decoding video")
-        _, frames, info = self.open_video(video, cap or self.limits.max_frames, select_every_nth)
-        if not cap and info.frame_count == self.limits.max_frames:
-            notices.append(f"Only the first {info.frame_count} frames are stylized (the app's frame limit).")
+        path, info = self.open_video(video)
         target = fit_size(info.width, info.height, size, self.engine.vae_scale)
         notices += size_notices("video", (info.width, info.height), target, size)
-        frames = resize_frames(frames, target)
         _notify(notices)
         progress(0, desc="Stylizing")
-        result = self.engine.run(frames, settings, style_image, frames_per_batch=frames_per_batch, overlap=overlap,
-                                 noise=noise)
+
+        def chunk_done(done, total):
+            progress((done, total) if total else (done, done + 1), desc="Stylizing", unit="frames")
+
         stem = self._stem("video", settings.seed)
-        mp4 = save_video(result.frames, stem.with_suffix(".mp4"), info.fps, "mp4")
-        record = dict(self.record(result, style_image is not None), fps=info.fps, frames_per_batch=frames_per_batch,
-                      overlap=overlap, noise=noise)
+        with self.video_errors(path):
+            result = self.engine.run_video_file(
+                path, stem.with_suffix(".mp4"), settings, style_image, size=size, frames_per_batch=frames_per_batch,
+                overlap=overlap, noise=noise, frame_load_cap=cap, select_every_nth=select_every_nth,
+                max_frames=self.limits.max_frames, fmt="mp4", progress=chunk_done)
+        notices += [n for n in result.notices if n not in notices]
+        for notice in result.notices:
+            gr.Warning(notice)
+        record = dict(result.record, frames=result.frames, seconds=round(result.seconds, 3), audio=result.audio)
         sidecar = stem.with_suffix(".json")
         sidecar.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
-        text = self.info(result, notices) + f"  \n{result.frames.shape[0]} frames at {info.fps:g} fps"
-        return str(mp4), [str(mp4), str(sidecar)], text, settings.seed
+        lora = result.lora.describe() if result.lora else "none"
+        lines = [f"**STD**: {result.plan.describe()}",
+                 f"seed {result.settings.seed}, {result.width}x{result.height}, LoRA {lora}, {result.seconds:.2f} s",
+                 f"{result.frames} frames at {result.fps:g} fps in {result.chunks} chunk(s), audio: {result.audio}"]
+        text = "  \n".join(lines + [f"⚠️ {n}" for n in notices])
+        return str(result.path), [str(result.path), str(sidecar)], text, settings.seed
 
     @user_errors
     def compare(self, content, style, prompt, negative_prompt, lora, start_strength, snap_eta, nfe, teacher_steps,

@@ -84,7 +84,8 @@ def files(tmp_path_factory):
     (d / "truncated.png").write_bytes(good[:len(good) // 2])
     (d / "bomb.png").write_bytes(png_header(12000, 10000))
     (d / "megabomb.png").write_bytes(png_header(20000, 20000))
-    save_video(torch.rand(6, 40, 56, 3), d / "clip.mp4", fps=12)
+    tone = torch.sin(torch.arange(8000) * (2 * torch.pi * 440 / 16000))[None]  # 0.5 s at 16 kHz, one channel
+    save_video(torch.rand(6, 40, 56, 3), d / "clip.mp4", fps=12, audio=(tone, 16000))
     (d / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + rng.integers(0, 255, 4000, dtype=np.uint8).tobytes())
     import av
 
@@ -166,7 +167,11 @@ def test_video_tab_stylizes_in_chunks_and_keeps_frame_count_and_fps(client, file
     sidecar = json.loads(Path(next(p for p in downloads if p.endswith(".json"))).read_text())
     assert sidecar["plan"]["timesteps"] == list(std_plan(2, 0.75).timesteps) and sidecar["fps"] == 12.0
     assert (sidecar["frames_per_batch"], sidecar["overlap"], sidecar["noise"]) == (4, 1, "shared")
-    assert "6 frames at 12 fps" in info
+    assert "6 frames at 12 fps" in info and "audio: " in info and "audio: none" not in info
+    from comfyui_std.core.audio import read_audio
+
+    track = read_audio(video)  # the source's audio is kept (streamed path: chunk by chunk, then muxed)
+    assert track is not None and abs(track.waveform.shape[-1] / track.sample_rate - 0.5) < 0.05
 
 
 def test_compare_tab_runs_teacher_and_std_from_the_same_start(client, files):
@@ -343,7 +348,7 @@ BAD_INPUTS = [
                  id="video-frames-per-batch-zero"),
     pytest.param("stylize_video", dict(video=dict(fpb=4, overlap=4)), "overlap: got 4, allowed range is [0, 3]",
                  id="video-overlap-not-below-batch"),
-    pytest.param("stylize_video", dict(video=dict(cap=10_000)), "frame_load_cap: got 10000, allowed range is [0, 120]",
+    pytest.param("stylize_video", dict(video=dict(cap=10_000)), "frame_load_cap: got 10000, allowed range is [0, 1800]",
                  id="video-cap-above-the-app-limit"),
     pytest.param("stylize_video", dict(video=dict(noise="random")), "noise: got 'random', choose one of shared, "
                  "per_frame", id="video-unknown-noise"),
