@@ -78,6 +78,9 @@ RUN_HERE = {
     "python gradio_app.py --tiny": "test_the_tiny_app_command_serves_all_tabs",
     "python gradio_app.py --models-dir /path/to/ComfyUI/models --base sd_xl_base_1.0.safetensors":
         "test_the_model_commands_take_their_flags",
+    "python -m std_app.batch --models-dir /path/to/ComfyUI/models --base sd_xl_base_1.0.safetensors photos/ "
+    "clips/trailer.mp4 --output stylized/ --prompt \"an oil painting, thick impasto\"":
+        "test_the_model_commands_take_their_flags",
     "python -m training.std --preset sdxl-12gb --base sd_xl_base_1.0.safetensors --style-lora my_style.safetensors "
     "--style-prompt \"watercolour painting\" --data photos/ --output runs/watercolour --start-strength 0.75":
         "test_the_model_commands_take_their_flags",
@@ -104,6 +107,12 @@ RUN_ELSEWHERE = {
     "git -C /path/ComfyUI checkout a125cd84": ("the same pinned checkout", [PINNED_COMFY]),
     "pip install -r /path/ComfyUI/requirements.txt": (".ci/run installs ComfyUI's requirements minus the torch family",
                                                       [Evidence(CI, '"$COMFY/requirements.txt"')]),
+    "python -m std_app.batch --tiny photos/ --output /tmp/stylized": (
+        "tests/test_batch_cli.py runs the batch CLI in tiny mode on a folder of images and a clip with audio",
+        [Evidence("tests/test_batch_cli.py", '"--tiny"')]),
+    "accelerate launch --multi_gpu --num_processes 4 -m std_app.batch ...": (
+        "tests/test_batch_cli.py launches it with accelerate on two CPU processes",
+        [Evidence("tests/test_batch_cli.py", "--multi_gpu")]),
     "COMFYUI_PATH=/path/ComfyUI python -m pytest": (".ci/run sets COMFYUI_PATH to the checkout and runs pytest",
                                                     [Evidence(CI, "export COMFYUI_PATH="), RUNS_PYTEST]),
 }
@@ -173,7 +182,8 @@ def test_the_tiny_app_command_serves_all_tabs(tmp_path):
         stop(proc)
 
 
-@pytest.mark.parametrize("start", ["python gradio_app.py --models-dir", "python -m training.std"])
+@pytest.mark.parametrize("start", ["python gradio_app.py --models-dir", "python -m training.std",
+                                   "python -m std_app.batch --models-dir"])
 def test_the_model_commands_take_their_flags(start, tmp_path):
     """The commands that need real model files, run as written from a scratch folder: every flag is accepted, and
     the placeholder paths end in one clear ``error:`` line and exit code 2 (nothing downloads, no traceback)."""
