@@ -366,3 +366,17 @@ def prepare_workflow(path, ckpt, files):
             if k in inputs and not isinstance(inputs[k], list):
                 inputs[k] = 3  # keep CPU runs short
     return prompt
+
+
+def client_message(prompt) -> str:
+    """What a client is told: the validator's errors, or the execution error's message."""
+    import execution
+
+    ok, err, _, node_errors = asyncio.run(execution.validate_prompt("bad", prompt, None))
+    if not ok:
+        return json.dumps([err, node_errors])
+    ex, server = execute(prompt)
+    assert not ex.success, "the bad prompt ran"
+    msgs = [d["exception_message"] for e, d in server.events if e == "execution_error"]
+    assert msgs and "Traceback" not in msgs[0]
+    return msgs[0]

@@ -118,7 +118,8 @@ def style_files(host, tiny_models):
 
 @pytest.fixture(scope="session")
 def host_files(host, tiny_models, style_files):
-    """Content image, clip, inpainting image (alpha = mask) and a folder of photos in input/, a PEFT-format STD LoRA with metadata in
+    """Content image, clip (24 frames at 12 fps with a 2 s tone growing louder), inpainting image (alpha = mask) and
+    a folder of photos in input/, a PEFT-format STD LoRA with metadata in
     models/loras/, a tiny ControlNet in models/controlnet/ (plus the style files)."""
     import numpy as np
     import torch
@@ -129,7 +130,9 @@ def host_files(host, tiny_models, style_files):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(host.base / "input" / "std_content.png")
     clip = torch.rand(1, 64, 64, 3).repeat(24, 1, 1, 1) * torch.linspace(0.5, 1, 24).view(24, 1, 1, 1)
-    save_video(clip, host.base / "input" / "std_content.mp4", fps=12)
+    # a 2 s tone, one channel, growing louder (so where a trimmed track starts can be told from its level)
+    tone = torch.sin(torch.arange(32000) * (2 * torch.pi * 330 / 16000))[None] * torch.linspace(0.05, 0.9, 32000)
+    save_video(clip, host.base / "input" / "std_content.mp4", fps=12, audio=(tone, 16000))
     rgba = np.concatenate([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), np.full((64, 64, 1), 255, np.uint8)], 2)
     rgba[:, :32, 3] = 0  # LoadImage's mask is 1 - alpha: the transparent left half is repainted
     Image.fromarray(rgba, "RGBA").save(host.base / "input" / "std_inpaint.png")

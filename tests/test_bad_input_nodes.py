@@ -250,24 +250,10 @@ def _node(ckpt, host_files, workflow, class_type):
     return next(k for k, v in prompt.items() if v["class_type"] == class_type)
 
 
-def _message(prompt) -> str:
-    """What a client is told: the validator's errors, or the execution error's message."""
-    import execution
-
-    ok, err, _, node_errors = asyncio.run(execution.validate_prompt("bad", prompt, None))
-    if not ok:
-        return json.dumps([err, node_errors])
-    ex, server = comfy_host.execute(prompt)
-    assert not ex.success, "the bad prompt ran"
-    msgs = [d["exception_message"] for e, d in server.events if e == "execution_error"]
-    assert msgs and "Traceback" not in msgs[0]
-    return msgs[0]
-
-
 @pytest.mark.bad_input
 @pytest.mark.parametrize("build, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_node_input_is_refused_with_a_clear_message(host, tiny_ckpt, host_files, files, build, expected):
-    msg = _message(build(tiny_ckpt, host_files))
+    msg = comfy_host.client_message(build(tiny_ckpt, host_files))
     assert expected in msg, msg
     assert str(host.base) not in msg  # never echo the server's own paths to a client
 

@@ -125,8 +125,8 @@ def test_api_workflow_executes(host, tiny_ckpt, host_files, workflow):
         else:
             assert Image.open(f).size == (64, 64)
     progress = [d for e, d in server.events if e == "progress"]
-    sampler_node = next(k for k, v in prompt.items() if v["class_type"] in ("STDStylize", "STDStylizeVideo",
-                                                                          "SamplerCustom", "SiDOneStep"))
+    samplers = ("STDStylize", "STDStylizeVideo", "STDStylizeVideoFile", "SamplerCustom", "SiDOneStep")
+    sampler_node = next(k for k, v in prompt.items() if v["class_type"] in samplers)
     texts = [t for out in ex.history_result["outputs"].values() for t in out.get("text", [])]
     if prompt[sampler_node]["class_type"] == "SiDOneStep":  # one network evaluation
         assert [(d["value"], d["max"]) for d in progress if d["node"] == sampler_node] == [(1, 1)]

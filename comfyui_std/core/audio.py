@@ -156,7 +156,7 @@ def read_audio(path, start: float = 0.0, duration: float | None = None) -> Audio
     """
     path = Path(path)
     if not path.is_file():
-        raise STDInputError("audio", f"'{path}' is not a file")
+        raise STDInputError("audio", f"'{path.name}' is not a file")
     if start < 0 or (duration is not None and duration <= 0):
         raise STDInputError("audio", f"start must be >= 0 and duration > 0, got start={start}, duration={duration}")
     container, stream = _open_audio(path)

@@ -149,6 +149,18 @@ def conditionings_for_frames(conditionings, start: int, end: int) -> list:
     return out
 
 
+def sample_std_latents(model, positive, negative, latents, chunk_noise, sigmas, seed: int, gamma: float, cfg: float,
+                       noise: str, start: int, end: int, *, mask=None, whole: bool = False):
+    """Sample the clean latents of frames ``[start, end)`` of a clip through ComfyUI's stack (STD sampler, CFG
+    guider, previews, interrupts), their start noise given; ControlNet hints are cut to those frames unless
+    ``whole`` (the chunk is the whole batch). Used by the in-memory chunk loop and by the streamed file node."""
+    pos, neg = (positive, negative) if whole else conditionings_for_frames((positive, negative), start, end)
+    callback = latent_preview.prepare_callback(model, len(sigmas) - 1, {})
+    return comfy.sample.sample_custom(
+        model, chunk_noise, cfg, std_ksampler(gamma, noise), sigmas, pos, neg, latents, noise_mask=mask,
+        callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+
+
 def sample_std_chunks(model, positive, negative, latent: dict, samples, sigmas, seed: int, gamma: float, cfg: float,
                       *, noise: str = "per_frame", frames_per_batch: int | None = None, overlap: int = 0,
                       batch_index=None) -> dict:
@@ -164,12 +176,8 @@ def sample_std_chunks(model, positive, negative, latent: dict, samples, sigmas, 
 
     def run_chunk(s, e, chunk_noise):
         whole = (s, e) == (0, n)
-        pos, neg = (positive, negative) if whole else conditionings_for_frames((positive, negative), s, e)
-        callback = latent_preview.prepare_callback(model, len(sigmas) - 1, {})
-        return comfy.sample.sample_custom(
-            model, chunk_noise, cfg, std_ksampler(gamma, noise), sigmas, pos, neg, samples[s:e],
-            noise_mask=mask if whole else frames_of(mask, s, e), callback=callback,
-            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        return sample_std_latents(model, positive, negative, samples[s:e], chunk_noise, sigmas, seed, gamma, cfg,
+                                  noise, s, e, mask=mask if whole else frames_of(mask, s, e), whole=whole)
 
     result = stylize_chunks(samples, seed, run_chunk, noise=noise, frames_per_batch=frames_per_batch, overlap=overlap,
                             batch_index=batch_index)

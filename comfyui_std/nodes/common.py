@@ -73,13 +73,18 @@ def plan_input() -> io.Combo.Input:
     return io.Combo.Input("plan", options=list(PLANS), default="official", optional=True, tooltip=PLAN_TIP)
 
 
-def stylize_inputs(model_tip: str, latent_tip: str) -> list:
-    """The inputs STD Stylize and STD Stylize Video share, in widget order (before their own extras)."""
+def conditioning_inputs(model_tip: str) -> list:
+    """model, positive, negative: the inputs every STD stylize node starts with."""
     return [
         io.Model.Input("model", tooltip=model_tip),
         io.Conditioning.Input("positive", tooltip="Prompt describing the target style."),
         io.Conditioning.Input("negative", tooltip="Negative prompt (used when cfg > 1)."),
-        io.Latent.Input("latent_image", tooltip=latent_tip),
+    ]
+
+
+def run_inputs() -> list:
+    """seed, nfe, start_strength, gamma, cfg: what decides an STD run besides the model and the content."""
+    return [
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                      tooltip="Seed of the noise added at the start timestep."),
         nfe_input(),
@@ -89,6 +94,11 @@ def stylize_inputs(model_tip: str, latent_tip: str) -> list:
                        tooltip="Classifier-free guidance scale (the official STD demo uses 6; 1 disables the "
                                "negative branch and halves the cost)."),
     ]
+
+
+def stylize_inputs(model_tip: str, latent_tip: str) -> list:
+    """The inputs STD Stylize and STD Stylize Video share, in widget order (before their own extras)."""
+    return [*conditioning_inputs(model_tip), io.Latent.Input("latent_image", tooltip=latent_tip), *run_inputs()]
 
 
 def prepare_run(model, nfe, start_strength, plan="official", latent=None):
