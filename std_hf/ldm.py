@@ -107,6 +107,9 @@ def unet_config(sd: dict[str, torch.Tensor], arch: str, pooled_dim: int | None =
     if any(len(lv["res"]) != nb for lv in levels):
         raise LayoutError("unet: levels with different numbers of res blocks are not an SD1.5/SDXL UNet")
     widths = [lv["width"] for lv in levels]
+    if any(w % 32 for w in widths):
+        raise LayoutError(f"unet: block widths {widths} do not divide into the architecture's 32 norm groups; pass "
+                          "a diffusers folder with this model's configs (--base-config)")
     attn = [lv["depth"] > 0 for lv in levels]
     ctx_key = next((k for k in sd if k.startswith(prefix) and k.endswith("attn2.to_k.weight")), None)
     if ctx_key is None:
@@ -223,6 +226,9 @@ def vae_config(sd: dict[str, torch.Tensor], arch: str, prefix: str = VAE) -> dic
     if not down:
         raise LayoutError(f"vae: tensor {prefix}encoder.down.0.block.0.conv1.weight is missing")
     widths = [int(_need(sd, f"{prefix}encoder.down.{i}.block.0.conv2.weight", "vae").shape[0]) for i in down]
+    if any(w % 32 for w in widths):
+        raise LayoutError(f"vae: block widths {widths} do not divide into the architecture's 32 norm groups; pass "
+                          "a diffusers folder with this model's configs (--base-config)")
     per_level = len({k.split(".")[len(prefix.split(".")) + 3] for k in sd
                      if k.startswith(f"{prefix}encoder.down.0.block.")})
     z = _need(sd, prefix + "encoder.conv_out.weight", "vae")

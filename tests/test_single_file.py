@@ -270,3 +270,20 @@ def test_the_app_starts_from_an_sdxl_single_file_offline(comfy):
     assert all(torch.equal(got[k], v) for k, v in parts["text_encoder_2"].state_dict().items())
     out = engine.run(torch.rand(1, 64, 64, 3), StyleSettings(prompt="a cat", nfe=2, cfg=2.0)).frames
     assert out.shape == (1, 64, 64, 3) and torch.isfinite(out).all()
+
+
+def test_a_file_of_another_shape_loads_with_the_configs_of_a_diffusers_folder(tmp_path):
+    """The app's --base-config: component configs and tokenizers from a folder, for files whose norms or heads the
+    shapes cannot tell (here the app's tiny zoo, 8 norm groups)."""
+    from std_app.startup import ModelOptions, load_engine, tiny_options
+
+    zoo = tiny_options("sd15", tmp_path / "zoo")
+    folder = zoo.models_dir / "diffusers" / "tiny-sd15"
+    base = load_base(str(folder))
+    path = tmp_path / "zoo_as_single_file.safetensors"
+    save_file(ldm.to_ldm(base.unet, base.vae, base.text_encoders[0], arch="sd15"), str(path))
+    with pytest.raises(ValueError, match="do not divide into the architecture's 32 norm groups"):
+        load_base(str(path), tokenizer=str(zoo.models_dir / "tokenizer"))
+    engine = load_engine(ModelOptions(base=str(path), base_config=str(folder), device="cpu", dtype="fp32"))
+    got = engine.pipe.unet.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in base.unet.state_dict().items())

@@ -1,10 +1,11 @@
 """SiD-LSG on the shared trainer skeleton: data-free one-step distillation with long and short guidance.
 
 One frozen base UNet carries two LoRA adapters: ``gen`` (the one-step generator G_θ) and ``fake`` (the fake score
-f_ψ); the teacher f_φ is the base with adapters off, so the run holds one UNet (docs/official-sid-lsg-code.md §7). Each step has two
-phases, in this order: the fake score is updated on the generator's (stop-gradient) samples, then the generator on a
-fresh batch with the SiD loss, whose gradient flows through the fake score and the teacher into x_g. LSG applies CFG
-with κ1 to the fake score while it is trained, κ2 = κ3 when it is evaluated in the generator loss, κ4 to the teacher.
+f_ψ); the teacher f_φ is the base with adapters off, so the run holds one UNet (docs/official-sid-lsg-code.md §7).
+Each step has two phases, in this order: the fake score is updated on the generator's (stop-gradient) samples, then
+the generator on a fresh batch with the SiD loss, whose gradient flows through the fake score and the teacher into
+x_g. LSG applies CFG with κ1 to the fake score while it is trained, κ2 = κ3 when it is evaluated in the generator
+loss, κ4 to the teacher.
 
 The two measured peft pitfalls are handled: adapter switching rewrites ``requires_grad`` (so the flags of the
 trained adapter are set explicitly after the last switch of a phase, before backward), and gradient checkpointing
