@@ -188,7 +188,8 @@ def main(argv=None) -> None:
               f"{g['text_encoders']:>5.2f} {g['trainable']:>6.2f} {g['gradients']:>6.2f} {g['optimizer']:>6.2f} "
               f"{g['ema']:>5.2f} {g['adversary']:>5.2f} {g['static']:>7.2f} {g['budget']:>6.0f} "
               f"{g['budget'] - g['static']:>6.2f}  {r['trainable_params'] / 1e6:.1f} M (rank {r['rank']}"
-              f"{', 8-bit Adam' if r['eight_bit'] else ''}{', text encoders on the CPU' if r['text_encoders_cpu'] else ''})")
+              f"{', 8-bit Adam' if r['eight_bit'] else ''}"
+              f"{', text encoders on the CPU' if r['text_encoders_cpu'] else ''})")
     if args.measure:
         for name in rows:
             peak = measure(name, args.steps)

@@ -169,7 +169,8 @@ NO_LORA = "(none: base model)"
 
 
 def check_lora_fits(unet, state_dict: dict[str, torch.Tensor], entry: LoraEntry, base_label: str) -> None:
-    """Refuse a LoRA made for another base model before diffusers half-applies it (:func:`std_hf.lora.check_lora_fits`)."""
+    """Refuse a LoRA made for another base model before diffusers half-applies it
+    (:func:`std_hf.lora.check_lora_fits`)."""
     _check_lora_fits(unet, state_dict, entry.name, entry.metadata, base_label)
 
 

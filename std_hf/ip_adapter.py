@@ -54,8 +54,9 @@ def load_image_encoder(path: Path, dtype: torch.dtype = torch.float32):
         source = TensorSource([path], "image encoder")
         shapes = source.shapes()
         if "visual_projection.weight" not in shapes or "vision_model.embeddings.class_embedding" not in shapes:
+            example = WHAT["image_encoder"].split("e.g. ")[1]
             raise STDInputError("image encoder", f"'{path.name}' is not a CLIP vision model with projection in "
-                                                 f"transformers format; use e.g. {WHAT['image_encoder'].split('e.g. ')[1]}")
+                                                 f"transformers format; use e.g. {example}")
         config = CLIPVisionConfig(**clip_vision_config(shapes))
     model = build_on_meta(lambda: CLIPVisionModelWithProjection(config))
     mapping = {k: (k, None) for k in model.state_dict()}

@@ -322,7 +322,8 @@ def clip_key_map(model_keys, prefix: str) -> dict[str, str]:
 def open_clip_config(sd: dict[str, torch.Tensor], prefix: str = SDXL_TEXT_2) -> dict:
     """A ``CLIPTextConfig`` for SDXL's OpenCLIP ViT-bigG text tower (OpenCLIP keys under ``prefix``)."""
     tok = _need(sd, prefix + "token_embedding.weight", "text_encoder_2")
-    layers = {_index(k, prefix + "transformer.resblocks.") for k in sd if k.startswith(prefix + "transformer.resblocks.")}
+    blocks = prefix + "transformer.resblocks."
+    layers = {_index(k, blocks) for k in sd if k.startswith(blocks)}
     hidden = int(tok.shape[1])
     return dict(vocab_size=int(tok.shape[0]), hidden_size=hidden,
                 intermediate_size=int(_need(sd, prefix + "transformer.resblocks.0.mlp.c_fc.weight",
@@ -341,7 +342,8 @@ def open_clip_key_map(model_keys, prefix: str = SDXL_TEXT_2) -> dict[str, tuple[
     """{transformers key: (OpenCLIP key, q/k/v slice or None)}: q, k and v are thirds of one ``in_proj`` tensor."""
     fixed = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
              "text_model.embeddings.position_embedding.weight": "positional_embedding",
-             "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias",
+             "text_model.final_layer_norm.weight": "ln_final.weight",
+             "text_model.final_layer_norm.bias": "ln_final.bias",
              "text_projection.weight": "text_projection"}
     out = {}
     layer = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")

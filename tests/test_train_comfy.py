@@ -13,7 +13,6 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from training.std.__main__ import main as cli
 
 
 def _ids(n=1, length=77, eos=49407):
@@ -27,9 +26,9 @@ def _ids(n=1, length=77, eos=49407):
 
 SDXL_UNET = dict(in_channels=4, out_channels=4, model_channels=64, context_dim=32 + 48, num_heads=-1,
                  num_head_channels=64, use_spatial_transformer=True, use_linear_in_transformer=True,
-                 adm_in_channels=40 + 6 * 8, num_classes="sequential", use_temporal_attention=False, channel_mult=[1, 1, 2],
-                 num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_output=[0, 0, 0,
-                                                                                                          1, 1, 1, 2, 2, 2],
+                 adm_in_channels=40 + 6 * 8, num_classes="sequential", use_temporal_attention=False,
+                 channel_mult=[1, 1, 2], num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 1, 1, 2, 2],
+                 transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2],  # ComfyUI pops these from the end
                  transformer_depth_middle=2, image_size=32)
 CLIP_L = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 1, "intermediate_size": 64,
           "hidden_act": "quick_gelu", "max_position_embeddings": 77, "eos_token_id": 49407}
@@ -43,8 +42,8 @@ def _randomise(module, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.ndim > 1 else 0.1) + (1.0 if "norm" in name and
-                                                                                         name.endswith("weight") else 0))
+            norm_weight = "norm" in name and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.ndim > 1 else 0.1) + (1.0 if norm_weight else 0.0))
 
 
 @pytest.fixture(scope="module")

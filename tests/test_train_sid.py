@@ -24,7 +24,8 @@ def prompts(tmp_path_factory):
 
 
 def _cfg(prompts, out, **kw):
-    return config_from_argv(SiDConfig, PRESETS, ["--preset", "tiny", "--prompts", str(prompts), "--output", str(out)], **kw)
+    return config_from_argv(SiDConfig, PRESETS, ["--preset", "tiny", "--prompts", str(prompts), "--output", str(out)],
+                            **kw)
 
 
 def test_generator_loss_matches_its_formula_and_detaches_only_w():

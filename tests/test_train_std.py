@@ -140,7 +140,8 @@ def test_two_fresh_runs_match_and_a_resumed_run_matches_the_uninterrupted_one(da
     assert _losses(rest) == _losses(full)  # bit-identical, steps 1-4
     if mode == "adversarial":
         assert _losses(rest, "loss/discriminator") == _losses(full, "loss/discriminator")
-    assert same_tensors(tensors(tmp_path / "a" / f"{name}.safetensors"), tensors(tmp_path / "c" / f"{name}.safetensors"))
+    assert same_tensors(tensors(tmp_path / "a" / f"{name}.safetensors"),
+                        tensors(tmp_path / "c" / f"{name}.safetensors"))
     assert not list(tmp_path.glob("*/checkpoints/.checkpoint-*"))
 
 
@@ -217,7 +218,8 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130_with_the_resume_command(data, 
            "--max-steps", "100000", "--checkpoint-every", "0", "--num-previews", "0", "--log-every", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not ((out / "train.log").exists() and "step 1/" in (out / "train.log").read_text()):
+    log = out / "train.log"
+    while time.time() < deadline and not (log.exists() and "step 1/" in log.read_text()):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
@@ -430,7 +432,8 @@ def test_cli_bad_input_gives_a_clear_error(data, tmp_path, capsys, args, message
         readonly = Path("/proc/std-trainer-output")
     captions = image_folder(tmp_path / "captions", 1)
     (captions / "img0.txt").write_bytes(b"\xff\xfe\x00bad")
-    subst = {"{empty}": tmp_path / "empty", "{missing}": tmp_path / "nope", "{corrupt}": tmp_path / "corrupt.safetensors",
+    subst = {"{empty}": tmp_path / "empty", "{missing}": tmp_path / "nope",
+             "{corrupt}": tmp_path / "corrupt.safetensors",
              "{badtoml}": tmp_path / "bad.toml", "{badyaml}": tmp_path / "bad.yaml",
              "{unknown}": tmp_path / "unknown.toml", "{file}": tmp_path / "file", "{readonly}": readonly,
              "{badcaption}": captions}
@@ -467,7 +470,8 @@ def test_config_file_run_config_and_help(data, tmp_path, trained):
     help_text = subprocess.run([sys.executable, "-m", "training.std", "--help"], capture_output=True, text=True,
                                cwd=REPO).stdout
     for name in ("--start-strength", "--range-rate", "--s-window", "--s-gamma", "--rho", "--bank-size",
-                 "--style-lora", "--export", "--resume", "--aspect-buckets", "--cache-latents", "--offload-text-encoders",
+                 "--style-lora", "--export", "--resume", "--aspect-buckets", "--cache-latents",
+                 "--offload-text-encoders",
                  "sd15-8gb", "sdxl-12gb", "sdxl-24gb", "tiny"):
         assert name in help_text
 

@@ -11,7 +11,6 @@ import logging
 import shlex
 import sys
 
-from comfyui_std.core.errors import STDInputError
 
 log = logging.getLogger("training")
 #: what counts as the user's problem: bad settings (STDInputError is a ValueError), files that are not there or

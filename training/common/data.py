@@ -67,7 +67,8 @@ def read_caption(path: Path) -> str:
                         "UTF-8") from None
 
 
-def scan_folder(folder: str, style_prompt: str = "", videos: bool = False, clip_span: int = 1) -> tuple[list[Item], int]:
+def scan_folder(folder: str, style_prompt: str = "", videos: bool = False,
+                clip_span: int = 1) -> tuple[list[Item], int]:
     """Readable items of ``folder`` (recursively) and the number of files skipped (unreadable, or videos shorter
     than ``clip_span`` frames)."""
     from PIL import Image

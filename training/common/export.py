@@ -28,7 +28,8 @@ from std_hf.lora import LoraLayer
 
 FILE_MODE = 0o644
 #: kohya prefix per model (SD1.5 names its single text encoder lora_te_, SDXL lora_te1_/lora_te2_)
-KOHYA_TEXT = {"sd15": {"text_encoder": "lora_te_"}, "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
+KOHYA_TEXT = {"sd15": {"text_encoder": "lora_te_"},
+              "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
