@@ -35,10 +35,10 @@ from .weights import ComponentReport, TensorSource, build_on_meta, check, folder
 
 ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 CLIP_REPO = "openai/clip-vit-large-patch14"
-#: file tensors outside the components that some checkpoints carry (original LDM schedule buffers, EMA weights)
 #: the training schedule of SD1.5 and SDXL (single files carry none)
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                 "beta_end": 0.012, "prediction_type": "epsilon"}
+#: file tensors outside the components that some checkpoints carry (original LDM schedule buffers, EMA weights)
 NON_MODEL = ("model_ema.", "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus_",
              "posterior_", "lvlb_weights", "model.diffusion_model.__", "logvar", "v_pred", "ztsnr")
 
@@ -75,13 +75,6 @@ class Base:
         enc = self.text_encoders[-1]
         return int(getattr(enc.config, "projection_dim", None) or enc.config.hidden_size) if self.arch == "sdxl" \
             else int(enc.config.hidden_size)
-
-    @property
-    def vae_factor(self) -> int:
-        """Pixels per latent pixel (8 for SD's VAE and for TAESD)."""
-        cfg = self.vae.config
-        widths = cfg.get("block_out_channels") or cfg.get("encoder_block_out_channels")
-        return 2 ** (len(widths) - 1)
 
     def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels in [-1, 1] -> latents (a posterior sample with ``generator``, else the mean)."""

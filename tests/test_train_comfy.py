@@ -199,18 +199,22 @@ def test_the_exported_lora_applies_in_comfyui_with_every_key_and_reproduces_the_
     assert len(patched_clip.patcher.patches) == len(text_modules)
     node = host.M["STDLoraLoader"].execute(tiny_models[0], name, 1.0)
     assert node.result[1] == 0.75 and f"{len(unet_modules)}/{len(unet_modules)} layers applied" in node.ui["text"][0]
+    import comfy.model_management as mm
+
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([600]), torch.randn(1, 77, 768) * 0.5
-    patched.patch_model()
-    try:
-        diffusion = patched.model.diffusion_model
+    model = tiny_models[0]
+
+    def comfy_unet(patcher):  # as ComfyUI's samplers do: load the patcher (weights patched), call the UNet
+        mm.load_models_gpu([patcher], force_full_load=True)
+        diffusion = patcher.model.diffusion_model
         dtype = next(diffusion.parameters()).dtype
         with torch.no_grad():
-            in_comfy = diffusion(x.to(dtype), timesteps=t, context=ctx.to(dtype)).float()
-    finally:
-        patched.unpatch_model()
+            return diffusion(x.to(dtype), timesteps=t, context=ctx.to(dtype)).float()
+
+    in_comfy = comfy_unet(patched)
+    plain = comfy_unet(model)  # and back to the unpatched model for the other tests
     with torch.no_grad():
         student = trainer.method.base.unet(x, t, encoder_hidden_states=ctx).sample
-        plain = tiny_models[0].model.diffusion_model(x.to(dtype), timesteps=t, context=ctx.to(dtype)).float()
     scale = student.abs().mean()
     assert (plain - student).abs().mean() > 10 * (in_comfy - student).abs().mean()
     assert torch.allclose(in_comfy, student, atol=5e-3 * float(scale) + 1e-4, rtol=1e-2)
