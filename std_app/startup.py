@@ -96,7 +96,7 @@ def load_engine(options: ModelOptions) -> STDEngine:
     if not options.base:
         raise no_base_error(options.models_dir)
     ref = resolve("base", options.base, options.models_dir)
-    pipe = load_pipeline(ref, dtype, device, options.base_config)
+    pipe = load_pipeline(ref, dtype, device, options.base_config, options.models_dir)
     pipe.set_progress_bar_config(disable=True)
     arch = architecture(pipe)
     catalog = LoraCatalog.discover(options.loras, options.models_dir)

@@ -1,10 +1,9 @@
-"""Tiny randomly initialised models, written to disk as a ComfyUI-style ``models`` folder, for offline runs.
+"""The tiny offline model zoo, written to disk as a ComfyUI-style ``models`` folder.
 
-``python gradio_app.py --tiny`` and the tests use them: the app then loads them through exactly the code that loads
+``python gradio_app.py --tiny`` and the tests use it: the app then loads it through exactly the code that loads
 real files (diffusers folder, STD LoRA zoo with ``std.*`` metadata, single-file IP-Adapter and CLIP image encoder).
-The UNets keep the block layout of the real architectures (SD1.5: four levels, attention in the first three;
-SDXL: three levels, attention in the last two, two layers per block) so the style-block presets select real blocks.
-Nothing is downloaded; building takes a few seconds on a CPU.
+The models come from the one tiny builder, :mod:`std_hf.tiny` (the block layouts of SD1.5 and SDXL, so the
+style-block presets select real blocks). Nothing is downloaded; building takes a few seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -15,11 +14,10 @@ import torch
 
 from comfyui_std.core.lora import encode_std_metadata
 from comfyui_std.core.style_blocks import ip_layer_order
-from training.common.models import write_tiny_tokenizer
+from std_hf.tiny import TEXT_WIDTH, make_unet, tiny_components, tokenizers, write_tokenizer  # noqa: F401
 
 ARCHITECTURES = ("sd15", "sdxl")
 ZOO_ETAS = (0.65, 0.75, 0.85, 0.95)
-TEXT_WIDTH = 32
 CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1, image_size=32,
                    patch_size=8, projection_dim=16, hidden_act="gelu", layer_norm_eps=1e-5)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -30,55 +28,18 @@ def base_name(arch: str) -> str:
     return f"tiny-{arch}"
 
 
-def _text_encoder(with_projection: bool):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=514, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, projection_dim=TEXT_WIDTH,
-                            bos_token_id=512, eos_token_id=513, pad_token_id=513)
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
-
-
-def make_unet(arch: str):
-    """A tiny UNet with the block layout of ``arch`` (random weights)."""
-    from diffusers import UNet2DConditionModel
-
-    common = dict(sample_size=16, in_channels=4, out_channels=4, norm_num_groups=8, attention_head_dim=2)
-    if arch == "sdxl":
-        return UNet2DConditionModel(
-            **common, block_out_channels=(16, 16, 32), layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=2 * TEXT_WIDTH, addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + TEXT_WIDTH, use_linear_projection=True)
-    return UNet2DConditionModel(
-        **common, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH)
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
-                         layers_per_block=1, sample_size=64)
-
-
 def build_pipeline(arch: str, tokenizer_dir: Path):
-    """A tiny diffusers pipeline of the given architecture (random weights, seeded)."""
+    """A tiny diffusers pipeline of the given architecture (random weights, seed 0)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    from transformers import CLIPTokenizer
 
-    torch.manual_seed(0)
+    parts = tiny_components(arch, seed=0)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
-    common = dict(vae=_vae(), text_encoder=_text_encoder(False), tokenizer=tokenizer, unet=make_unet(arch),
+    toks = tokenizers(tokenizer_dir, arch)
+    common = dict(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=toks[0], unet=parts["unet"],
                   scheduler=scheduler)
     if arch == "sdxl":
-        return StableDiffusionXLPipeline(**common, text_encoder_2=_text_encoder(True), tokenizer_2=tokenizer)
+        return StableDiffusionXLPipeline(**common, text_encoder_2=parts["text_encoder_2"], tokenizer_2=toks[1])
     return StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
@@ -149,7 +110,7 @@ def build_tiny_models(root: Path, arch: str = "sd15") -> Path:
     root = Path(root)
     base = root / "diffusers" / base_name(arch)
     if not (base / "model_index.json").exists():
-        write_tiny_tokenizer(root / "tokenizer")
+        write_tokenizer(root / "tokenizer")
         build_pipeline(arch, root / "tokenizer").save_pretrained(str(base))
     from diffusers import UNet2DConditionModel
 

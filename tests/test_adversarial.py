@@ -104,7 +104,7 @@ def test_state_round_trip_and_bad_input(adv):
         adv.generator_loss(_imgs(), torch.randn(4, 5))
     with pytest.raises(ValueError, match="dino_hooks"):
         DinoFeatures(tiny_dino(2), hooks=[0, 5])
-    with pytest.raises(FileNotFoundError, match="DINOv2"):
+    with pytest.raises(ValueError, match="dino: could not load DINOv2"):
         build_adversarial("/nonexistent/dinov2", [2, 5, 8, 11], 8)
 
 

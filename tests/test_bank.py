@@ -1,5 +1,6 @@
 """Trajectory bank and STD trajectory math: context travels with the state, uniform draws, fp16 shards on disk,
-checkpoint round trip, disk-full refusal; grid, window and jump match std.md."""
+checkpoint round trip, disk-full refusal; grid, windows (official and the paper's γ) and jump match the official
+values (docs/official-std-code.md)."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from comfyui_std.core.errors import STDInputError
 from training.std.bank import BankDiskFullError, TrajectoryBank
 from training.std.trajectory import (DDIMGrid, add_noise, cfg_lcm, draw_target_index, jump, pseudo_huber,
-                                     start_index, window_size, x0_eps)
+                                     start_index, target_bounds, window_size, x0_eps)
 
 
 def _ctx(i):
@@ -122,3 +123,30 @@ def test_jump_param_and_guidance_identities():
     g = cfg_lcm((z0, eps), (z0 * 0, eps * 0), torch.tensor([0.0, 2.0]))
     assert torch.allclose(g[0][0], z0[0]) and torch.allclose(g[0][1], 3 * z0[1])
     assert pseudo_huber(z0, z0) == 0 and pseudo_huber(z0, z0 + 1) == pytest.approx((1 + 1e-6) ** 0.5 - 1e-3)
+
+
+def test_the_paper_window_keeps_s_within_gamma_t_and_below_the_teacher_level():
+    grid = DDIMGrid()
+    n = torch.arange(2, 49)
+    low, high = target_bounds(n, 19, "paper", 0.7, grid)
+    s_low = torch.where(low > 0, grid.timesteps[(low - 1).clamp(min=0)], torch.zeros_like(low))
+    s_high = grid.timesteps[high - 1]
+    t_n = grid.timestep(n)
+    assert bool((s_high < grid.timestep(n - 1)).all())  # s <= τ_{n-2}: never the teacher's own next level
+    ok = s_low >= 0.7 * t_n  # s >= γ t wherever a grid level qualifies ...
+    assert bool(ok[n >= 6].all()) and not bool(ok.all())
+    assert bool((low[~ok] == high[~ok]).all() and (s_high[~ok] < 0.7 * t_n[~ok]).all())  # ... else the nearest one
+    if_lower = torch.where(low > 1, grid.timesteps[(low - 2).clamp(min=0)], torch.zeros_like(low))
+    assert bool((if_lower[ok & (low > 0)] < 0.7 * t_n[ok & (low > 0)]).all())  # and the window is the widest one
+    # at the start state n0 = 38 (t 779): s in {559, ..., 739}, vs the official {379, ..., 739}
+    assert [int(v) for v in target_bounds(torch.tensor([38]), 19, "paper", 0.7, grid)[0]] == [28]
+    assert [int(v) for v in target_bounds(torch.tensor([38]), 19, "official", 0.7, grid)[0]] == [19]
+    g = torch.Generator().manual_seed(0)
+    j = draw_target_index(torch.full((4000,), 38), 19, g, "paper", 0.7, grid)
+    assert set(j.tolist()) == set(range(28, 38))
+    full = target_bounds(torch.tensor([10]), 19, "paper", 0.0, grid)
+    assert [int(full[0]), int(full[1])] == [0, 9]  # γ = 0: every level down to s = 0
+    with pytest.raises(STDInputError, match="s_window"):
+        target_bounds(torch.tensor([10]), 19, "wide")
+    with pytest.raises(STDInputError, match="s_gamma"):
+        target_bounds(torch.tensor([10]), 19, "paper", 1.0)

@@ -1,11 +1,13 @@
 """SiD-LSG trainer on tiny random models (CPU): losses, gradient routing between the two adapters on one shared
-base (the peft pitfalls of sid-lsg.md §7), exact resume, export metadata and bad input."""
+base (the peft pitfalls of docs/official-sid-lsg-code.md §7), reproducible and exactly resumable runs, export metadata
+and bad input."""
 
 import json
 
 import pytest
 import torch
 from safetensors import safe_open
+from train_helpers import same_tensors, stop_at, tensors
 
 from training.common.config import config_from_argv
 from training.common.trainer import Trainer
@@ -22,7 +24,8 @@ def prompts(tmp_path_factory):
 
 
 def _cfg(prompts, out, **kw):
-    return config_from_argv(SiDConfig, PRESETS, ["--preset", "tiny", "--prompts", str(prompts), "--output", str(out)], **kw)
+    return config_from_argv(SiDConfig, PRESETS, ["--preset", "tiny", "--prompts", str(prompts), "--output", str(out)],
+                            **kw)
 
 
 def test_generator_loss_matches_its_formula_and_detaches_only_w():
@@ -78,7 +81,7 @@ def test_the_peft_pitfall_is_real_so_the_flags_are_set_before_backward(method):
     gradients because peft rewrites requires_grad on every switch; SiDMethod re-activates the trained adapter and
     sets the flags after its last switch (test above)."""
     _zero(method)
-    z = torch.randn(1, 4, 32, 32)
+    z = torch.randn(1, 4, 8, 8)
     ctx = method.context(["a cat"])
     method.use(GEN)
     x_g = method.generate(z, ctx)
@@ -94,7 +97,7 @@ def test_the_peft_pitfall_is_real_so_the_flags_are_set_before_backward(method):
 
 
 def test_at_init_generator_fake_and_teacher_agree(method):
-    x, t = torch.randn(1, 4, 32, 32), torch.tensor([500])
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
     ctx = method.context(["a cat"])
     outs = []
     with torch.no_grad():
@@ -104,45 +107,69 @@ def test_at_init_generator_fake_and_teacher_agree(method):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
-def test_tiny_run_exports_the_generator_and_resumes_exactly(prompts, tmp_path):
+def test_tiny_runs_are_reproducible_export_the_generator_and_resume_exactly(prompts, tmp_path):
     full = Trainer(_cfg(prompts, tmp_path / "a", max_steps=4, num_previews=0), SiDMethod).run()
-    with safe_open(str(tmp_path / "a" / "sid_lsg_sd15_tiny_k2.safetensors"), "pt") as f:
+    again = Trainer(_cfg(prompts, tmp_path / "b", max_steps=4, num_previews=0), SiDMethod).run()
+    name = "sid_lsg_sd15_tiny_k2.safetensors"
+    with safe_open(str(tmp_path / "a" / name), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert meta["std.method"] == '"sid_lsg"' and json.loads(meta["std.t_init"]) == 625
     assert json.loads(meta["std.kappa4"]) == 2.0 and json.loads(meta["std.nfe"]) == 1
     assert keys and all(k.startswith("lora_unet_") for k in keys)
-    cfg = _cfg(prompts, tmp_path / "b", max_steps=4, checkpoint_every=2, num_previews=0)
-    original = SiDMethod.after_optimizer_step
-
-    def stop(self):
-        original(self)
-        if self.trainer.step == 1:
-            self.trainer.request_stop()
-    SiDMethod.after_optimizer_step = stop
-    try:
-        Trainer(cfg, SiDMethod).run()
-    finally:
-        SiDMethod.after_optimizer_step = original
+    key = ["loss/fake", "loss/gen"]
+    assert [[h[k] for k in key] for h in again] == [[h[k] for k in key] for h in full]
+    assert same_tensors(tensors(tmp_path / "a" / name), tensors(tmp_path / "b" / name))  # two fresh runs
+    cfg = _cfg(prompts, tmp_path / "c", max_steps=4, checkpoint_every=0, num_previews=0)
+    with stop_at(SiDMethod, 2):
+        first = Trainer(cfg, SiDMethod)
+        first.run()
+    assert first.interrupted and first.step == 2
     cfg.resume = "latest"
     rest = Trainer(cfg, SiDMethod).run()
-    key = ["loss/fake", "loss/gen"]
     assert [[h[k] for k in key] for h in rest] == [[h[k] for k in key] for h in full]
+    assert same_tensors(tensors(tmp_path / "a" / name), tensors(tmp_path / "c" / name))  # resumed = uninterrupted
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompts", "{empty}"], "holds no prompts"),
+BAD = [
+    (["--prompts", "{empty}"], "holds no non-empty lines"),
     (["--prompts", "{missing}"], "does not exist"),
+    (["--prompts", "{binary}"], "is a binary file, not UTF-8 text"),
+    (["--prompts", "{latin1}"], "is not UTF-8 text (invalid byte at offset 2)"),
+    (["--prompts", "{folder}"], "is not a file"),
     (["--base", "{missing}"], "was not found"),
     (["--gradient-checkpointing", "true"], "adapter switching"),
     (["--t-min", "900", "--t-max", "100"], "t_max"),
+    (["--t-init", "1000"], "t_init: got 1000"),
     (["--kappa4", "-1"], "kappa4"),
-])
+    (["--max-steps", "-1"], "max_steps: got -1"),
+    (["--max-steps", "0"], "max_steps: got 0"),
+    (["--batch-size", "-2"], "batch_size"),
+    (["--fake-learning-rate", "inf"], "expected a finite number"),
+    (["--fake-rank", "-1"], "fake_rank"),
+    (["--ema-rampup", "2"], "ema_rampup"),
+    (["--prompt-dropout", "1.5"], "prompt_dropout"),
+    (["--mixed-precision", "fp64"], "--mixed-precision"),
+    (["--output", "{file}"], "output: "),
+    (["--output", "{file}/sub"], "cannot write into"),
+    (["--lora-alpha", "0"], "lora_alpha"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_cli_bad_input(prompts, tmp_path, capsys, args, message):
     (tmp_path / "empty.txt").write_text("\n  \n")
-    subst = {"{empty}": str(tmp_path / "empty.txt"), "{missing}": str(tmp_path / "nope")}
-    args = [subst.get(a, a) for a in args]
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "latin1.txt").write_bytes("ca\xe9 au lait\n".encode("latin-1"))
+    (tmp_path / "file").write_text("x")
+    subst = {"{empty}": tmp_path / "empty.txt", "{missing}": tmp_path / "nope", "{binary}": tmp_path / "binary.txt",
+             "{latin1}": tmp_path / "latin1.txt", "{folder}": tmp_path, "{file}": tmp_path / "file"}
+    for k, v in subst.items():
+        args = [a.replace(k, str(v)) for a in args]
     assert cli(["--preset", "tiny", "--prompts", str(prompts), "--output", str(tmp_path / "o"), *args]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not list((tmp_path / "o").glob("*.safetensors"))  # nothing untrained is exported
 
 
 def test_full_finetune_option_trains_copies_and_exports_merged_weights(prompts, tmp_path):

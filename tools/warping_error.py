@@ -70,8 +70,12 @@ def main(argv=None):
         frames, _ = load_video(args.video, frame_load_cap=args.frame_load_cap)
         ref = load_video(args.reference, frame_load_cap=args.frame_load_cap)[0].numpy() if args.reference else None
         value = warping_error(frames.numpy(), ref)
-    except ValueError as err:  # STDInputError is a ValueError
+    except (ValueError, OSError) as err:  # STDInputError is a ValueError; unreadable paths are OSErrors
         ap.exit(2, f"warping_error: error: {err}\n")
+    except Exception as err:  # OpenCV's cv2.error for frames its optical flow cannot take (e.g. too small)
+        if type(err).__module__.startswith("cv2"):
+            ap.exit(2, f"warping_error: error: frames: optical flow failed on these frames ({str(err).strip()})\n")
+        raise
     print(f"warping_error: {value:.4f}")
 
 

@@ -1,18 +1,23 @@
 """Offline trajectory bank: precompute whole teacher trajectories for a dataset, then train from them.
 
-    python -m training.bank build --preset tiny --data photos/ --output out/ [--bank-dir out/trajectories]
+    python -m training.bank build --preset tiny --data photos/ --output out/ [--bank-dir out/trajectories] [--draws K]
     python -m training.std ... --bank-source out/trajectories
 
-``build`` runs the same teacher as ``training.std`` (base + merged style LoRAs, CFG'd DDIM with w ~ U[w_min, w_max])
-from ``n0 = ceil(50 η)`` down to grid index 1 for every training item and stores each trajectory with its context in
-one fp16 safetensors shard (``traj-<item>.safetensors``: ``state_<n>`` for every index, z0, text embeddings; caption
-and w in the header). It is resumable (finished shards are skipped; shards are written atomically) and splits the
-items across processes when launched with accelerate/torchrun. Training with ``--bank-source`` then draws (item,
-index) pairs and reads ``x_n`` and the teacher's ``x_{n-1}`` from the shards, so a step costs no teacher call at all.
+``build`` runs the STD method's own teacher (:meth:`STDMethod.fresh_start` and :meth:`STDMethod.teacher_step`: base +
+merged style LoRAs, CFG'd DDIM with w ~ U[w_min, w_max]) from ``n0 = ceil(50 η)`` down to grid index 1 for every
+training item, ``K`` times with different noise, crops and w, and stores each trajectory with its context in one fp16
+safetensors shard (``traj-<item>-<k>.safetensors``: ``state_<n>`` for every index, z0, text embeddings; caption, w
+and the item's name in the header; the options in ``trajectories.json``). It is resumable (finished shards are
+skipped; shards are written atomically), reproducible (each draw is seeded from the run seed, the item's name and
+k), and splits the items across processes when launched with accelerate/torchrun. Training with ``--bank-source``
+then draws (item, draw, index) and reads ``x_n`` and the teacher's ``x_{n-1}`` from the shards, so a step costs no
+teacher call at all; it refuses trajectories built with other teacher settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -20,121 +25,111 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from training.std.trajectory import LAST_INDEX, cfg_lcm, jump, x0_eps
+from comfyui_std.core.errors import STDInputError, check_range
+from training.common.config import method_options, option
+from training.common.state import read_json
+from training.std.bank import INFO_FILE, TRAJECTORY_OPTIONS, shard_name
+from training.std.method import PRESETS, STDConfig
+from training.std.trajectory import LAST_INDEX
 
 log = logging.getLogger("training")
 
 
-def shard_name(item_path: Path) -> str:
-    import hashlib
-    return "traj-" + hashlib.sha1(str(item_path).encode()).hexdigest()[:16] + ".safetensors"
+@dataclasses.dataclass
+class BuildConfig(STDConfig):
+    bank_dir: str = option("", "Where to write the trajectories (default: OUTPUT/trajectories).", free=True)
+    draws: int = option(1, "Trajectories per training item, each from its own noise, crop and guidance scale.")
+
+
+def draw_seed(seed: int, item_key: str, draw: int) -> int:
+    digest = hashlib.sha256(f"{seed}|{item_key}|{draw}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63 - 1)
 
 
 @torch.no_grad()
 def build_trajectory(method, item_index: int, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
     """One whole teacher trajectory n0 -> LAST_INDEX for one item, with its context."""
     device = method.trainer.device
-    item = method.items[item_index]
-    z0 = method.encode_latent(item_index, gen)
-    ctx = method.text_context(item.caption)
-    w = float(method.cfg.w_min + (method.cfg.w_max - method.cfg.w_min) * torch.rand((), generator=gen))
-    noise = torch.randn(z0.shape, generator=gen).to(device)
-    n = method.n0
-    idx = torch.tensor([n], device=device)
-    x = (method.grid.alpha(idx).sqrt() * z0 + (1 - method.grid.alpha(idx)).sqrt() * noise)[None]
-    batch_ctx = {k: v[None] for k, v in ctx.items()}
-    tensors = {f"state_{n}": x[0], "z0": z0, **ctx}
-    pt = method.base.prediction_type
-    with method.teacher():
-        while n > LAST_INDEX:
-            idx = torch.tensor([n], device=device)
-            cond = x0_eps(method.unet(x, idx, batch_ctx), x, method.grid.alpha(idx), pt)
-            unc = x0_eps(method.unet(x, idx, method.uncond(1), uncond=True), x, method.grid.alpha(idx), pt)
-            x0_t, eps_t = cfg_lcm(cond, unc, torch.tensor([w], device=device))
-            x = jump(x0_t, eps_t, method.grid.alpha_prev(idx))
-            n -= 1
-            tensors[f"state_{n}"] = x[0]
-    meta = {"caption": item.caption, "w": json.dumps(w), "start_index": json.dumps(method.n0),
-            "item": item.path.name}
+    bucket = method.buckets[item_index]
+    row = method.fresh_start(item_index, gen, bucket)
+    x, n = row["x"][None], method.n0
+    ctx = {k: v[None] for k, v in row["ctx"].items()}
+    w = torch.tensor([row["w"]], device=device)
+    tensors = {f"state_{n}": row["x"], "z0": row["z0"], **row["ctx"]}
+    while n > LAST_INDEX:
+        x = method.teacher_step(x, torch.tensor([n], device=device), ctx, w)
+        n -= 1
+        tensors[f"state_{n}"] = x[0]
+    meta = {"caption": row["caption"], "w": json.dumps(row["w"]), "start_index": json.dumps(method.n0),
+            "item": method.item_key(item_index)}
     return tensors, meta
 
 
-class OfflineTrajectories:
-    """Read-only access to a folder written by ``build`` (memory-mapped shards)."""
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        self.shards = sorted(self.folder.glob("traj-*.safetensors"))
-        if not self.shards:
-            raise FileNotFoundError(f"bank_source: no trajectories in {self.folder}; run python -m training.bank "
-                                    "build first")
-
-    def __len__(self) -> int:
-        return len(self.shards)
-
-    def pair(self, shard: int, index: int, device) -> dict:
-        """x_n, the teacher's x_{n-1}, z0 and the context of one trajectory at grid index ``index``."""
-        with safe_open(str(self.shards[shard]), "pt") as f:
-            meta = f.metadata()
-            out = {"x": f.get_tensor(f"state_{index}").float().to(device),
-                   "x_prev": f.get_tensor(f"state_{index - 1}").float().to(device),
-                   "z0": f.get_tensor("z0").float().to(device)}
-            ctx = {k: f.get_tensor(k).float().to(device) for k in f.keys() if not k.startswith("state_") and k != "z0"}
-        return {**out, "ctx": ctx, "caption": meta["caption"], "w": json.loads(meta["w"]),
-                "start_index": json.loads(meta["start_index"])}
-
-
-def build(cfg, trainer) -> int:
+def build(cfg: BuildConfig, trainer) -> int:
     """Write the missing trajectories of this process's share of the items; returns how many were written."""
+    from std_hf.weights import writable_folder
+
+    check_range("draws", cfg.draws, 1, 10_000, kind=int)
+    cfg.num_previews = 0  # no item is held out: a training run may train on any of them
     method = trainer.method
     method.setup()
-    folder = Path(cfg.bank_dir or Path(cfg.output) / "trajectories")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = writable_folder(cfg.bank_dir or Path(cfg.output) / "trajectories", "bank_dir")
+    info = folder / INFO_FILE
+    options = {k: v for k, v in method_options(cfg).items() if k in TRAJECTORY_OPTIONS}
+    if info.exists():
+        built = read_json(info, "bank_dir").get("options", {})
+        diff = [f"{k} {built.get(k)!r} -> {v!r}" for k, v in options.items() if built.get(k) != v]
+        if diff:
+            raise STDInputError("bank_dir", f"{folder} holds trajectories built with other settings: "
+                                            f"{'; '.join(diff)}; use another --bank-dir")
+    elif trainer.is_main:
+        tmp = info.with_name(info.name + ".tmp")
+        tmp.write_text(json.dumps({"options": options, "draws": cfg.draws}, indent=1))
+        os.replace(tmp, info)
     mine = range(trainer.rank, len(method.items), trainer.world)
     written = 0
     from tqdm.auto import tqdm
     for i in tqdm(mine, disable=not trainer.is_main, desc="trajectories"):
-        dst = folder / shard_name(method.items[i].path)
-        if dst.exists():
-            continue  # resumable
-        tensors, meta = build_trajectory(method, i, trainer.generator(i, salt=17))
-        tmp = dst.with_name(dst.name + ".tmp")
-        save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata=meta)
-        os.replace(tmp, dst)
-        written += 1
+        key = method.item_key(i)
+        for k in range(cfg.draws):
+            dst = folder / shard_name(key, k)
+            if dst.exists():
+                continue  # resumable
+            gen = torch.Generator().manual_seed(draw_seed(cfg.seed, key, k))
+            tensors, meta = build_trajectory(method, i, gen)
+            tmp = dst.with_name(dst.name + ".tmp")
+            save_file({k2: v.detach().to("cpu", torch.float16).contiguous() for k2, v in tensors.items()}, str(tmp),
+                      metadata=meta)
+            os.replace(tmp, dst)
+            written += 1
     trainer.accelerator.wait_for_everyone()
     return written
 
 
 def main(argv=None) -> int:
-    from training.common.config import config_from_argv, option
+    from training.common.cli import fail, guarded, setup_logging
+    from training.common.config import config_from_argv
     from training.common.trainer import Trainer
-    from training.std.method import PRESETS, STDConfig, STDMethod
-    import dataclasses
+    from training.std.method import STDMethod
 
-    @dataclasses.dataclass
-    class BuildConfig(STDConfig):
-        bank_dir: str = option("", "Where to write the trajectories (default: OUTPUT/trajectories).")
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "build":
         print("usage: python -m training.bank build [options]  (see --help after 'build')", file=sys.stderr)
-        return 2
-    try:
+        return fail("the first argument must be 'build'")
+
+    def run() -> int:
         cfg = config_from_argv(BuildConfig, PRESETS, argv[1:], "python -m training.bank build",
-                               "Precompute whole teacher trajectories for a dataset (resumable; one shard per item).")
+                               "Precompute whole teacher trajectories for a dataset (resumable; one shard per item "
+                               "and draw).")
         trainer = Trainer(cfg, STDMethod)
         n = build(cfg, trainer)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    log.info("wrote %d trajectories", n)
-    return 0
+        log.info("wrote %d trajectories", n)
+        return 0
+
+    return guarded(run)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,21 @@
-"""Training data: a folder of images and/or videos with optional same-stem ``.txt`` captions.
+"""Training data: a folder of images and/or videos with optional same-stem ``.txt`` captions (UTF-8).
 
-Batches are a pure function of (seed, rank, step): the order is a per-epoch permutation and crops/flips come from a
-generator seeded with the step, so a resumed run sees exactly the batches the uninterrupted run would have seen.
-Unreadable files are skipped (and counted) when the folder is scanned.
+* **Aspect-ratio buckets** (kohya-style): sizes of about ``resolution²`` pixels with sides a multiple of 64 (8 below
+  256 px) and aspect ratios from 1:2 to 2:1; every item goes to the bucket nearest its aspect ratio, is resized to
+  cover it and randomly cropped; a batch holds one bucket. With buckets off there is one square bucket.
+* **Order**: batches are a pure function of (seed, rank, step): per epoch each bucket's items are permuted and
+  chunked into batches, the batches are shuffled, and rank r takes every world-th one, so a resumed run sees exactly
+  the batches the uninterrupted one would have seen. Crops, flips and clip offsets come from the micro-step's
+  generator.
+* **Video clips** start at a random frame (seeded) and take ``num_frames`` frames ``frame_stride`` apart; a video
+  too short for one clip is skipped at scan time, as are unreadable files (both counted and logged).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +26,7 @@ from comfyui_std.core.video import VIDEO_EXTENSIONS, load_video
 
 log = logging.getLogger("training")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_ASPECT = 2.0
 
 
 @dataclass
@@ -25,14 +34,43 @@ class Item:
     path: Path
     caption: str
     video: bool
+    width: int
+    height: int
+    frames: int = 1  # videos: frames in the file
 
 
 class DataError(ValueError):
     pass
 
 
-def scan_folder(folder: str, style_prompt: str = "", videos: bool = False) -> tuple[list[Item], int]:
-    """Readable items of ``folder`` (recursively) and the number of unreadable files skipped."""
+def _probe_video(path: Path) -> tuple[int, int, int]:
+    """(width, height, frame count) of a video without decoding it whole."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise DataError(f"data: {path.name} has no video stream")
+        stream = container.streams.video[0]
+        w, h = stream.codec_context.width, stream.codec_context.height
+        n = int(stream.frames or 0)
+        if n <= 0:
+            n = sum(1 for packet in container.demux(stream) if packet.size)
+    load_video(path, frame_load_cap=1)  # the first frame must decode
+    return w, h, n
+
+
+def read_caption(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError as err:
+        raise DataError(f"data: caption {path} is not UTF-8 text (invalid byte at offset {err.start}); save it as "
+                        "UTF-8") from None
+
+
+def scan_folder(folder: str, style_prompt: str = "", videos: bool = False,
+                clip_span: int = 1) -> tuple[list[Item], int]:
+    """Readable items of ``folder`` (recursively) and the number of files skipped (unreadable, or videos shorter
+    than ``clip_span`` frames)."""
     from PIL import Image
 
     root = Path(folder).expanduser()
@@ -48,78 +86,167 @@ def scan_folder(folder: str, style_prompt: str = "", videos: bool = False) -> tu
             continue  # video mode trains on clips only; image mode also takes one random frame of each video
         try:
             if is_video:
-                load_video(p, frame_load_cap=1)
+                w, h, n = _probe_video(p)
             else:
                 with Image.open(p) as im:
+                    w, h = im.size
                     im.verify()
+                n = 1
         except Exception as err:  # PIL/PyAV raise many types for corrupt files
             skipped += 1
             log.warning("data: skipping unreadable %s (%s)", p.name, type(err).__name__)
             continue
+        if is_video and videos and n < clip_span:
+            skipped += 1
+            log.warning("data: skipping %s: %d frames, a clip needs %d", p.name, n, clip_span)
+            continue
         cap = p.with_suffix(".txt")
-        caption = cap.read_text(encoding="utf-8", errors="replace").strip() if cap.exists() else ""
+        caption = read_caption(cap) if cap.exists() else ""
         if style_prompt:
             caption = f"{caption}, {style_prompt}" if caption else style_prompt
-        items.append(Item(p, caption, is_video))
+        items.append(Item(p, caption, is_video, int(w), int(h), int(n)))
     if not items:
         kinds = "videos" if videos else "images"
-        raise DataError(f"data: no readable {kinds} in {root} ({skipped} unreadable file(s) skipped)")
+        raise DataError(f"data: no readable {kinds} in {root} ({skipped} file(s) skipped)")
     return items, skipped
 
 
-def _crop(img: torch.Tensor, size: int, gen: torch.Generator | None, flip: bool) -> torch.Tensor:
-    """[C,H,W] or [F,C,H,W] in 0..1 -> short side ``size``, random (or center) square crop, optional flip."""
+# --------------------------------------------------------------------------------------------------------------------
+# Buckets
+
+def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+    """(height, width) buckets of at most ``resolution²`` pixels, sides a multiple of the step, ratio <= 2."""
+    step = 64 if resolution >= 256 else 8
+    area = resolution * resolution
+    out = {(resolution, resolution)}
+    w = step
+    while w <= resolution * MAX_ASPECT:
+        h = (area // w) // step * step
+        if h >= step and max(w / h, h / w) <= MAX_ASPECT:
+            out.add((h, w))
+            out.add((w, h))
+        w += step
+    return sorted(out)
+
+
+def assign_buckets(items: list[Item], resolution: int, enabled: bool = True) -> list[tuple[int, int]]:
+    """The bucket of every item: the one nearest its aspect ratio (then the largest), or the square."""
+    if not enabled:
+        return [(resolution, resolution)] * len(items)
+    sizes = bucket_sizes(resolution)
+    out = []
+    for it in items:
+        a = math.log(it.width / it.height)
+        out.append(min(sizes, key=lambda s: (round(abs(math.log(s[1] / s[0]) - a), 6), -s[0] * s[1])))
+    return out
+
+
+class BucketSampler:
+    """Which items a (rank, micro-step) trains on: one bucket per batch, a fresh shuffle per epoch, disjoint batches
+    per rank."""
+
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.buckets, self.bs, self.seed, self.rank, self.world = buckets, batch_size, seed, rank, world
+        self.groups: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(buckets):
+            self.groups.setdefault(b, []).append(i)
+        self.keys = sorted(self.groups)
+        self.per_epoch = sum(math.ceil(len(v) / batch_size) for v in self.groups.values())
+        self._cache: dict[int, list[tuple[tuple[int, int], list[int]]]] = {}
+
+    def _epoch(self, epoch: int):
+        if epoch not in self._cache:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            batches = []
+            for key in self.keys:
+                members = self.groups[key]
+                perm = [members[int(i)] for i in torch.randperm(len(members), generator=g)]
+                for s in range(0, len(perm), self.bs):
+                    chunk = perm[s:s + self.bs]
+                    while len(chunk) < self.bs:  # a short last batch is filled from the same bucket
+                        chunk.append(perm[int(torch.randint(len(perm), (), generator=g))])
+                    batches.append((key, chunk))
+            order = torch.randperm(len(batches), generator=g)
+            self._cache = {epoch: [batches[int(i)] for i in order]}
+        return self._cache[epoch]
+
+    def batch(self, micro_step: int) -> tuple[tuple[int, int], list[int]]:
+        pos = micro_step * self.world + self.rank
+        epoch, k = divmod(pos, self.per_epoch)
+        return self._epoch(epoch)[k]
+
+    def indices(self, micro_step: int) -> list[int]:
+        return self.batch(micro_step)[1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pixels
+
+@dataclass
+class Crop:
+    """Where a training sample came from: the source size and the crop (SDXL's size conditioning)."""
+    original: tuple[int, int]   # (h, w) of the source
+    top: int                    # crop corner in the resized image (SDXL's crop_coords_top_left)
+    left: int
+    flipped: bool
+
+
+def _cover_crop(img: torch.Tensor, size: tuple[int, int], gen: torch.Generator | None, flip: bool):
+    """[C,H,W] or [F,C,H,W] in 0..1 -> resized to cover ``size`` (h, w), random (or center) crop, optional flip."""
     h, w = img.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    th, tw = size
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     x = img if img.ndim == 4 else img[None]
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     if gen is None:
-        top, left = (nh - size) // 2, (nw - size) // 2
+        top, left = (nh - th) // 2, (nw - tw) // 2
     else:
-        top = int(torch.randint(nh - size + 1, (), generator=gen))
-        left = int(torch.randint(nw - size + 1, (), generator=gen))
-    x = x[..., top:top + size, left:left + size]
-    if flip and gen is not None and torch.rand((), generator=gen) < 0.5:
+        top = int(torch.randint(nh - th + 1, (), generator=gen))
+        left = int(torch.randint(nw - tw + 1, (), generator=gen))
+    x = x[..., top:top + th, left:left + tw]
+    flipped = bool(flip and gen is not None and torch.rand((), generator=gen) < 0.5)
+    if flipped:
         x = x.flip(-1)
-    return x if img.ndim == 4 else x[0]
+    return (x if img.ndim == 4 else x[0]), Crop((h, w), top, left, flipped)
 
 
-def load_pixels(item: Item, size: int, gen: torch.Generator | None, num_frames: int = 0, frame_stride: int = 4,
-                flip: bool = True) -> torch.Tensor:
-    """Pixels in [-1, 1]: [3,S,S] for an image (or one frame of a video in image mode), [F,3,S,S] for a clip."""
+def clip_offset(item: Item, num_frames: int, frame_stride: int, gen: torch.Generator | None) -> int:
+    """First frame of a clip: uniform over the valid starts (with ``gen``), else 0."""
+    last = item.frames - ((num_frames - 1) * frame_stride + 1)
+    if gen is None or last <= 0:
+        return 0
+    return int(torch.randint(last + 1, (), generator=gen))
+
+
+def load_pixels(item: Item, size: tuple[int, int], gen: torch.Generator | None, num_frames: int = 0,
+                frame_stride: int = 4, flip: bool = True, random_offset: bool = True):
+    """(pixels in [-1, 1], crop): [3,h,w] for an image (or one frame of a video in image mode), [F,3,h,w] for a clip
+    of ``num_frames`` frames ``frame_stride`` apart."""
     if item.video:
-        cap = num_frames * frame_stride if num_frames else 0
-        frames, _ = load_video(item.path, frame_load_cap=cap or 0)
-        frames = frames.movedim(-1, 1)
         if num_frames:
+            start = clip_offset(item, num_frames, frame_stride, gen if random_offset else None)
+            frames, _ = load_video(item.path, frame_load_cap=num_frames, skip_first_frames=start,
+                                   select_every_nth=frame_stride)
             if len(frames) < num_frames:
-                raise DataError(f"data: {item.path.name} has {len(frames)} frames, need {num_frames}")
-            idx = torch.linspace(0, len(frames) - 1, num_frames).round().long()
-            x = frames[idx]
+                raise DataError(f"data: {item.path.name} gave {len(frames)} frames from frame {start}, need "
+                                f"{num_frames}")
+            x = frames.movedim(-1, 1)
         else:
-            k = int(torch.randint(len(frames), (), generator=gen)) if gen is not None else 0
-            x = frames[k]
+            k = int(torch.randint(item.frames, (), generator=gen)) if gen is not None else 0
+            frames, _ = load_video(item.path, frame_load_cap=1, skip_first_frames=k)
+            x = frames[0].movedim(-1, 0)
     else:
-        from PIL import Image
         import numpy as np
+        from PIL import Image
         with Image.open(item.path) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
         x = torch.from_numpy(arr).permute(2, 0, 1)
-    return _crop(x, size, gen, flip) * 2 - 1
+    pixels, crop = _cover_crop(x, size, gen, flip)
+    return pixels * 2 - 1, crop
 
 
-class StepSampler:
-    """Which items a (rank, step) trains on: a fresh permutation per epoch, disjoint slices per rank."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-
-    def indices(self, micro_step: int) -> list[int]:
-        out = []
-        for b in range(self.bs):
-            pos = (micro_step * self.bs + b) * self.world + self.rank
-            epoch, k = divmod(pos, self.n)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            out.append(int(perm[k]))
-        return out
+def cache_key(item: Item, size: tuple[int, int], extra: str) -> str:
+    st = item.path.stat()
+    raw = f"{item.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{size}|{extra}|v1"
+    return hashlib.sha1(raw.encode()).hexdigest()[:24]

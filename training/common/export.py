@@ -2,24 +2,40 @@
 
 Both files carry the ``std.*`` metadata the ComfyUI nodes and the Gradio app read (method, η, start index,
 recommended NFE and gamma, base model, resolution, rr, steps, rank, alpha). Motion-module LoRA tensors go to their
-own ``*_motion.safetensors`` file, since image LoRA loaders have no place for them.
+own ``*_motion.safetensors`` file, since image LoRA loaders have no place for them. Files are written atomically and
+are world-readable (0644), so another user's ComfyUI can read them.
+
+Two layouts:
+
+* :func:`export_lora`: one trained adapter as it is (rank r, alpha as trained);
+* :func:`export_layers`: any set of per-layer factors (:class:`std_hf.lora.LoraLayer`, strength folded in, so
+  alpha = rank per layer): the trainer's "student" export, base + style LoRA(s) + STD delta concatenated along the
+  rank, which loaded alone on the base reproduces the trained student.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from comfyui_std.core.lora import encode_std_metadata, to_kohya
+from comfyui_std.core.lora import encode_std_metadata, is_motion_key, to_kohya
+from std_hf.lora import LoraLayer
+
+FILE_MODE = 0o644
+#: kohya prefix per model (SD1.5 names its single text encoder lora_te_, SDXL lora_te1_/lora_te2_)
+KOHYA_TEXT = {"sd15": {"text_encoder": "lora_te_"},
+              "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, FILE_MODE)
     os.replace(tmp, path)
     return path
 
@@ -32,27 +48,75 @@ def peft_unet_state_dict(unet, adapter_name: str) -> dict[str, torch.Tensor]:
     return {f"unet.{k}": v.float() for k, v in sd.items()}
 
 
+def _kohya_meta(meta: dict, rank: int, alpha: float, arch: str) -> dict:
+    return {**meta, "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+            "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "sd_v1"}
+
+
 def export_lora(unet, adapter_name: str, folder: Path, name: str, rank: int, alpha: float,
                 std_values: dict, arch: str, dtype=torch.float16) -> list[Path]:
     """Write ``<name>.safetensors`` (kohya), ``<name>_diffusers.safetensors`` (PEFT) and, if any,
-    ``<name>_motion.safetensors``. Returns the paths written."""
+    ``<name>_motion.safetensors`` for one adapter as trained. Returns the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     peft_sd = peft_unet_state_dict(unet, adapter_name)
     if not peft_sd:
         raise RuntimeError(f"export: the UNet has no '{adapter_name}' LoRA weights")
     meta = encode_std_metadata({**std_values, "rank": int(rank), "alpha": float(alpha)})
     kohya, motion = to_kohya(peft_sd, alpha=alpha)
-    kohya_meta = {**meta, "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                  "ss_network_alpha": str(alpha),
-                  "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "sd_v1"}
-    paths = [_atomic_save({k: (v.to(dtype) if v.ndim else v) for k, v in kohya.items()},
-                          folder / f"{name}.safetensors", kohya_meta)]
+    paths = [atomic_save({k: (v.to(dtype) if v.ndim else v) for k, v in kohya.items()},
+                         folder / f"{name}.safetensors", _kohya_meta(meta, rank, alpha, arch))]
     config = unet.peft_config[adapter_name].to_dict()
     config = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     peft_meta = {**meta, "format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True, default=str)}
     image_peft = {k: v.to(dtype) for k, v in peft_sd.items() if k not in motion}
-    paths.append(_atomic_save(image_peft, folder / f"{name}_diffusers.safetensors", peft_meta))
+    paths.append(atomic_save(image_peft, folder / f"{name}_diffusers.safetensors", peft_meta))
     if motion:
-        paths.append(_atomic_save({k: v.to(dtype) for k, v in motion.items()}, folder / f"{name}_motion.safetensors",
-                                  peft_meta))
+        paths.append(atomic_save({k: v.to(dtype) for k, v in motion.items()}, folder / f"{name}_motion.safetensors",
+                                 peft_meta))
+    return paths
+
+
+def combine(*sets: dict[tuple[str, str], LoraLayer]) -> dict[tuple[str, str], LoraLayer]:
+    """Per layer, the LoRAs of all sets side by side (ranks add up): their deltas sum exactly."""
+    out: dict[tuple[str, str], LoraLayer] = {}
+    for layers in sets:
+        for key, layer in layers.items():
+            out[key] = out[key].concat(layer) if key in out else layer
+    return out
+
+
+def _canonical_text(path: str) -> str:
+    return path if path.startswith(("text_model.", "text_projection")) else "text_model." + path
+
+
+def export_layers(layers: dict[tuple[str, str], LoraLayer], folder: Path, name: str, std_values: dict, arch: str,
+                  dtype=torch.float16) -> list[Path]:
+    """Write per-layer factors (strength folded in: alpha = rank per layer) as ``<name>.safetensors`` (kohya) and
+    ``<name>_diffusers.safetensors`` (PEFT, unet./text_encoder./text_encoder_2. keys); motion-module layers go to
+    ``<name>_motion.safetensors``. Returns the paths written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    kohya, peft, motion = {}, {}, {}
+    for (model, path), layer in sorted(layers.items()):
+        down, up = layer.down.float(), layer.up.float()
+        if model == "unet":
+            key_k, key_p = "lora_unet_" + path.replace(".", "_"), "unet." + path
+        else:
+            canonical = _canonical_text(path)
+            key_k, key_p = KOHYA_TEXT[arch][model] + canonical.replace(".", "_"), f"{model}.{canonical}"
+        if is_motion_key(path):
+            motion[f"{key_p}.lora_A.weight"], motion[f"{key_p}.lora_B.weight"] = down.to(dtype), up.to(dtype)
+            continue
+        kohya[f"{key_k}.lora_down.weight"], kohya[f"{key_k}.lora_up.weight"] = down.to(dtype), up.to(dtype)
+        kohya[f"{key_k}.alpha"] = torch.tensor(float(layer.rank))
+        peft[f"{key_p}.lora_A.weight"], peft[f"{key_p}.lora_B.weight"] = down.to(dtype), up.to(dtype)
+    if not kohya:
+        raise RuntimeError("export: no LoRA layers to write")
+    ranks = Counter(layer.rank for layer in layers.values())
+    rank = ranks.most_common(1)[0][0]
+    meta = encode_std_metadata({**std_values, "rank": int(rank), "alpha": float(rank),
+                                "max_rank": int(max(ranks))})
+    paths = [atomic_save(kohya, folder / f"{name}.safetensors", _kohya_meta(meta, rank, float(rank), arch)),
+             atomic_save(peft, folder / f"{name}_diffusers.safetensors", {**meta, "format": "pt"})]
+    if motion:
+        paths.append(atomic_save(motion, folder / f"{name}_motion.safetensors", {**meta, "format": "pt"}))
     return paths

@@ -1,26 +1,28 @@
-"""The trainer skeleton shared by STD and SiD-LSG: the loop, optimisers, gradient sync, checkpoints, resume, logs.
-
-A *method* (``training.std.method.STDMethod``, …) owns models, losses and method state; the skeleton owns everything
-else and is the same for all methods:
+"""The trainer skeleton shared by STD and SiD-LSG: the loop, optimisers, precision, gradient sync, checkpoints,
+exact resume, logs. The contract with a method is written down in :mod:`training.common.method`.
 
 * accelerate for processes, devices and mixed precision; gradients of every optimiser are accumulated over
   ``grad_accum`` micro-steps and averaged across processes by an explicit all-reduce at the sync step (no DDP
-  wrapper, so a UNet may be called several times per step with adapters switched on and off);
-* every random draw of a micro-step comes from a generator seeded with (seed, rank, micro-step), so runs are
-  reproducible and ``--resume latest`` continues exactly (the data order is a function of the step as well);
-* checkpoints hold only trainable tensors, optimiser/scheduler state, method state (e.g. the trajectory bank) and
-  the step; they are written to a temporary folder and renamed, and old ones are deleted only after a new one is
-  complete, so an interruption never loses the last good checkpoint;
-* a NaN/Inf loss stops the run before the optimiser step and names the last good checkpoint.
+  wrapper, so a UNet may be called several times per step with adapters switched on and off). Under fp16 each
+  optimiser has its own gradient scaler; under bf16 and fp16 the trained tensors and their optimiser state are fp32;
+* every random draw of a micro-step comes from a generator seeded with (seed, rank, micro-step), the data order is a
+  function of the step, and the remaining RNG states are checkpointed, so ``--resume latest`` continues exactly;
+* checkpoints hold the trainable tensors, optimiser/scheduler/scaler and RNG states, method state (e.g. the
+  trajectory bank), the step and the resolved config, as safetensors + JSON (never pickles); they are written to a
+  temporary folder and renamed, and old ones are deleted only after a new one is complete;
+* the run folder holds ``config.json`` (the resolved options), ``train.log``, ``logs/`` (TensorBoard) and
+  ``previews/``; a resume whose method-defining options differ from the checkpoint's is refused, naming them;
+* Ctrl-C finishes the step, writes a checkpoint and returns with ``interrupted`` set (the CLI exits 130 with the
+  resume command); a NaN/Inf loss stops the run before the optimiser step and names the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
+import platform
 import shutil
 import signal
 import threading
@@ -30,7 +32,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from comfyui_std.core.errors import STDInputError
+from std_hf.weights import writable_folder
+from training.common.config import as_dict, differing
+from training.common.state import (load_states, read_json, refuse_pickles, rng_state, save_states, set_rng_state,
+                                   write_json)
+
 log = logging.getLogger("training")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NaNLossError(RuntimeError):
@@ -50,9 +59,10 @@ def make_optimizer(params, lr: float, use_8bit: bool, betas=(0.9, 0.999)):
     if use_8bit:
         try:
             import bitsandbytes as bnb
-            return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=0.0)
         except ImportError:
-            log.warning("use_8bit_adam: bitsandbytes is not installed; using torch AdamW")
+            raise STDInputError("use_8bit_adam", "needs bitsandbytes (pip install bitsandbytes); or set it to false "
+                                                 "(AdamW keeps 8 bytes of state per trained parameter)") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=0.0)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
 
 
@@ -65,15 +75,25 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def frozen_dtype(cfg) -> torch.dtype:
+    """The dtype of the frozen weights: the mixed precision's, unless ``frozen_dtype`` says otherwise."""
+    if cfg.frozen_dtype != "auto":
+        return DTYPES[cfg.frozen_dtype]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+
+
 class Trainer:
     def __init__(self, cfg, method_cls):
         from accelerate import Accelerator
 
         self.cfg = cfg
-        self.out = Path(cfg.output)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = writable_folder(cfg.output, "output")
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision if not cpu else "no")
+        if cpu and cfg.mixed_precision == "fp16":
+            raise STDInputError("mixed_precision", "fp16 needs a GPU; use bf16 or no on a CPU")
+        # processes and devices from accelerate; mixed precision is this trainer's own autocast (accelerate keeps one
+        # process-wide state, which cannot change between runs in one process)
+        self.accelerator = Accelerator(cpu=cpu)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.device = self.accelerator.device
@@ -83,12 +103,15 @@ class Trainer:
         self.writer = None
         self.stop_requested = False
         self.interrupted = False
+        self.last_checkpoint: Path | None = None
+        self.scalers: dict[str, torch.amp.GradScaler] = {}
 
     def request_stop(self, *_):
         """Finish the current step, write a checkpoint and return (Ctrl-C does this; a second Ctrl-C aborts)."""
         self.stop_requested = True
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("stopping after this step (Ctrl-C again aborts without a checkpoint)")
 
     # -- helpers for methods ---------------------------------------------------------------------------------
     def generator(self, micro_step: int, salt: int = 0) -> torch.Generator:
@@ -99,10 +122,52 @@ class Trainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return frozen_dtype(self.cfg)
+
+    def autocast(self):
+        """bf16/fp16 autocast for the forward passes (the losses are fp32; off for --mixed-precision no)."""
+        mixed = self.cfg.mixed_precision
+        dtype = torch.bfloat16 if mixed == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=mixed != "no")
+
+    # -- run folder ------------------------------------------------------------------------------------------
+    def _config_record(self) -> dict:
+        import diffusers
+
+        return {"method": self.method.name, "options": as_dict(self.cfg),
+                "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                             "python": platform.python_version()}}
+
+    def _check_output_folder(self) -> None:
+        """Warn when --output already holds another run (or checkpoints of this one that a fresh start ignores)."""
+        cfg_file = self.out / "config.json"
+        found = checkpoints(self.ckpt_dir)
+        if cfg_file.exists():
+            saved = read_json(cfg_file, "output")
+            diff = differing(saved.get("options", {}), self.cfg) if saved.get("method") == self.method.name else \
+                [f"method {saved.get('method')!r} -> {self.method.name!r}"]
+            if diff:
+                log.warning("output %s already holds a different run (%s); its checkpoints and exported files will "
+                            "be mixed with this one's: use a new --output to keep them apart", self.out,
+                            "; ".join(diff[:4]))
+                return
+        if found:
+            log.warning("output %s already holds checkpoints (latest %s); this run starts over (pass --resume latest "
+                        "to continue instead)", self.out, found[-1].name)
+
     # -- checkpoints -----------------------------------------------------------------------------------------
     @property
     def ckpt_dir(self) -> Path:
         return self.out / "checkpoints"
+
+    def _trainable_digest(self) -> str:
+        digest = hashlib.sha256()
+        for k, v in sorted(self.method.trainable_state().items()):
+            digest.update(k.encode())
+            digest.update(v.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def save_checkpoint(self) -> Path:
         final = self.ckpt_dir / f"checkpoint-{self.step}"
@@ -116,46 +181,76 @@ class Trainer:
         if self.is_main:
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.method.trainable_state().items()}
             save_file(tensors, str(tmp / "trainable.safetensors"))
-            torch.save({name: (opt.state_dict(), sched.state_dict()) for name, (opt, sched, _) in
-                        self.optimizers.items()}, tmp / "optimizers.pt")
+            save_states(tmp, "optimizers", {
+                name: {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                       "scaler": self.scalers[name].state_dict() if name in self.scalers else None}
+                for name, (opt, sched, _) in self.optimizers.items()})
+            write_json(tmp / "config.json", self._config_record())
+        save_states(tmp, f"rng-rank{self.rank}", rng_state())
         self.method.save_state(tmp, self.rank)  # per-rank state (e.g. banks) from every process
-        digest = hashlib.sha256()
-        for k, v in sorted(self.method.trainable_state().items()):
-            digest.update(k.encode())
-            digest.update(v.detach().float().cpu().numpy().tobytes())
-        (tmp / f"rank{self.rank}.json").write_text(json.dumps({"rank": self.rank, "trainable_sha256":
-                                                                digest.hexdigest(), "step": self.step}))
+        write_json(tmp / f"rank{self.rank}.json", {"rank": self.rank, "trainable_sha256": self._trainable_digest(),
+                                                    "step": self.step})
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "method": self.method.name,
-                                                         "world": self.world, "history": self.history[-1000:]}))
+            write_json(tmp / "state.json", {"step": self.step, "method": self.method.name, "world": self.world,
+                                            "history": self.history[-1000:]})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             for old in checkpoints(self.ckpt_dir)[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+        self.last_checkpoint = final
         return final
 
-    def load_checkpoint(self, spec: str) -> Path:
+    def find_checkpoint(self, spec: str) -> Path:
         if spec == "latest":
             found = checkpoints(self.ckpt_dir)
             if not found:
-                raise FileNotFoundError(f"resume: no checkpoint in {self.ckpt_dir}")
-            path = found[-1]
-        else:
-            path = Path(spec)
-            if not (path / "state.json").exists():
-                raise FileNotFoundError(f"resume: {path} is not a checkpoint folder (no state.json)")
-        state = json.loads((path / "state.json").read_text())
+                raise STDInputError("resume", f"no checkpoint in {self.ckpt_dir}")
+            return found[-1]
+        path = Path(spec).expanduser()
+        if not (path / "state.json").exists():
+            raise STDInputError("resume", f"{path} is not a checkpoint folder (no state.json)")
+        return path
+
+    def check_checkpoint(self, path: Path) -> dict:
+        """Refuse pickles, another method, another world size or other method-defining options."""
+        refuse_pickles(path)
+        state = read_json(path / "state.json")
         if state.get("method") != self.method.name:
-            raise ValueError(f"resume: {path} is a {state.get('method')} checkpoint, not {self.method.name}")
-        self.method.load_trainable_state(load_file(str(path / "trainable.safetensors")))
-        opts = torch.load(path / "optimizers.pt", weights_only=False)
+            raise STDInputError("resume", f"{path} is a {state.get('method')} checkpoint, not {self.method.name}")
+        if int(state.get("world", 1)) != self.world:
+            raise STDInputError("resume", f"{path} was written by {state.get('world')} processes, this run has "
+                                          f"{self.world}: resume with the same number of processes")
+        if not (path / "config.json").exists():
+            raise STDInputError("resume", f"{path} has no config.json (written by an older version); start anew")
+        saved = read_json(path / "config.json").get("options", {})
+        diff = differing(saved, self.cfg)
+        if diff:
+            raise STDInputError("resume", f"{path.name} was trained with other settings: {'; '.join(diff)}. "
+                                          "Options that define the method must match to continue; start a new "
+                                          "--output to train with them")
+        return state
+
+    def load_checkpoint(self, spec: str) -> Path:
+        path = self.find_checkpoint(spec)
+        state = self.check_checkpoint(path)
+        try:
+            trainable = load_file(str(path / "trainable.safetensors"))
+        except Exception as err:  # missing or corrupt file: safetensors raises several types
+            raise STDInputError("resume", f"{path}/trainable.safetensors is not readable ({err})") from None
+        self.method.load_trainable_state(trainable)
+        saved = load_states(path, "optimizers")
         for name, (opt, sched, _) in self.optimizers.items():
-            opt.load_state_dict(opts[name][0])
-            sched.load_state_dict(opts[name][1])
+            if name not in saved:
+                raise STDInputError("resume", f"{path} has no state for the {name} optimiser")
+            opt.load_state_dict(saved[name]["optimizer"])
+            sched.load_state_dict(saved[name]["scheduler"])
+            if name in self.scalers and saved[name]["scaler"] is not None:
+                self.scalers[name].load_state_dict(saved[name]["scaler"])
         self.method.load_state(path, self.rank)
+        set_rng_state(load_states(path, f"rng-rank{self.rank}"))
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         return path
@@ -169,27 +264,72 @@ class Trainer:
             if self.world > 1:
                 for p in params:
                     p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+            scaler = self.scalers.get(name)
+            if scaler is not None:
+                scaler.unscale_(opt)
             if clip and params:
                 torch.nn.utils.clip_grad_norm_(params, clip)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
 
-    def run(self) -> list[dict]:
+    def _build_optimizers(self):
         cfg = self.cfg
-        self.method.setup()
         self.optimizers = {}
         for name, (params, lr, clip) in self.method.param_groups().items():
             params = list(params)
             if not params:
                 continue
+            wrong = [p.dtype for p in params if p.dtype != torch.float32]
+            if wrong:
+                raise RuntimeError(f"the {name} parameters must be fp32 (found {wrong[0]})")
             betas = getattr(self.method, "adam_betas", (0.9, 0.999))
             opt = make_optimizer(params, lr, cfg.use_8bit_adam, betas)
             self.optimizers[name] = (opt, cosine_with_warmup(opt, cfg.lr_warmup, cfg.max_steps), clip)
+            if cfg.mixed_precision == "fp16":
+                self.scalers[name] = torch.amp.GradScaler(self.device.type)
+
+    def _backward(self, name: str, loss: torch.Tensor):
+        scaled = loss / self.cfg.grad_accum
+        scaler = self.scalers.get(name)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+
+    def _log_handler(self):
+        if not self.is_main:
+            return None
+        handler = logging.FileHandler(self.out / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger = logging.getLogger("training")
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        return handler
+
+    def run(self) -> list[dict]:
+        handler = self._log_handler()
+        try:
+            return self._run()
+        finally:
+            if handler is not None:
+                logging.getLogger("training").removeHandler(handler)
+                handler.close()
+
+    def _run(self) -> list[dict]:
+        cfg = self.cfg
+        if not cfg.resume:
+            self._check_output_folder()
+        self.method.setup()
+        self._build_optimizers()
         if cfg.resume:
             path = self.load_checkpoint(cfg.resume)
             log.info("resumed from %s at step %d", path, self.step)
         if self.is_main:
+            write_json(self.out / "config.json", self._config_record())
+            log.info("run folder %s: config.json, train.log, checkpoints/, logs/, previews/", self.out)
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.out / "logs"))
         from tqdm.auto import tqdm
@@ -208,11 +348,11 @@ class Trainer:
                         micro_step = self.step * cfg.grad_accum + micro
                         steps = (self.method.micro_step(micro_step) if phase is None
                                  else self.method.micro_step(micro_step, phase))
-                        with self.accelerator.autocast():
+                        with self.autocast():
                             for name, loss, extra in steps:
                                 if not torch.isfinite(loss):
                                     raise NaNLossError(f"the {name} loss became {loss.item()} at step {self.step}")
-                                (loss / cfg.grad_accum).backward()
+                                self._backward(name, loss)
                                 logs[f"loss/{name}"] = logs.get(f"loss/{name}", 0.0) + loss.item() / cfg.grad_accum
                                 for k, v in extra.items():
                                     logs[k] = float(v)
@@ -228,15 +368,19 @@ class Trainer:
                         self.writer.add_scalar(k, v, self.step)
                     for name, (opt, _, _) in self.optimizers.items():
                         self.writer.add_scalar(f"lr/{name}", opt.param_groups[0]["lr"], self.step)
+                if self.step % max(1, cfg.log_every) == 0:
+                    log.info("step %d/%d %s", self.step, cfg.max_steps, " ".join(
+                        f"{k}={v:.5g}" for k, v in sorted(logs.items())))
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
                     last_good = self.save_checkpoint()
-                if cfg.preview_every and self.step % cfg.preview_every == 0 and self.is_main:
+                if cfg.preview_every and self.step % cfg.preview_every == 0 and self.step < cfg.max_steps and \
+                        self.is_main:
                     self.write_preview()
                 if cfg.export_every and self.step % cfg.export_every == 0 and self.is_main:
-                    self.method.export(self.out, suffix=f"-step{self.step}")
+                    self._export(suffix=f"-step{self.step}")
                 if self.stop_requested:
                     path = self.save_checkpoint()
-                    log.warning("stopped at step %d; continue with --resume latest (%s)", self.step, path)
+                    log.warning("stopped at step %d; checkpoint %s; continue with --resume latest", self.step, path)
                     self.interrupted = True
                     return self.history
         except NaNLossError as err:
@@ -247,16 +391,24 @@ class Trainer:
             bar.close()
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self.writer and (self.interrupted or self.step < cfg.max_steps):
+                self.writer.close()
         self.save_checkpoint()
         if self.is_main:
             self.write_preview()
-            paths = self.method.export(self.out)
-            for p in paths:
+            for p in self._export():
                 log.info("exported %s", p)
         if self.writer:
             self.writer.close()
         self.accelerator.wait_for_everyone()
         return self.history
+
+    def _export(self, suffix: str = "") -> list[Path]:
+        paths = self.method.export(self.out, suffix=suffix)
+        for p in paths:  # another user's ComfyUI must be able to read them
+            for f in ([p] if p.is_file() else [q for q in p.rglob("*") if q.is_file()]):
+                os.chmod(f, 0o644)
+        return paths
 
     def write_preview(self):
         image = self.method.preview()
@@ -265,6 +417,7 @@ class Trainer:
         folder = self.out / "previews"
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"step-{self.step:06d}.png")
+        log.info("preview %s", folder / f"step-{self.step:06d}.png")
         if self.writer:
             import numpy as np
             self.writer.add_image("preview", np.asarray(image).transpose(2, 0, 1), self.step)

@@ -1,4 +1,4 @@
-"""SiD-LSG math, pure torch (sid-lsg.md §2–4).
+"""SiD-LSG math, pure torch (docs/official-sid-lsg-code.md §2–4).
 
 VP notation: ``x_t = a_t x0 + s_t ε`` with ``a_t = sqrt(ᾱ_t)``, ``s_t = sqrt(1 - ᾱ_t)``; ε-prediction networks.
 """

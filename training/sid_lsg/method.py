@@ -1,10 +1,11 @@
 """SiD-LSG on the shared trainer skeleton: data-free one-step distillation with long and short guidance.
 
 One frozen base UNet carries two LoRA adapters: ``gen`` (the one-step generator G_θ) and ``fake`` (the fake score
-f_ψ); the teacher f_φ is the base with adapters off, so the run holds one UNet (sid-lsg.md §7). Each step has two
-phases, in this order: the fake score is updated on the generator's (stop-gradient) samples, then the generator on a
-fresh batch with the SiD loss, whose gradient flows through the fake score and the teacher into x_g. LSG applies CFG
-with κ1 to the fake score while it is trained, κ2 = κ3 when it is evaluated in the generator loss, κ4 to the teacher.
+f_ψ); the teacher f_φ is the base with adapters off, so the run holds one UNet (docs/official-sid-lsg-code.md §7).
+Each step has two phases, in this order: the fake score is updated on the generator's (stop-gradient) samples, then
+the generator on a fresh batch with the SiD loss, whose gradient flows through the fake score and the teacher into
+x_g. LSG applies CFG with κ1 to the fake score while it is trained, κ2 = κ3 when it is evaluated in the generator
+loss, κ4 to the teacher.
 
 The two measured peft pitfalls are handled: adapter switching rewrites ``requires_grad`` (so the flags of the
 trained adapter are set explicitly after the last switch of a phase, before backward), and gradient checkpointing
@@ -21,10 +22,11 @@ from pathlib import Path
 import torch
 
 from comfyui_std.core.errors import STDInputError, check_range
-from training.common.config import CommonConfig, option
+from std_hf.base import encode_prompts, load_base, unet_kwargs
+from training.common.config import CommonConfig, option, read_text_lines, validate_common
 from training.common.ema import ema_copy, ema_update, swapped
 from training.common.export import export_lora
-from training.common.models import encode_prompts, load_base, unet_kwargs
+from training.common.lora import adapter_params, add_lora
 from training.sid_lsg.losses import (ema_beta, fake_score_loss, generator_input, guided, sample_t,
                                      sid_generator_loss, x0_from_eps)
 
@@ -34,7 +36,9 @@ GEN, FAKE = "gen", "fake"
 
 @dataclasses.dataclass
 class SiDConfig(CommonConfig):
-    prompts: str = option("", "Text file with one training prompt per line (no images are used).")
+    output: str = option("output/sid_lsg", "Run folder: config.json, train.log, checkpoints/, logs/, previews/ and "
+                                           "the exported LoRA.", free=True)
+    prompts: str = option("", "UTF-8 text file with one training prompt per line (no images are used).")
     t_init: int = option(625, "Timestep the one-step generator is evaluated at (625: sigma_init ≈ 2.5).")
     t_min: int = option(20, "Smallest diffusion timestep of the losses.")
     t_max: int = option(979, "Largest diffusion timestep of the losses.")
@@ -47,7 +51,8 @@ class SiDConfig(CommonConfig):
     fake_rank: int = option(0, "Rank of the fake-score LoRA (0 = lora_rank).")
     ema_halflife_kimg: float = option(50.0, "Half-life of the generator EMA in thousands of images (0 = no EMA).")
     ema_rampup: float = option(0.05, "EMA ramp-up ratio (half-life <= images seen × ramp-up).")
-    preview_prompts: list = option([], "Prompts of the preview grid (default: the first prompts of the file).")
+    preview_prompts: list = option([], "Prompts of the preview grid (default: the first prompts of the file).",
+                                   free=True)
     full_finetune: bool = option(False, "Train full copies of the UNet for the generator and the fake score (the "
                                         "original recipe; three UNets in memory, for large GPUs) instead of two "
                                         "LoRA adapters; the generator is exported as merged diffusers weights.")
@@ -67,13 +72,29 @@ PRESETS = {
 
 
 def read_prompts(path: str) -> list[str]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"prompts: {path} does not exist; give a text file with one prompt per line")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    if not prompts:
-        raise STDInputError("prompts", f"{path} holds no prompts (one per line)")
-    return prompts
+    """The training prompts: non-empty lines of a UTF-8 text file (a binary or empty file is refused)."""
+    if not path:
+        raise STDInputError("prompts", "give a text file with one prompt per line (--prompts)")
+    return read_text_lines(path, "prompts")
+
+
+def validate(cfg: "SiDConfig") -> None:
+    validate_common(cfg)
+    for name in ("t_min", "t_max", "t_init"):
+        check_range(name, getattr(cfg, name), 0, 999, kind=int)
+    if cfg.t_min > cfg.t_max:
+        raise STDInputError("t_max", f"got {cfg.t_max}, must be >= t_min ({cfg.t_min})")
+    for name in ("kappa1", "kappa2", "kappa4"):
+        check_range(name, getattr(cfg, name), 0.0, 50.0)
+    check_range("alpha", cfg.alpha, 0.0, 10.0)
+    check_range("prompt_dropout", cfg.prompt_dropout, 0.0, 1.0)
+    check_range("fake_learning_rate", cfg.fake_learning_rate, 0.0, 1.0, low_open=True)
+    check_range("fake_rank", cfg.fake_rank, 0, 4096, kind=int)
+    check_range("ema_halflife_kimg", cfg.ema_halflife_kimg, 0.0, 1e6)
+    check_range("ema_rampup", cfg.ema_rampup, 0.0, 1.0)
+    if cfg.gradient_checkpointing:
+        raise STDInputError("gradient_checkpointing", "cannot be combined with SiD's adapter switching inside "
+                            "one backward pass (recomputation would run under the wrong adapter)")
 
 
 class SiDMethod:
@@ -87,45 +108,34 @@ class SiDMethod:
 
     def setup(self):
         cfg = self.cfg
-        if not cfg.base:
-            raise STDInputError("base", "give a base model (--base: diffusers folder, .safetensors, Hub id or 'tiny')")
+        validate(cfg)
         self.prompts = read_prompts(cfg.prompts)
-        for name in ("t_min", "t_max", "t_init"):
-            check_range(name, getattr(cfg, name), 0, 999, kind=int)
-        if cfg.t_min > cfg.t_max:
-            raise STDInputError("t_max", f"got {cfg.t_max}, must be >= t_min ({cfg.t_min})")
-        for name in ("kappa1", "kappa2", "kappa4"):
-            check_range(name, getattr(cfg, name), 0.0, 50.0)
-        check_range("alpha", cfg.alpha, 0.0, 10.0)
-        check_range("prompt_dropout", cfg.prompt_dropout, 0.0, 1.0)
-        if cfg.gradient_checkpointing:
-            raise STDInputError("gradient_checkpointing", "cannot be combined with SiD's adapter switching inside "
-                                "one backward pass (recomputation would run under the wrong adapter)")
-        base = load_base(cfg.base, cfg.tokenizer or None, cfg.seed)
+        base = load_base(cfg.base, torch.float32, cfg.tokenizer or None, seed=cfg.seed)
+        for r in base.reports:
+            log.info("base %s: %s", base.name, r.line())
         if base.prediction_type != "epsilon":
             raise STDInputError("base", "SiD-LSG needs an ε-prediction model (SD1.5, SD2.1-base, SDXL)")
         base.unet.requires_grad_(False)
         base.vae.requires_grad_(False)
         for t in base.text_encoders:
             t.requires_grad_(False)
-        if cfg.full_finetune:  # G and f_ψ as full copies of the teacher, as the original code
+        if cfg.full_finetune:  # G and f_ψ as full fp32 copies of the teacher, as the original code
             import copy
             self.nets = {None: base.unet, GEN: copy.deepcopy(base.unet), FAKE: copy.deepcopy(base.unet)}
+            for role in (GEN, FAKE):
+                self.nets[role].requires_grad_(True)
         else:
-            from peft import LoraConfig
-
-            targets = "|".join(t.replace(".", r"\.") for t in cfg.lora_targets)
-            pattern = rf".*\.({targets})$"
-            base.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                             init_lora_weights="gaussian", target_modules=pattern), adapter_name=GEN)
+            add_lora(base.unet, GEN, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
             fake_rank = cfg.fake_rank or cfg.lora_rank
-            base.unet.add_adapter(LoraConfig(r=fake_rank, lora_alpha=cfg.lora_alpha * fake_rank / cfg.lora_rank,
-                                             init_lora_weights="gaussian", target_modules=pattern),
-                                  adapter_name=FAKE)
+            add_lora(base.unet, FAKE, fake_rank, cfg.lora_alpha * fake_rank / cfg.lora_rank, cfg.lora_targets,
+                     cfg.seed + 1)
             self.nets = {None: base.unet, GEN: base.unet, FAKE: base.unet}
+        from training.std.method import STDMethod
+        STDMethod._cast(base, self.trainer.weight_dtype)  # frozen weights to the preset's dtype; trained ones fp32
         for net in {id(n): n for n in self.nets.values()}.values():
             net.to(self.trainer.device)
-        base.to(self.trainer.device)
+        base.to(self.trainer.device, vae_dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                "fp16": torch.float16}[cfg.vae_dtype])
         self.base = base
         self.acp = base.schedule.alphas_cumprod.to(self.trainer.device)
         self.size = (cfg.resolution, cfg.resolution)
@@ -140,7 +150,7 @@ class SiDMethod:
         """(name, parameter) of the trained weights of a role: its LoRA adapter, or its whole UNet copy."""
         if self.cfg.full_finetune:
             return list(self.nets[role].named_parameters())
-        return [(n, p) for n, p in self.base.unet.named_parameters() if f".{role}." in n]
+        return adapter_params(self.base.unet, role)
 
     def _latent_shape(self):
         with torch.no_grad():
@@ -182,13 +192,22 @@ class SiDMethod:
             self._null = c
         return {k: v.expand(n, *v.shape[1:]) for k, v in self._null.items()}
 
+    def _call(self, x, t, ctx):
+        """The active network on (x, t, ctx), inputs in its weights' dtype, output fp32."""
+        net = self.active
+        dtype = next(p for n, p in net.named_parameters() if ".lora_" not in n).dtype
+        kw = unet_kwargs(self.base, ctx)
+        kw["encoder_hidden_states"] = kw["encoder_hidden_states"].to(dtype)
+        if "added_cond_kwargs" in kw:
+            kw["added_cond_kwargs"] = {k: v.to(dtype) for k, v in kw["added_cond_kwargs"].items()}
+        return net(x.to(dtype), t, **kw).sample.float()
+
     def eps(self, x, t, ctx, kappa: float):
         """Guided ε of the active network; CFG as one 2B-batch forward."""
-        unet = self.active
         if kappa == 1:
-            return unet(x, t, **unet_kwargs(self.base, ctx)).sample.float()
+            return self._call(x, t, ctx)
         both = {k: torch.cat([a, b]) for (k, a), b in zip(self.null(x.shape[0]).items(), ctx.values())}
-        out = unet(torch.cat([x, x]), torch.cat([t, t]), **unet_kwargs(self.base, both)).sample.float()
+        out = self._call(torch.cat([x, x]), torch.cat([t, t]), both)
         eps_u, eps_c = out.chunk(2)
         return guided(eps_u, eps_c, kappa)
 
@@ -196,7 +215,7 @@ class SiDMethod:
         """x_g = G(z, c): the generator UNet once at t_init on s_init·z, then the closed-form x0."""
         t = torch.full((z.shape[0],), self.cfg.t_init, device=z.device, dtype=torch.long)
         x_in = generator_input(z, self.acp[t])
-        eps = self.active(x_in, t, **unet_kwargs(self.base, ctx)).sample.float()
+        eps = self._call(x_in, t, ctx)
         return x0_from_eps(x_in, eps, self.acp[t])
 
     def _batch(self, micro_step: int, gen: torch.Generator, dropout: bool):

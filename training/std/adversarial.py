@@ -1,4 +1,4 @@
-"""The asymmetric adversarial loss of STD (std.md §4), with the official code's bugs fixed.
+"""The asymmetric adversarial loss of STD (docs/official-std-code.md §4), with the official code's bugs fixed.
 
 * **Fake**: the student's jump x̂_s decoded to pixels (with gradient to the student). **Real**: a training image
   noised to a level ``r < s`` and decoded, so the student's intermediate state is pushed towards a *cleaner* image
@@ -243,21 +243,34 @@ class AdversarialLoss(nn.Module):
 def tiny_dino(layers: int = 2):
     from transformers import Dinov2Config, Dinov2Model
 
-    torch.manual_seed(0)
-    return Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, mlp_ratio=2,
-                                    image_size=28, patch_size=14))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, mlp_ratio=2,
+                                        image_size=28, patch_size=14))
 
 
-def build_adversarial(dino: str, hooks, cond_dim: int, gp_weight: float = 1e-5) -> AdversarialLoss:
-    """The adversarial loss with DINOv2 from a local folder or Hub id (``facebook/dinov2-small``), or ``tiny``."""
-    if dino == "tiny":
-        model = tiny_dino(max(int(h) for h in hooks) + 1)
-    else:
-        from transformers import Dinov2Model
-        try:
-            model = Dinov2Model.from_pretrained(dino)
-        except OSError as err:
-            raise FileNotFoundError(f"dino: could not load DINOv2 from '{dino}' ({str(err).splitlines()[0]}); give "
-                                    "a local folder with config.json + weights, or run once online for "
+def load_dino(dino: str):
+    """DINOv2 from a local folder or Hub id (safetensors only), every weight loaded (missing ones are refused)."""
+    from transformers import Dinov2Model
+
+    from comfyui_std.core.errors import STDInputError
+
+    try:
+        model, info = Dinov2Model.from_pretrained(dino, use_safetensors=True, output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise STDInputError("dino", f"could not load DINOv2 from '{dino}' ({str(err).splitlines()[0]}); give a local "
+                                    "folder with config.json + model.safetensors, or run once online for "
                                     "facebook/dinov2-small") from None
-    return AdversarialLoss(DinoFeatures(model, hooks), cond_dim, gp_weight)
+    if info.get("missing_keys") or info.get("mismatched_keys"):
+        bad = list(info.get("missing_keys") or []) + [str(m) for m in info.get("mismatched_keys") or []]
+        raise STDInputError("dino", f"'{dino}' lacks {len(bad)} DINOv2 weights (e.g. {bad[0]})")
+    return model
+
+
+def build_adversarial(dino: str, hooks, cond_dim: int, gp_weight: float = 1e-5, seed: int = 0) -> AdversarialLoss:
+    """The adversarial loss with DINOv2 from a local folder or Hub id (``facebook/dinov2-small``), or ``tiny``; the
+    discriminator heads are initialised from ``seed``."""
+    model = tiny_dino(max(int(h) for h in hooks) + 1) if dino == "tiny" else load_dino(dino)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AdversarialLoss(DinoFeatures(model, hooks), cond_dim, gp_weight)

@@ -1,14 +1,19 @@
-"""The trajectory bank (std.md §3), as a real component with the official code's bugs fixed.
+"""Trajectory storage for STD: the online trajectory bank and the offline trajectories ``training.bank`` builds.
 
-Each entry is one teacher trajectory in progress: its current state ``x_n`` and grid index ``n`` *together with the
-whole context it was started from* (clean latent z0, text embeddings, pooled embeddings / time ids, caption,
-guidance scale w), so a restored state is always trained with its own prompt (bug 1 of std.md §6). Sampling is
-uniform over the filled entries with probability ρ (bug 2: no contiguity assumption), from a seeded generator whose
-state is checkpointed (bug 3: no unseeded RNG). An entry advances one teacher step per visit and retires when its
-index reaches :data:`~training.std.trajectory.LAST_INDEX`; fresh trajectories are added while there is room.
+**Online bank** (docs/official-std-code.md §3, with the official code's bugs fixed). Each entry is one teacher
+trajectory in progress: its current state ``x_n`` and grid index ``n`` *together with the whole context it was
+started from* (clean latent z0, text embeddings, pooled embeddings / time ids, caption, guidance scale w), so a
+restored state is always trained with its own prompt. A batch draws, per sample with probability ρ, an entry
+uniformly among the filled ones of its bucket that this batch has not drawn yet (no entry twice in one batch, no
+contiguity assumption), from a seeded generator whose state is checkpointed. An entry advances one teacher step per
+visit and retires when its index reaches :data:`~training.std.trajectory.LAST_INDEX`; fresh trajectories are added
+while there is room. Entry keys and shard names are counters, so two runs with the same seed make the same bank.
 
 Tensors live on disk as fp16 safetensors, one shard per entry version, read back memory-mapped, so RAM stays flat
 however large the bank is. The bank is saved into and restored from training checkpoints (``save_to``/``load_from``).
+
+**Offline trajectories** (:class:`OfflineTrajectories`): whole teacher trajectories, one shard per (item, draw),
+read memory-mapped; see ``python -m training.bank``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +75,7 @@ class TrajectoryBank:
         self.entries: dict[str, BankEntry] = {}
         self.generator = torch.Generator().manual_seed(int(seed))
         self.stats = {"added": 0, "dropped": 0, "advanced": 0, "retired": 0, "drawn": 0, "fresh": 0}
+        self.counter = 0  # entry keys and shard names (deterministic)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -80,16 +85,25 @@ class TrajectoryBank:
         return len(self.entries) >= self.capacity
 
     # -- sampling ------------------------------------------------------------------------------------------------
-    def draw(self) -> BankEntry | None:
-        """With probability ρ (and a non-empty bank) an entry uniformly among the filled ones, else None."""
+    def draw(self, group=None, exclude=()) -> BankEntry | None:
+        """With probability ρ an entry uniformly among the filled ones (of ``group``, not in ``exclude``), else None."""
         u = torch.rand((), generator=self.generator).item()
-        if self.entries and u < self.rho:
-            keys = sorted(self.entries)
-            k = int(torch.randint(len(keys), (), generator=self.generator))
+        pool = sorted(k for k, e in self.entries.items() if k not in exclude and
+                      (group is None or e.meta.get("group") == _group(group)))
+        if pool and u < self.rho:
+            k = int(torch.randint(len(pool), (), generator=self.generator))
             self.stats["drawn"] += 1
-            return self.entries[keys[k]]
+            return self.entries[pool[k]]
         self.stats["fresh"] += 1
         return None
+
+    def draw_batch(self, n: int, group=None) -> list[BankEntry | None]:
+        """One draw per sample of a batch; an entry is drawn at most once per batch (each advances once)."""
+        out: list[BankEntry | None] = []
+        for _ in range(n):
+            e = self.draw(group, {x.key for x in out if x is not None})
+            out.append(e)
+        return out
 
     # -- updates -------------------------------------------------------------------------------------------------
     def _write(self, tensors: dict[str, torch.Tensor]) -> str:
@@ -98,7 +112,8 @@ class TrajectoryBank:
         if free < need:
             raise BankDiskFullError(f"trajectory bank: {free / 2**20:.0f} MiB free in {self.root}, need "
                                     f"{need / 2**20:.0f} MiB; free disk space, lower bank_size or move output")
-        name = f"{uuid.uuid4().hex}.safetensors"
+        self.counter += 1
+        name = f"shard-{self.counter:09d}.safetensors"
         tmp = self.root / (name + ".tmp")
         half = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()).contiguous()
                 for k, v in tensors.items()}
@@ -120,9 +135,12 @@ class TrajectoryBank:
             return None
         if "state" in context:
             raise ValueError("context must not contain a tensor named 'state'")
-        key = uuid.uuid4().hex[:12]
-        entry = BankEntry(key, int(index), caption, None if w is None else float(w),
-                          self._write({"state": state, **context}), dict(meta or {}))
+        file = self._write({"state": state, **context})
+        key = f"e{self.counter:09d}"
+        meta = dict(meta or {})
+        if "group" in meta:
+            meta["group"] = _group(meta["group"])
+        entry = BankEntry(key, int(index), caption, None if w is None else float(w), file, meta)
         self.entries[key] = entry
         self.stats["added"] += 1
         return entry
@@ -143,7 +161,7 @@ class TrajectoryBank:
             self.stats["retired"] += 1
 
     def step(self, entry: BankEntry | None, next_index: int, next_state: torch.Tensor, context=None, caption="",
-             w=None, last_index: int = 1) -> None:
+             w=None, last_index: int = 1, meta: dict | None = None) -> None:
         """After one teacher step: advance a drawn entry (retire it at the end), or keep a fresh trajectory."""
         if next_index <= last_index:
             if entry is not None:
@@ -152,11 +170,11 @@ class TrajectoryBank:
         if entry is not None:
             self.advance(entry, next_index, next_state)
         else:
-            self.put(next_index, next_state, context or {}, caption, w)
+            self.put(next_index, next_state, context or {}, caption, w, meta)
 
     # -- persistence ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"capacity": self.capacity, "rho": self.rho, "stats": dict(self.stats),
+        return {"capacity": self.capacity, "rho": self.rho, "stats": dict(self.stats), "counter": self.counter,
                 "generator": self.generator.get_state().tolist(),
                 "entries": [{"key": e.key, "index": e.index, "caption": e.caption, "w": e.w, "file": e.file,
                              "meta": e.meta} for e in sorted(self.entries.values(), key=lambda e: e.key)]}
@@ -193,6 +211,7 @@ class TrajectoryBank:
                                                   item["file"], item.get("meta", {}))
         self.capacity, self.rho = state["capacity"], state["rho"]
         self.stats = dict(state["stats"])
+        self.counter = int(state.get("counter", 0))
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
     def clear_orphans(self) -> int:
@@ -204,3 +223,83 @@ class TrajectoryBank:
                 p.unlink()
                 n += 1
         return n
+
+
+def _group(group) -> str:
+    """Bucket keys (h, w) as a JSON-stable string."""
+    return group if isinstance(group, str) else "x".join(str(int(v)) for v in group)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Offline trajectories
+
+#: options a trajectory folder must share with the run that trains from it (they decide the teacher's states)
+TRAJECTORY_OPTIONS = ("base", "data", "style_lora", "style_lora_scale", "style_prompt", "style_image", "ip_adapter",
+                      "image_encoder", "ip_preset", "ip_weight", "start_strength", "resolution", "aspect_buckets",
+                      "w_min", "w_max", "video", "num_frames", "frame_stride", "motion_adapter", "cache_latents")
+INFO_FILE = "trajectories.json"
+
+
+def shard_name(item_key: str, draw: int) -> str:
+    import hashlib
+    return f"traj-{hashlib.sha1(item_key.encode()).hexdigest()[:16]}-{draw:03d}.safetensors"
+
+
+class OfflineTrajectories:
+    """Read-only access to a folder written by ``python -m training.bank build`` (memory-mapped shards)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from comfyui_std.core.errors import STDInputError
+
+        self.folder = Path(folder).expanduser()
+        info = self.folder / INFO_FILE
+        if not info.is_file():
+            raise STDInputError("bank_source", f"{self.folder} holds no trajectories ({INFO_FILE} is missing); run "
+                                               "python -m training.bank build first")
+        try:
+            self.info = json.loads(info.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise STDInputError("bank_source", f"{info} is not readable ({err})") from None
+        self.by_item: dict[str, list[Path]] = {}
+        for p in sorted(self.folder.glob("traj-*.safetensors")):
+            with safe_open(str(p), "pt") as f:
+                item = (f.metadata() or {}).get("item")
+            if item:
+                self.by_item.setdefault(item, []).append(p)
+        if not self.by_item:
+            raise STDInputError("bank_source", f"no trajectories in {self.folder}; run python -m training.bank build "
+                                               "first")
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.by_item.values())
+
+    def check(self, options: dict, items: list[str]) -> None:
+        """Refuse trajectories built with other teacher settings, or missing for some training items."""
+        from comfyui_std.core.errors import STDInputError
+
+        built = self.info.get("options", {})
+        diff = [f"{k} {built.get(k)!r} -> {options.get(k)!r}" for k in TRAJECTORY_OPTIONS
+                if k in options and built.get(k) != options.get(k)]
+        if diff:
+            raise STDInputError("bank_source", f"{self.folder} was built with other settings: {'; '.join(diff)}; "
+                                               "rebuild it with the options of this run")
+        missing = [i for i in items if i not in self.by_item]
+        if missing:
+            raise STDInputError("bank_source", f"{len(missing)} of {len(items)} training items have no trajectory in "
+                                               f"{self.folder} (e.g. {missing[0]}); run python -m training.bank build "
+                                               "with the same --data")
+
+    def pair(self, item: str, draw: int, index: int, device) -> dict:
+        """x_n, the teacher's x_{n-1}, z0 and the context of one trajectory at grid index ``index``."""
+        shards = self.by_item[item]
+        with safe_open(str(shards[draw % len(shards)]), "pt") as f:
+            meta = f.metadata()
+            out = {"x": f.get_tensor(f"state_{index}").float().to(device),
+                   "x_prev": f.get_tensor(f"state_{index - 1}").float().to(device),
+                   "z0": f.get_tensor("z0").float().to(device)}
+            ctx = {k: f.get_tensor(k).float().to(device) for k in f.keys() if not k.startswith("state_") and k != "z0"}
+        return {**out, "ctx": ctx, "caption": meta["caption"], "w": json.loads(meta["w"]),
+                "start_index": json.loads(meta["start_index"])}
+
+    def draws(self, item: str) -> int:
+        return len(self.by_item[item])

@@ -1,17 +1,21 @@
 """The STD method: teacher = base + the artist's style, student = the same base with one trainable LoRA.
 
-One micro-step (std.md §2.4 / §9, bugs fixed): each sample either continues a trajectory drawn from the bank
-(state, index and its own context restored) or starts fresh at ``n0 = ceil(50 η)`` from its noised latent. The
-student's jump from ``(x_n, τ_n)`` to a level ``s`` from the γ-window is matched (pseudo-Huber) to the stop-gradient
-target's jump from the teacher's next state ``(x_{n-1}, τ_{n-1})`` to the same ``s``. The teacher is the base UNet
-with the student adapter disabled (no second UNet in memory) and CFG-distilled with ``w ~ U[w_min, w_max]`` in LCM
-form, with a proper unconditional branch. Optionally the asymmetric adversarial loss is added (real images noised to
-``r < s``).
+One micro-step (docs/official-std-code.md §2.4, with the official code's bugs fixed): each sample of a batch (one
+aspect bucket) either continues a trajectory drawn from the bank (state, index and its own context restored; an
+entry at most once per batch) or starts fresh at ``n0 = ceil(50 η)`` from its noised latent (:meth:`fresh_start`).
+The teacher advances it one CFG'd DDIM grid step (:meth:`teacher_step`, LCM-form guidance with
+``w ~ U[w_min, w_max]`` and a proper unconditional branch). The student's jump from ``(x_n, τ_n)`` to a level ``s``
+of the target window (official or the paper's γ window) is matched (pseudo-Huber) to the stop-gradient target's jump
+from the teacher's next state ``(x_{n-1}, τ_{n-1})`` to the same ``s``. The teacher is the base UNet with the
+student adapter disabled (no second UNet in memory); style LoRAs are merged into it (UNet and text encoders) and
+exported with the student by default, so the exported LoRA alone reproduces the student. Optionally the asymmetric
+adversarial loss is added (real images noised to ``r < s``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from contextlib import contextmanager
@@ -20,29 +24,37 @@ from pathlib import Path
 import torch
 
 from comfyui_std.core.errors import STDInputError, check_range
-from comfyui_std.core.plan import std_plan
+from comfyui_std.core.plan import check_nfe, std_plan
 from comfyui_std.core.sampling import sample_std
 from comfyui_std.core.schedules import KDenoiser
-from training.common.config import CommonConfig, option
+from comfyui_std.core.style_blocks import PRESET_NAMES
+from std_hf.base import cast_floats, encode_prompts, load_base, time_ids, unet_kwargs
+from std_hf.lora import lora_layers, merge_layers, read_lora
+from training.common.config import CommonConfig, method_options, option, validate_common
+from training.common.data import (BucketSampler, assign_buckets, cache_key, load_pixels, scan_folder)
 from training.common.ema import ema_copy, ema_update, swapped
-from training.common.data import StepSampler, load_pixels, scan_folder
-from training.common.export import export_lora
-from training.common.models import attach_motion_adapter, encode_prompts, load_base, merge_lora, unet_kwargs
-from training.std.bank import TrajectoryBank
-from training.std.trajectory import (LAST_INDEX, DDIMGrid, add_noise, cfg_lcm, draw_target_index, jump,
+from training.common.export import combine, export_layers, export_lora
+from training.common.lora import adapter_layers, adapter_params, add_lora
+from training.std.bank import OfflineTrajectories, TrajectoryBank
+from training.std.trajectory import (LAST_INDEX, S_WINDOWS, DDIMGrid, add_noise, cfg_lcm, draw_target_index, jump,
                                      pseudo_huber, start_index, window_size, x0_eps)
 
 log = logging.getLogger("training")
 ADAPTER = "student"
+EXPORTS = ("with_style", "delta")
 
 
 @dataclasses.dataclass
 class STDConfig(CommonConfig):
-    data: str = option("", "Folder of training images and/or videos, with optional same-stem .txt captions.")
+    data: str = option("", "Folder of training images and/or videos, with optional same-stem .txt captions (UTF-8).")
     start_strength: float = option(0.75, "η: the student starts from the content noised to grid index ceil(50η) "
                                          "(0.75 -> t 779); load the LoRA with the same η at inference.")
-    range_rate: float = option(0.5, "rr: the target level s lies within R = ceil(50·η·rr) grid steps below the "
-                                    "current one (paper: 0.5 images, 0.3 video).")
+    range_rate: float = option(0.5, "rr: with --s-window official the target level s lies within R = ceil(50·η·rr) "
+                                    "grid steps below the current one (paper: 0.5 images, 0.3 video).")
+    s_window: str = option("official", "Target-level window: official (fixed width R in grid steps, what the released "
+                                       "LoRAs use; reaches s = 0 late in a trajectory) or paper (s >= γ·t, the "
+                                       "paper's lower-bound ratio).", choices=S_WINDOWS)
+    s_gamma: float = option(0.7, "γ of --s-window paper: s lies in [γ·t, t) (the paper's ablation: 0.7 best).")
     rho: float = option(0.8, "Probability of training on a trajectory-bank state instead of a fresh start.")
     bank_size: int = option(4, "Trajectories kept in the bank at once (states stored fp16 on disk).")
     w_min: float = option(5.0, "Lower bound of the distilled guidance scale w (teacher CFG 1 + w, LCM form).")
@@ -51,14 +63,20 @@ class STDConfig(CommonConfig):
     ema_target: bool = option(False, "Use an EMA of the student LoRA as the target θ⁻ (the paper's figure) instead "
                                      "of the stop-gradient online weights (what the official code runs).")
     ema_decay: float = option(0.95, "EMA decay of the target (ema_target).")
-    style_lora: list = option([], "Style LoRA file(s) merged into the teacher (comma-separated).")
+    style_lora: list = option([], "Style LoRA file(s) merged into the teacher, UNet and text-encoder layers "
+                                  "(comma-separated; kohya, diffusers or PEFT files).")
     style_lora_scale: float = option(1.0, "Strength of the merged style LoRA(s).")
+    export: str = option("with_style", "What the exported LoRA holds: with_style (base + style + STD delta as one LoRA "
+                                       "of the summed rank: load it alone) or delta (the STD delta only; load the "
+                                       "style LoRA too; its file is named in the metadata).", choices=EXPORTS,
+                         free=True)
     style_prompt: str = option("", "Added to every caption (e.g. 'in the style of my watercolours').")
     style_image: str = option("", "Optional style reference image for the teacher, through an IP-Adapter on the "
                                   "style block (needs --ip-adapter and --image-encoder).")
     ip_adapter: str = option("", "Standard IP-Adapter .safetensors for --style-image (e.g. ip-adapter_sdxl_vit-h).")
-    image_encoder: str = option("", "CLIPVisionModelWithProjection folder for the IP-Adapter (ViT-H/14).")
-    ip_preset: str = option("style", "Blocks that receive the style image: style, layout, style+layout, all blocks.")
+    image_encoder: str = option("", "Its CLIP image encoder: a transformers folder or a ComfyUI clip_vision "
+                                    ".safetensors file (ViT-H/14).")
+    ip_preset: str = option("style", "Blocks that receive the style image.", choices=PRESET_NAMES)
     ip_weight: float = option(1.0, "Scale of the IP-Adapter in the teacher.")
     adversarial: bool = option(False, "Add the asymmetric adversarial loss (DINOv2 discriminator).")
     adv_weight: float = option(0.7, "λ_adv (paper: 0.7 images, 0.5 video).")
@@ -66,11 +84,15 @@ class STDConfig(CommonConfig):
     dino: str = option("facebook/dinov2-small", "DINOv2 ViT-S/14: a local folder or Hub id ('tiny' = random).")
     dino_hooks: list = option([2, 5, 8, 11], "DINOv2 blocks whose tokens the discriminator heads read.")
     gp_weight: float = option(1e-5, "Weight of the gradient penalty on DINO features.")
-    preview_nfe: list = option([4, 8], "Student NFEs shown in preview grids (next to the teacher).")
+    preview_nfe: list = option([4, 8], "Student NFEs shown in preview grids (next to the teacher).", free=True)
+    preview_teacher_nfe: int = option(20, "Teacher steps in preview grids (grid levels from the start index; fewer "
+                                          "is cheaper, at most ceil(50 η)).", free=True)
     video: bool = option(False, "Video mode: train on clips of num_frames frames with a motion module in teacher "
                                 "and student (AnimateDiff); data must hold videos.")
     num_frames: int = option(8, "Frames per training clip (video mode).")
     frame_stride: int = option(4, "Source frames between clip frames (video mode; the paper: 4).")
+    random_clip_offset: bool = option(True, "Video mode: each clip starts at a random frame (seeded) instead of the "
+                                            "first.")
     motion_adapter: str = option("", "diffusers MotionAdapter folder or Hub id (video mode): an SD1.5 AnimateDiff "
                                      "adapter or an SDXL one ('tiny' = random).")
     bank_source: str = option("", "Train from trajectories precomputed by 'python -m training.bank build' (no "
@@ -81,43 +103,63 @@ PRESETS = {
     "tiny": {"_doc": "CPU smoke run on a tiny random model (under two minutes)", "base": "tiny", "resolution": 64,
              "max_steps": 6, "lora_rank": 4, "lora_alpha": 4.0, "learning_rate": 1e-4, "lr_warmup": 1,
              "checkpoint_every": 3, "bank_size": 4, "device": "cpu", "dino": "tiny", "dino_hooks": [0, 1],
-             "preview_nfe": [2], "num_previews": 1},
-    "sd15-8gb": {"_doc": "SD1.5 at 512 on an 8 GB GPU (bf16, checkpointing, 8-bit Adam, cached text)",
-                 "resolution": 512, "mixed_precision": "bf16", "gradient_checkpointing": True,
-                 "use_8bit_adam": True, "lora_rank": 32, "lora_alpha": 32.0, "max_steps": 2000},
-    "sdxl-12gb": {"_doc": "SDXL at 512 on a 12 GB GPU (bf16, checkpointing, 8-bit Adam, rank 32, no adversary)",
-                  "resolution": 512, "mixed_precision": "bf16", "gradient_checkpointing": True,
-                  "use_8bit_adam": True, "lora_rank": 32, "lora_alpha": 32.0, "max_steps": 2000},
+             "preview_nfe": [2], "preview_teacher_nfe": 2, "num_previews": 1},
+    "sd15-8gb": {"_doc": "SD1.5 at 512 on an 8 GB GPU (bf16 weights, checkpointing, 8-bit Adam, text encoders "
+                         "offloaded)", "resolution": 512, "mixed_precision": "bf16", "gradient_checkpointing": True,
+                 "use_8bit_adam": True, "offload_text_encoders": True, "lora_rank": 32, "lora_alpha": 32.0,
+                 "max_steps": 2000},
+    "sdxl-12gb": {"_doc": "SDXL at 512 on a 12 GB GPU (bf16 weights and VAE, checkpointing, 8-bit Adam, rank 32, "
+                          "text encoders offloaded, no adversary)", "resolution": 512, "mixed_precision": "bf16",
+                  "vae_dtype": "bf16", "gradient_checkpointing": True, "use_8bit_adam": True,
+                  "offload_text_encoders": True, "lora_rank": 32, "lora_alpha": 32.0, "max_steps": 2000},
     "tiny-video": {"_doc": "CPU smoke run of video mode (tiny random model and motion module)", "base": "tiny",
                    "resolution": 64, "max_steps": 4, "lora_rank": 4, "lora_alpha": 4.0, "learning_rate": 1e-4,
                    "lr_warmup": 1, "checkpoint_every": 2, "device": "cpu", "video": True, "num_frames": 3,
                    "frame_stride": 2, "motion_adapter": "tiny", "range_rate": 0.3, "adv_weight": 0.5,
-                   "dino": "tiny", "dino_hooks": [0, 1], "preview_nfe": [2], "num_previews": 1},
+                   "dino": "tiny", "dino_hooks": [0, 1], "preview_nfe": [2], "preview_teacher_nfe": 2,
+                   "num_previews": 1},
     "sdxl-24gb": {"_doc": "SDXL at 512 on a 24 GB GPU, the paper's rank 64 and the adversarial loss",
                   "resolution": 512, "mixed_precision": "bf16", "gradient_checkpointing": True,
-                  "lora_rank": 64, "lora_alpha": 64.0, "adversarial": True, "max_steps": 3000},
+                  "offload_text_encoders": True, "lora_rank": 64, "lora_alpha": 64.0, "adversarial": True,
+                  "max_steps": 3000},
 }
 
 
 def validate(cfg: STDConfig) -> None:
-    start_index(check_range("start_strength", cfg.start_strength, 0.0, 1.0, low_open=True))
+    validate_common(cfg)
+    n0 = start_index(check_range("start_strength", cfg.start_strength, 0.0, 1.0, low_open=True))
     check_range("range_rate", cfg.range_rate, 0.0, 1.0, low_open=True)
+    check_range("s_gamma", cfg.s_gamma, 0.0, 1.0, high_open=True)
     check_range("rho", cfg.rho, 0.0, 1.0)
+    check_range("bank_size", cfg.bank_size, 1, 10**6, kind=int)
     check_range("w_min", cfg.w_min, 0.0, 50.0)
     check_range("w_max", cfg.w_max, cfg.w_min, 50.0)
     check_range("huber_c", cfg.huber_c, 0.0, 1.0, low_open=True)
-    check_range("resolution", cfg.resolution, 8, 4096, kind=int)
-    if cfg.resolution % 8:
-        raise STDInputError("resolution", f"got {cfg.resolution}, must be a multiple of 8")
-    check_range("max_steps", cfg.max_steps, 1, 10**9, kind=int)
-    check_range("batch_size", cfg.batch_size, 1, 4096, kind=int)
-    check_range("grad_accum", cfg.grad_accum, 1, 4096, kind=int)
-    check_range("lora_rank", cfg.lora_rank, 1, 4096, kind=int)
-    check_range("learning_rate", cfg.learning_rate, 0.0, 1.0, low_open=True)
-    if not cfg.base:
-        raise STDInputError("base", "give a base model (--base: diffusers folder, .safetensors, Hub id or 'tiny')")
+    check_range("ema_decay", cfg.ema_decay, 0.0, 1.0, high_open=True)
+    check_range("style_lora_scale", cfg.style_lora_scale, -10.0, 10.0)
+    check_range("ip_weight", cfg.ip_weight, 0.0, 5.0)
+    check_range("adv_weight", cfg.adv_weight, 0.0, 100.0)
+    check_range("disc_learning_rate", cfg.disc_learning_rate, 0.0, 1.0, low_open=True)
+    check_range("gp_weight", cfg.gp_weight, 0.0, 1e3)
+    check_range("num_frames", cfg.num_frames, 1, 1024, kind=int)
+    check_range("frame_stride", cfg.frame_stride, 1, 1024, kind=int)
+    check_range("preview_teacher_nfe", cfg.preview_teacher_nfe, 1, n0, kind=int)
+    for h in cfg.dino_hooks:
+        check_range("dino_hooks", h, 0, 1000, kind=int)
+    if not cfg.preview_nfe:
+        raise STDInputError("preview_nfe", "give at least one NFE (e.g. 4,8)")
+    for nfe in cfg.preview_nfe:
+        std_plan(check_nfe(nfe), cfg.start_strength, "trained_start")
     if not cfg.data:
         raise STDInputError("data", "give a folder of training images (--data)")
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class STDMethod:
@@ -132,67 +174,123 @@ class STDMethod:
     def setup(self):
         cfg, device = self.cfg, self.trainer.device
         validate(cfg)
-        self.items, skipped = scan_folder(cfg.data, cfg.style_prompt, videos=cfg.video)
+        span = (cfg.num_frames - 1) * cfg.frame_stride + 1 if cfg.video else 1
+        items, skipped = scan_folder(cfg.data, cfg.style_prompt, videos=cfg.video, clip_span=span)
         if skipped:
-            log.warning("data: %d unreadable file(s) skipped, %d used", skipped, len(self.items))
-        self.sampler = StepSampler(len(self.items), cfg.batch_size, cfg.seed, self.trainer.rank, self.trainer.world)
-        base = load_base(cfg.base, cfg.tokenizer or None, cfg.seed)
-        for path in cfg.style_lora:
-            n = merge_lora(base.unet, path, cfg.style_lora_scale)
-            log.info("style LoRA %s merged into the teacher (%d layers)", path, n)
+            log.warning("data: %d file(s) skipped, %d used", skipped, len(items))
+        self.items, self.preview_items = self._split_previews(items, span)
+        self.buckets = assign_buckets(self.items, cfg.resolution, cfg.aspect_buckets)
+        log.info("data: %d item(s) in %d bucket(s) %s", len(self.items), len(set(self.buckets)),
+                 ", ".join(f"{w}x{h}" for h, w in sorted(set(self.buckets))))
+        self.sampler = BucketSampler(self.buckets, cfg.batch_size, cfg.seed, self.trainer.rank, self.trainer.world)
+        base = load_base(cfg.base, torch.float32, cfg.tokenizer or None, seed=cfg.seed)
+        for r in base.reports:
+            log.info("base %s: %s", base.name, r.line())
+        self.style_layers = {}
+        if cfg.style_lora:
+            models = {"unet": base.unet, "text_encoder": base.text_encoders[0]}
+            if len(base.text_encoders) > 1:
+                models["text_encoder_2"] = base.text_encoders[1]
+            for path in cfg.style_lora:
+                sd, meta = read_lora(path, "style_lora")
+                layers = lora_layers(base.unet, base.text_encoders, sd, meta, f"style_lora: {Path(path).name}",
+                                     cfg.style_lora_scale)
+                merge_layers(models, layers)
+                self.style_layers = combine(self.style_layers, layers)
+                n_text = sum(1 for m, _ in layers if m != "unet")
+                log.info("style LoRA %s merged into the teacher: %d UNet and %d text-encoder layers", path,
+                         len(layers) - n_text, n_text)
         if cfg.video:
-            base.unet = attach_motion_adapter(base.unet, cfg.motion_adapter)
+            from training.std.video import attach_motion_adapter
+            base.unet = attach_motion_adapter(base.unet, cfg.motion_adapter, cfg.seed)
         self.style_ref = None
         if cfg.style_image:
             if cfg.video:
                 raise STDInputError("style_image", "the IP-Adapter style reference is for image mode only")
             if not (cfg.ip_adapter and cfg.image_encoder):
                 raise STDInputError("style_image", "needs --ip-adapter and --image-encoder")
-            from training.common.models import StyleReference
+            from training.std.style_reference import StyleReference
             self.style_ref = StyleReference(base, cfg.ip_adapter, cfg.image_encoder, cfg.style_image,
                                             cfg.ip_preset, cfg.ip_weight)
-        from peft import LoraConfig
-
         base.unet.requires_grad_(False)
         base.vae.requires_grad_(False)
         for t in base.text_encoders:
             t.requires_grad_(False)
-        targets = "|".join(t.replace(".", r"\.") for t in cfg.lora_targets)
-        # diffusers' motion transformers call proj_in/proj_out with a keyword argument that PEFT's LoRA layers do
-        # not accept, so those two projections inside motion modules stay without LoRA
-        base.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                         target_modules=rf"^(?!.*motion_modules.*\.proj_(?:in|out)$).*\.({targets})$"),
-                              adapter_name=ADAPTER)
+        add_lora(base.unet, ADAPTER, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed,
+                 exclude_motion_proj=cfg.video)
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
-        vae_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.vae_dtype]
-        base.to(device, vae_dtype=vae_dtype)
+        self.vae_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.vae_dtype]
+        self._cast(base, self.trainer.weight_dtype)
+        base.to(device, vae_dtype=self.vae_dtype)
+        if self.style_ref is not None:
+            self.style_ref.encoder.to(device)
         self.base = base
-        self.vae_dtype = vae_dtype
         self.grid = DDIMGrid(base.schedule)
         self.n0 = start_index(cfg.start_strength)
         self.window = window_size(cfg.start_strength, cfg.range_rate)
         self.bank = TrajectoryBank(Path(cfg.output) / "bank" / f"rank{self.trainer.rank}", cfg.bank_size, cfg.rho,
                                    seed=cfg.seed * 7_919 + self.trainer.rank)
-        self.bank.clear_orphans() if not cfg.resume else None
+        if not cfg.resume:
+            self.bank.clear_orphans()
         self.size = (cfg.resolution, cfg.resolution)
         self._uncond = None
         self.seen: list[int] = []  # data indices this rank trained on (written into checkpoints)
-        self._latent_cache: dict[int, torch.Tensor] = {}
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.latent_dir = None
+        if cfg.cache_latents:
+            self.latent_dir = Path(cfg.latent_cache_dir or Path(cfg.output) / "latent_cache")
+            self.latent_dir.mkdir(parents=True, exist_ok=True)
         self.ema = ema_copy(self._student_params()) if cfg.ema_target else None
         self.offline = None
         if cfg.bank_source:
-            from training.bank import OfflineTrajectories
             self.offline = OfflineTrajectories(cfg.bank_source)
+            self.offline.check(method_options(cfg), [self.item_key(i) for i in range(len(self.items))])
         if cfg.adversarial:
             from training.std.adversarial import build_adversarial
-            self.adv = build_adversarial(cfg.dino, cfg.dino_hooks, base.cond_dim, cfg.gp_weight).to(device)
+            self.adv = build_adversarial(cfg.dino, cfg.dino_hooks, base.cond_dim, cfg.gp_weight,
+                                         seed=cfg.seed + 1).to(device)
+        if cfg.offload_text_encoders:
+            self._cache_all_text()
+
+    def _split_previews(self, items, span):
+        """(training items, preview items): previews from --preview-images, else the last num_previews data items,
+        held out of training when the folder has at least 4x as many."""
+        cfg = self.cfg
+        n = cfg.num_previews
+        if n <= 0:
+            return items, []
+        if cfg.preview_images:
+            previews, _ = scan_folder(cfg.preview_images, cfg.style_prompt, videos=cfg.video, clip_span=span)
+            return items, previews[:n]
+        if len(items) >= 4 * n:
+            log.info("previews: %s held out of training", ", ".join(i.path.name for i in items[-n:]))
+            return items[:-n], items[-n:]
+        log.info("previews show training images (%d item(s); hold-out needs %d or --preview-images)", len(items),
+                 4 * n)
+        return items, items[-n:]
+
+    @staticmethod
+    def _cast(base, dtype: torch.dtype) -> None:
+        """Frozen weights to the preset's dtype; the LoRA (and so its optimiser state) stays fp32."""
+        for module in [base.unet, *base.text_encoders]:
+            cast_floats(module, dtype, skip=".lora_")
+
+    def item_key(self, index: int) -> str:
+        """A training item's name relative to the data folder (stable across machines; the offline bank's key)."""
+        return self.items[index].path.relative_to(Path(self.cfg.data).expanduser()).as_posix()
+
+    def _cache_all_text(self):
+        captions = {it.caption for it in self.items + self.preview_items}
+        for c in sorted(captions):
+            self.text_context(c)
+        self.uncond(1)
+        for t in self.base.text_encoders:
+            t.to("cpu")
+        log.info("text encoders offloaded to the CPU after caching %d caption(s)", len(captions))
 
     def param_groups(self) -> dict:
         student = [p for _, p in self._student_params()]
-        if not student:
-            raise RuntimeError("no trainable LoRA parameters: check lora_targets")
         groups = {"student": (student, self.cfg.learning_rate, self.cfg.max_grad_norm)}
         if self.adv is not None:
             groups["discriminator"] = (list(self.adv.trainable_parameters()), self.cfg.disc_learning_rate, 0.0)
@@ -208,11 +306,18 @@ class STDMethod:
         return out
 
     def load_trainable_state(self, sd: dict[str, torch.Tensor]) -> None:
-        params = dict(self.base.unet.named_parameters())
+        params = dict(self._student_params())
+        want = {f"unet.{n}" for n in params} | ({f"ema.{n}" for n in self.ema} if self.ema is not None else set())
+        got = {k for k in sd if not k.startswith("adv.")}
+        if want != got:
+            extra, missing = sorted(got - want), sorted(want - got)
+            raise STDInputError("resume", f"the checkpoint's trainable tensors do not match this run "
+                                          f"({len(missing)} missing, e.g. {missing[:1]}; {len(extra)} extra, e.g. "
+                                          f"{extra[:1]})")
         for k, v in sd.items():
             if k.startswith("unet."):
                 params[k[5:]].data.copy_(v.to(params[k[5:]].device))
-            elif k.startswith("ema.") and self.ema is not None:
+            elif k.startswith("ema."):
                 self.ema[k[4:]].copy_(v)
         if self.adv is not None:
             self.adv.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("adv.")})
@@ -224,16 +329,17 @@ class STDMethod:
 
     def load_state(self, folder: Path, rank: int) -> None:
         src = folder / "bank" / f"rank{rank}"
-        if src.exists():
-            self.bank.load_from(src)
-            self.bank.clear_orphans()
+        if not (src / "bank.json").exists():
+            raise STDInputError("resume", f"{folder} has no trajectory bank for rank {rank}")
+        self.bank.load_from(src)
+        self.bank.clear_orphans()
 
     def after_optimizer_step(self) -> None:
         if self.ema is not None:
             ema_update(self.ema, self._student_params(), self.cfg.ema_decay)
 
     def _student_params(self):
-        return [(n, p) for n, p in self.base.unet.named_parameters() if p.requires_grad]
+        return adapter_params(self.base.unet, ADAPTER)
 
     def target(self):
         """The target network θ⁻: the online weights (stop-gradient), or their EMA when ema_target is on."""
@@ -259,49 +365,94 @@ class STDMethod:
     def unet_at(self, x, t, ctx, uncond: bool = False):
         kw = unet_kwargs(self.base, ctx)
         if self.style_ref is not None:  # zero-scaled outside the teacher; a zero image for the uncond branch
-            kw["added_cond_kwargs"] = {**kw.get("added_cond_kwargs", {}),
-                                       **self.style_ref.added_cond(x.shape[0], uncond, x.device)}
+            kw["added_cond_kwargs"] = {**kw.get("added_cond_kwargs", {}), **self.style_ref.added_cond(
+                x.shape[0], uncond, x.device, self.base.unet.dtype)}
         if x.ndim == 5:  # [B, C, F, H, W]: the motion UNet attends to the text once per frame
             kw["encoder_hidden_states"] = kw["encoder_hidden_states"].repeat_interleave(x.shape[2], dim=0)
-        return self.base.unet(x, t, **kw).sample
+        return self.base.unet(x.to(self.base.unet.dtype), t, **kw).sample.float()
 
-    def uncond(self, n: int) -> dict[str, torch.Tensor]:
+    def uncond(self, n: int, like: dict | None = None) -> dict[str, torch.Tensor]:
+        """The unconditional branch: empty prompt (SDXL: zeroed embeddings, as it was trained), the batch's
+        size conditioning."""
         if self._uncond is None:
-            if self.base.arch == "sdxl":  # force_zeros_for_empty_prompt, as SDXL was trained
-                c = encode_prompts(self.base, [""], self.size)
-                self._uncond = {k: (torch.zeros_like(v) if k != "time_ids" else v) for k, v in c.items()}
-            else:
-                self._uncond = encode_prompts(self.base, [""], self.size)
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self._uncond.items()}
+            c = self.text_context("")
+            if self.base.arch == "sdxl":  # force_zeros_for_empty_prompt
+                c = {k: torch.zeros_like(v) for k, v in c.items()}
+            self._uncond = c
+        out = {k: v.expand(n, *v.shape) for k, v in self._uncond.items()}
+        if self.base.arch == "sdxl":
+            out["time_ids"] = like["time_ids"] if like is not None else time_ids(self.size, self.size, (0, 0), n).to(
+                self.trainer.device)
+        return out
 
     def text_context(self, caption: str) -> dict[str, torch.Tensor]:
-        """Text embeddings of one caption, computed once per caption (captions repeat every epoch)."""
+        """Text embeddings of one caption (prompt_embeds, pooled), computed once per caption."""
         hit = self._text_cache.get(caption)
         if hit is None:
-            hit = {k: v[0] for k, v in encode_prompts(self.base, [caption], self.size).items()}
+            enc = encode_prompts(self.base, [caption], self.size)
+            hit = {k: enc[k][0].to(self.trainer.device) for k in ("prompt_embeds", "pooled")}
             if len(self._text_cache) < 100_000:
                 self._text_cache[caption] = hit
         return hit
 
+    def sample_context(self, caption: str, crop, bucket) -> dict[str, torch.Tensor]:
+        ctx = dict(self.text_context(caption))
+        if self.base.arch == "sdxl":
+            ctx["time_ids"] = time_ids(crop.original, tuple(bucket), (crop.top, crop.left))[0].to(self.trainer.device)
+        return ctx
+
     @torch.no_grad()
-    def encode_latent(self, index: int, gen: torch.Generator) -> torch.Tensor:
-        cached = self._latent_cache.get(index)
-        if cached is not None:
-            return cached
-        cache = self.cfg.cache_latents
-        frames = self.cfg.num_frames if self.cfg.video else 0
-        pixels = load_pixels(self.items[index], self.cfg.resolution, None if cache else gen,
-                             num_frames=frames, frame_stride=self.cfg.frame_stride, flip=not cache)
-        if frames:  # [F,3,S,S] -> latents [4,F,h,w]: one noise level for the whole clip
-            z0 = self.base.encode_latents(pixels.to(self.trainer.device, self.vae_dtype),
-                                          None if cache else gen).movedim(0, 1)
-        else:
-            z0 = self.base.encode_latents(pixels[None].to(self.trainer.device, self.vae_dtype),
-                                          None if cache else gen)[0]
-        z0 = z0.float()
-        if cache:
-            self._latent_cache[index] = z0
-        return z0
+    def encode_latent(self, index: int, gen: torch.Generator | None, bucket, items=None):
+        """(z0, crop) of one item: a posterior sample of a seeded random crop/flip/clip, or from the disk cache
+        (center crop and clip start fixed, flip and posterior sample still drawn)."""
+        from training.common.data import Crop
+
+        item = (items or self.items)[index]
+        cfg = self.cfg
+        frames = cfg.num_frames if cfg.video else 0
+        cached = self.latent_dir is not None and items is None
+        if cached:
+            key = cache_key(item, bucket, f"{self.base.source}|{cfg.vae_dtype}|{frames}|{cfg.frame_stride}")
+            path = self.latent_dir / f"{key}.safetensors"
+            if not path.exists():
+                self._write_latent(item, bucket, frames, path)
+            from safetensors.torch import load_file
+            t = load_file(str(path))
+            flip = gen is not None and bool(torch.rand((), generator=gen) < 0.5)
+            mean = t["mean_flip" if flip else "mean"].to(self.trainer.device)
+            std = t.get("std_flip" if flip else "std")
+            z0 = mean if (std is None or gen is None) else mean + std.to(mean) * torch.randn(
+                mean.shape, generator=gen).to(mean)
+            crop = Crop((int(t["original"][0]), int(t["original"][1])), int(t["crop"][0]), int(t["crop"][1]), flip)
+            return z0.float(), crop
+        pixels, crop = load_pixels(item, bucket, gen, num_frames=frames, frame_stride=cfg.frame_stride,
+                                   flip=gen is not None, random_offset=cfg.random_clip_offset)
+        return self._encode(pixels, gen), crop
+
+    def _encode(self, pixels: torch.Tensor, gen) -> torch.Tensor:
+        if pixels.ndim == 4:  # [F,3,S,S] -> latents [4,F,h,w]: one noise level for the whole clip
+            return self.base.encode_latents(pixels.to(self.trainer.device, self.vae_dtype), gen).movedim(0, 1).float()
+        return self.base.encode_latents(pixels[None].to(self.trainer.device, self.vae_dtype), gen)[0].float()
+
+    def _write_latent(self, item, bucket, frames, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        pixels, crop = load_pixels(item, bucket, None, num_frames=frames, frame_stride=self.cfg.frame_stride,
+                                   flip=False, random_offset=False)
+        out = {"original": torch.tensor(crop.original), "crop": torch.tensor([crop.top, crop.left])}
+        for tag, px in (("", pixels), ("_flip", pixels.flip(-1))):
+            x = px[None] if px.ndim == 3 else px
+            mean, std = self.base.latent_moments(x.to(self.trainer.device, self.vae_dtype))
+            if px.ndim == 4:
+                mean, std = mean.movedim(0, 1), (std.movedim(0, 1) if std is not None else None)
+            else:
+                mean, std = mean[0], (std[0] if std is not None else None)
+            out["mean" + tag] = mean.float().cpu().contiguous()
+            if std is not None:
+                out["std" + tag] = std.float().cpu().contiguous()
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(out, str(tmp))
+        tmp.replace(path)
 
     def decode(self, latents: torch.Tensor, frames: list[int] | None = None) -> torch.Tensor:
         """Latents -> pixels; clips [B,C,F,h,w] decode the given frames (the discriminator is per frame)."""
@@ -311,69 +462,83 @@ class STDMethod:
             return self.base.decode_latents(flat)
         return self.base.decode_latents(latents)
 
+    # -- the two building blocks (also used by the offline bank builder) -------------------------------------
+    def fresh_start(self, item_index: int, gen: torch.Generator, bucket) -> dict:
+        """A new trajectory: the item's latent noised to τ_{n0}, its own context and a guidance scale w."""
+        device = self.trainer.device
+        item = self.items[item_index]
+        z0, crop = self.encode_latent(item_index, gen, bucket)
+        ctx = self.sample_context(item.caption, crop, bucket)
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        x = add_noise(z0[None], noise[None], self.grid.alpha(torch.tensor([self.n0])).to(device))[0]
+        w = float(self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand((), generator=gen))
+        return dict(entry=None, x=x, n=self.n0, z0=z0, ctx=ctx, w=w, caption=item.caption)
+
+    @torch.no_grad()
+    def teacher_step(self, x: torch.Tensor, n: torch.Tensor, ctx: dict, w: torch.Tensor) -> torch.Tensor:
+        """One CFG'd (LCM form, scale 1 + w) DDIM grid step τ_n -> τ_{n-1} of the frozen teacher."""
+        pt = self.base.prediction_type
+        with self.teacher():
+            cond = x0_eps(self.unet(x, n, ctx), x, self.grid.alpha(n), pt)
+            unc = x0_eps(self.unet(x, n, self.uncond(len(x), ctx), uncond=True), x, self.grid.alpha(n), pt)
+        x0_t, eps_t = cfg_lcm(cond, unc, w)
+        return jump(x0_t, eps_t, self.grid.alpha_prev(n))
+
     # -- one micro-step --------------------------------------------------------------------------------------
     def _gather(self, micro_step: int, gen: torch.Generator):
-        """Per sample: a bank entry (with its own context) or a fresh start at n0."""
+        """Per sample of the batch (one bucket): a bank entry (with its own context) or a fresh start at n0."""
         device = self.trainer.device
-        rows = []
-        indices = self.sampler.indices(micro_step)
+        bucket, indices = self.sampler.batch(micro_step)
         self.seen.extend(indices)
-        for item_index in indices:
-            if self.offline is not None:
-                rows.append(self._offline_row(item_index, gen))
-                continue
-            entry = self.bank.draw()
+        if self.offline is not None:
+            return [self._offline_row(i, gen) for i in indices], bucket
+        rows = []
+        for item_index, entry in zip(indices, self.bank.draw_batch(len(indices), bucket)):
             if entry is not None:
                 t = entry.tensors(self.bank.root, device=device)
                 ctx = {k: t[k] for k in t if k not in ("state", "z0")}
                 rows.append(dict(entry=entry, x=t["state"], n=entry.index, z0=t["z0"], ctx=ctx, w=entry.w,
                                  caption=entry.caption))
-                continue
-            item = self.items[item_index]
-            z0 = self.encode_latent(item_index, gen)
-            ctx = self.text_context(item.caption)
-            noise = torch.randn(z0.shape, generator=gen).to(device)
-            x = add_noise(z0[None], noise[None], self.grid.alpha(torch.tensor([self.n0])).to(device))[0]
-            w = float(self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand((), generator=gen))
-            rows.append(dict(entry=None, x=x, n=self.n0, z0=z0, ctx=ctx, w=w, caption=item.caption))
-        return rows
+            else:
+                rows.append(self.fresh_start(item_index, gen, bucket))
+        return rows, bucket
 
     def _offline_row(self, item_index: int, gen: torch.Generator) -> dict:
-        """A precomputed (x_n, x_{n-1}) pair: the start index with probability 1 - ρ, else uniform below it
-        (the online bank's stationary distribution, roughly)."""
-        shard = item_index % len(self.offline)
-        n0 = min(self.n0, self.offline.pair(shard, LAST_INDEX + 1, "cpu")["start_index"])
-        if torch.rand((), generator=gen) >= self.cfg.rho or n0 <= LAST_INDEX + 1:
-            n = n0
+        """A precomputed (x_n, x_{n-1}) pair of one of the item's trajectories: the start index with probability
+        1 - ρ, else uniform below it (the online bank's stationary distribution, roughly)."""
+        key = self.item_key(item_index)
+        draw = int(torch.randint(self.offline.draws(key), (), generator=gen))
+        if torch.rand((), generator=gen) >= self.cfg.rho or self.n0 <= LAST_INDEX + 1:
+            n = self.n0
         else:
-            n = int(torch.randint(LAST_INDEX + 1, n0, (), generator=gen))
-        p = self.offline.pair(shard, n, self.trainer.device)
+            n = int(torch.randint(LAST_INDEX + 1, self.n0, (), generator=gen))
+        p = self.offline.pair(key, draw, n, self.trainer.device)
+        if p["start_index"] != self.n0:
+            raise STDInputError("bank_source", f"trajectories start at grid index {p['start_index']}, this run at "
+                                               f"{self.n0} (another start_strength)")
         return dict(entry=None, x=p["x"], x_prev=p["x_prev"], n=n, z0=p["z0"], ctx=p["ctx"], w=p["w"],
                     caption=p["caption"])
 
     def micro_step(self, micro_step: int):
         cfg, device = self.cfg, self.trainer.device
         gen = self.trainer.generator(micro_step)
-        rows = self._gather(micro_step, gen)
+        rows, bucket = self._gather(micro_step, gen)
         x = torch.stack([r["x"] for r in rows]).float()
         n = torch.tensor([r["n"] for r in rows], device=device)
         ctx = {k: torch.stack([r["ctx"][k] for r in rows]) for k in rows[0]["ctx"]}
         w = torch.tensor([r["w"] for r in rows], device=device)
         pt = self.base.prediction_type
-        j = draw_target_index(n, self.window, gen)  # the target level s = τ_{j-1}
+        j = draw_target_index(n, self.window, gen, cfg.s_window, cfg.s_gamma, self.grid)  # target level s = τ_{j-1}
         a_s = self.grid.alpha_prev(j)
         with torch.no_grad():
             if "x_prev" in rows[0]:  # precomputed trajectory: the teacher's next state is on disk
                 x_prev = torch.stack([r["x_prev"] for r in rows]).float()
             else:
-                with self.teacher():  # one CFG'd DDIM step of the frozen teacher
-                    cond = x0_eps(self.unet(x, n, ctx), x, self.grid.alpha(n), pt)
-                    unc = x0_eps(self.unet(x, n, self.uncond(len(rows)), uncond=True), x, self.grid.alpha(n), pt)
-                x0_t, eps_t = cfg_lcm(cond, unc, w)
-                x_prev = jump(x0_t, eps_t, self.grid.alpha_prev(n))
+                x_prev = self.teacher_step(x, n, ctx, w)
                 for i, r in enumerate(rows):  # advance / retire / keep: the context travels with the state
                     self.bank.step(r["entry"], r["n"] - 1, x_prev[i], {"z0": r["z0"], **r["ctx"]}
-                                   if r["entry"] is None else None, r["caption"], r["w"], last_index=LAST_INDEX)
+                                   if r["entry"] is None else None, r["caption"], r["w"], last_index=LAST_INDEX,
+                                   meta={"group": bucket})
             # stop-gradient target from the teacher's next state, jumping to the same s
             with self.target():
                 x0_tg, eps_tg = x0_eps(self.unet(x_prev, n - 1, ctx), x_prev, self.grid.alpha(n - 1), pt)
@@ -396,23 +561,24 @@ class STDMethod:
                              half + int(torch.randint(max(1, f - half), (), generator=gen)) if f > 1 else 0})
             pooled = pooled.repeat_interleave(len(frames), dim=0)
         fake = self.decode(student, frames)
-        g_adv = self.adv.generator_loss(fake, pooled)
+        g_adv = self.adv.generator_loss(fake, pooled, gen)
         logs["loss/std"] = loss.item()
         yield "student", loss + cfg.adv_weight * g_adv, logs
+        # second half: runs after the trainer's backward of the student loss (see training.common.method)
         with torch.no_grad():  # real images noised to r < s (asymmetric), decoded
             s_t = torch.where(j > 0, self.grid.timesteps.to(device)[(j - 1).clamp(min=0)], torch.zeros_like(j))
             r = torch.tensor([self.adv.asymmetric_real_level(int(s), gen) for s in s_t], device=device)
             z0 = torch.stack([row["z0"] for row in rows]).float()
             a_r = self.base.schedule.alphas_cumprod.to(device)[r]
             real = self.decode(add_noise(z0, torch.randn(z0.shape, generator=gen).to(device), a_r), frames)
-        d_loss, d_logs = self.adv.discriminator_loss(real, fake.detach(), pooled)
+        d_loss, d_logs = self.adv.discriminator_loss(real, fake.detach(), pooled, gen)
         yield "discriminator", d_loss, d_logs
 
     # -- previews and export ---------------------------------------------------------------------------------
     @torch.no_grad()
     def _sample(self, z0, ctx, nfe: int | None, w: float, gen_seed: int) -> torch.Tensor:
         schedule = self.base.schedule
-        uncond = self.uncond(z0.shape[0])
+        uncond = self.uncond(z0.shape[0], ctx)
 
         def eps_fn(x_vp, t):
             t = torch.as_tensor(t).reshape(-1).to(x_vp.device).expand(x_vp.shape[0])
@@ -422,8 +588,10 @@ class STDMethod:
                 out = out_u + (1 + w) * (out - out_u)
             return out
 
-        if nfe is None:  # teacher: every grid step from n0 (DDIM, gamma 0)
-            ts = self.grid.timesteps[: self.n0 + 1].flip(0)
+        if nfe is None:  # teacher: preview_teacher_nfe levels of the grid from n0 (DDIM, gamma 0)
+            steps = min(self.cfg.preview_teacher_nfe, self.n0)
+            idx = torch.linspace(self.n0, 0, steps + 1)[:-1].round().long()
+            ts = self.grid.timesteps[idx]
             sigmas = torch.cat([schedule.sigma(ts), torch.zeros(1)])
         else:
             sigmas = std_plan(nfe, self.cfg.start_strength, "trained_start").sigmas(schedule)
@@ -435,35 +603,30 @@ class STDMethod:
 
     @torch.no_grad()
     def preview(self):
+        """input | teacher | student at each preview NFE, one row per preview image (square center crops)."""
         from PIL import Image
 
         cfg = self.cfg
-        if cfg.num_previews <= 0:
+        if not self.preview_items:
             return None
-        items = self.items[: cfg.num_previews]
-        if cfg.preview_images:
-            items, _ = scan_folder(cfg.preview_images, cfg.style_prompt)
-            items = items[: cfg.num_previews]
         rows = []
-        for k, item in enumerate(items):
+        for k, item in enumerate(self.preview_items):
+            z0, crop = self.encode_latent(k, None, self.size, items=self.preview_items)
             frames = cfg.num_frames if cfg.video else 0
-            pixels = load_pixels(item, cfg.resolution, None, num_frames=frames, frame_stride=cfg.frame_stride,
-                                 flip=False).to(self.trainer.device, self.vae_dtype)
-            if frames:  # the clip's first and last frames, stylized as one clip
-                z0 = self.base.encode_latents(pixels).movedim(0, 1)[None]
-                pixels = torch.cat([pixels[:1], pixels[-1:]], dim=-1)
-            else:
-                pixels = pixels[None]
-                z0 = self.base.encode_latents(pixels)
-            ctx = encode_prompts(self.base, [item.caption], self.size)
+            pixels, _ = load_pixels(item, self.size, None, num_frames=frames, frame_stride=cfg.frame_stride,
+                                    flip=False, random_offset=False)
+            z0 = z0[None]
+            pixels = torch.cat([pixels[:1], pixels[-1:]], dim=-1) if frames else pixels[None]
+            ctx = {k2: v[None] for k2, v in self.sample_context(item.caption, crop, self.size).items()}
             w = (cfg.w_min + cfg.w_max) / 2
+
             def show(latents):
                 if latents.ndim == 5:
                     first_last = self.decode(latents, [0, latents.shape[2] - 1])
                     return torch.cat([first_last[:1], first_last[1:]], dim=-1)
                 return self.decode(latents)
             with self.teacher():
-                cols = [pixels.float(), show(self._sample(z0, ctx, None, w, k))]
+                cols = [pixels.float().to(self.trainer.device), show(self._sample(z0, ctx, None, w, k))]
             cols += [show(self._sample(z0, ctx, nfe, w, k)) for nfe in cfg.preview_nfe]
             rows.append(torch.cat(cols, dim=-1))
         grid = torch.cat(rows, dim=-2)[0].clamp(-1, 1)
@@ -477,6 +640,19 @@ class STDMethod:
         cfg = self.cfg
         values = {"method": "std", "start_strength": cfg.start_strength, "start_index": self.n0,
                   "nfe": max(cfg.preview_nfe), "gamma": 0.0, "base_model": self.base.name,
-                  "resolution": cfg.resolution, "rr": cfg.range_rate, "steps": self.trainer.step}
-        return export_lora(self.base.unet, ADAPTER, Path(folder), self.export_name() + suffix, cfg.lora_rank,
-                           cfg.lora_alpha, values, self.base.arch)
+                  "resolution": cfg.resolution, "rr": cfg.range_rate, "s_window": cfg.s_window,
+                  "steps": self.trainer.step, "kind": "v2v" if cfg.video else "i2i"}
+        if cfg.s_window == "paper":
+            values["s_gamma"] = cfg.s_gamma
+        if cfg.style_lora:
+            values["style_loras"] = [{"file": Path(p).name, "sha256": file_digest(p), "scale": cfg.style_lora_scale}
+                                     for p in cfg.style_lora]
+        name = self.export_name() + suffix
+        if cfg.style_lora and cfg.export == "with_style":
+            values["contains"] = "base + style + STD delta"
+            layers = combine(self.style_layers, adapter_layers(self.base.unet, ADAPTER))
+            return export_layers(layers, Path(folder), name, values, self.base.arch)
+        values["contains"] = "STD delta" + (" (load the style LoRA(s) named in std.style_loras too)"
+                                            if cfg.style_lora else "")
+        return export_lora(self.base.unet, ADAPTER, Path(folder), name, cfg.lora_rank, cfg.lora_alpha, values,
+                           self.base.arch)

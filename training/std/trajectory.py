@@ -1,13 +1,20 @@
-"""Single-trajectory distillation math, pure torch (std.md §2.3–2.6, bugs fixed).
+"""Single-trajectory distillation math, pure torch (docs/official-std-code.md §2–3, with the official code's bugs
+fixed).
 
 Everything lives on the 50-step DDIM grid ``τ_n = 20 n + 19`` (n = 0..49) of the 1000-step schedule, the same grid
 ``comfyui_std.core.plan`` uses at inference, so a student trained here starts where the nodes and the app start it.
 
 * the start index is ``n0 = ceil(50 η)`` (:func:`comfyui_std.core.plan.trained_start_index`);
 * the teacher advances a state one grid step per training step with a CFG'd DDIM step (LCM form, scale ``w``);
-* the student at ``(x_n, τ_n)`` and the stop-gradient target at ``(x_{n-1}, τ_{n-1})`` both jump to a level ``s``
-  drawn from the window ``j ~ U{max(0, n-R), …, n-1}``, ``s = τ_{j-1}`` (``s = 0`` for ``j = 0``), with
-  ``R = ceil(50 η rr)``; so ``s <= τ_{n-2}``: always a real jump, never the identity;
+* the student at ``(x_n, τ_n)`` and the stop-gradient target at ``(x_{n-1}, τ_{n-1})`` both jump to a level
+  ``s = τ_{j-1}`` (``s = 0`` for ``j = 0``) with ``j`` uniform in a window below ``n - 1``, so ``s <= τ_{n-2}``: always
+  a real jump, never the identity. Two windows (:data:`S_WINDOWS`):
+
+  - ``official`` (what the released LoRAs were trained with): ``j ~ U{max(0, n-R), …, n-1}``, ``R = ceil(50 η rr)``,
+    a fixed width in grid steps, so late in a trajectory ``s`` reaches 0;
+  - ``paper`` (the paper's lower-bound ratio γ, best at 0.7 in its ablation): every grid level with
+    ``γ·τ_n <= s <= τ_{n-2}`` (and ``s = 0`` only when γ = 0); when no level qualifies (small n) the window is the
+    single level ``τ_{n-2}``, the nearest one below the teacher's next level;
 * the loss is the pseudo-Huber distance (c = 1e-3) between the two jumps, with no c_skip/c_out: the DDIM-jump
   parameterisation the STD sampler of this project runs.
 
@@ -25,6 +32,7 @@ from comfyui_std.core.plan import ORIGIN_STEPS, origin_grid, trained_start_index
 from comfyui_std.core.schedules import DiscreteSchedule
 
 LAST_INDEX = 1  # trajectories retire once the advanced index reaches this (the last trained state is n = 2)
+S_WINDOWS = ("official", "paper")
 
 
 class DDIMGrid:
@@ -98,10 +106,32 @@ def cfg_lcm(cond: tuple[torch.Tensor, torch.Tensor], uncond: tuple[torch.Tensor,
     return x0c + wv * (x0c - x0u), ec + wv * (ec - eu)
 
 
-def draw_target_index(index: torch.Tensor, window: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """j ~ U{max(0, n - R), …, n - 1} per sample; the target level is ``s = τ_{j-1}`` (``alpha_prev(j)``)."""
-    low = (index - window).clamp(min=0)
-    span = (index - low).clamp(min=1)
+def target_bounds(index: torch.Tensor, window: int, mode: str = "official", gamma: float = 0.7,
+                  grid: DDIMGrid | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive bounds ``(low, high)`` of the target index j per sample (the target level is ``s = τ_{j-1}``)."""
+    high = index - 1
+    if mode == "official":
+        low = (index - window).clamp(min=0)
+    elif mode == "paper":
+        check_range("s_gamma", gamma, 0.0, 1.0, high_open=True)
+        grid = grid or DDIMGrid()
+        t_n = grid.timestep(index).double()
+        if gamma == 0:
+            low = torch.zeros_like(index)
+        else:  # smallest j >= 1 with τ_{j-1} >= γ τ_n
+            levels = grid.timesteps.to(index.device).double()
+            low = torch.searchsorted(levels, (gamma * t_n).contiguous(), right=False) + 1
+        low = torch.minimum(low, high)
+    else:
+        raise STDInputError("s_window", f"got {mode!r}, choose one of {', '.join(S_WINDOWS)}")
+    return low, high
+
+
+def draw_target_index(index: torch.Tensor, window: int, generator: torch.Generator | None = None,
+                      mode: str = "official", gamma: float = 0.7, grid: DDIMGrid | None = None) -> torch.Tensor:
+    """j uniform in :func:`target_bounds` per sample; the target level is ``s = τ_{j-1}`` (``alpha_prev(j)``)."""
+    low, high = target_bounds(index, window, mode, gamma, grid)
+    span = (high - low + 1).clamp(min=1)
     u = torch.rand(index.shape, generator=generator, device="cpu").to(index.device)
     return low + (u * span).floor().long().clamp(max=span - 1)
 

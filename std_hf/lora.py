@@ -1,0 +1,210 @@
+"""LoRA files on diffusers modules: read them, check that they fit, get their per-layer factors, merge them.
+
+Layer names come in the forms :func:`comfyui_std.core.lora.to_kohya` unifies (kohya ``lora_unet_*`` /
+``lora_te*_*``, diffusers/PEFT ``unet.*.lora_A/B``, old diffusers ``.lora.down/up``). kohya files for SDXL name UNet
+layers in the LDM layout (``lora_unet_input_blocks_4_1_...``); they are mapped through :mod:`std_hf.ldm`, so SD1.5
+and SDXL style LoRAs from kohya, OneTrainer, Civitai and diffusers all resolve to the same modules.
+
+A layer ``W x`` with LoRA factors ``down`` (rank r) and ``up`` becomes ``W x + s · up(down(x))`` with
+``s = scale · alpha / r``. :class:`LoraLayer` holds one layer's factors with ``s`` folded into ``up``, so several
+LoRAs on the same layer add up by concatenating along the rank (a sum of LoRAs is exactly a LoRA of the summed
+rank), which is how the trainer exports base + style + STD delta as one file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from comfyui_std.core.errors import STDInputError
+from comfyui_std.core.lora import peft_alpha_from_metadata, to_kohya
+
+from . import ldm
+from .files import read_safetensors
+
+_LORA_TAIL = (".lora_down.weight", ".lora_up.weight", ".alpha")
+#: kohya prefixes of the text encoders -> index in Base.text_encoders
+TEXT_PREFIXES = {"lora_te_": 0, "lora_te1_": 0, "lora_te2_": 1}
+
+
+@dataclass
+class LoraLayer:
+    """One layer's LoRA factors with the strength folded into ``up``: delta W = up @ down (convs: per kernel tap)."""
+
+    down: torch.Tensor   # [r, in] or [r, in, kh, kw]
+    up: torch.Tensor     # [out, r] or [out, r, 1, 1]
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        down, up = self.down.float(), self.up.float()
+        if down.ndim == 4:
+            return torch.einsum("or,rikl->oikl", up.flatten(1), down)
+        return up @ down
+
+    def concat(self, other: "LoraLayer") -> "LoraLayer":
+        if self.down.shape[1:] != other.down.shape[1:] or self.up.shape[0] != other.up.shape[0]:
+            raise ValueError(f"factor shapes {tuple(self.down.shape)} and {tuple(other.down.shape)} differ")
+        return LoraLayer(torch.cat([self.down.float(), other.down.float()]),
+                         torch.cat([self.up.float(), other.up.float()], dim=1))
+
+
+def read_lora(path: str | Path, label: str = "lora") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a LoRA .safetensors file, with clear errors for missing or corrupt files."""
+    return read_safetensors(Path(path), label)
+
+
+def module_index(model: torch.nn.Module) -> dict[str, str]:
+    """{kohya-style name (``down_blocks_0_..._to_q``): module path} of every Linear/Conv layer (PEFT-wrapped layers
+    by their own name)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name and \
+                not name.endswith((".lora_A", ".lora_B")):
+            name = name.removesuffix(".base_layer")
+            out[name.replace(".", "_")] = name
+    return out
+
+
+def text_module_index(encoder: torch.nn.Module) -> dict[str, str]:
+    """Like :func:`module_index` for a CLIP text tower, under the names LoRA files use (``text_model_encoder_...``),
+    whether or not the transformers version nests the modules under ``text_model``."""
+    out = {}
+    for short, path in module_index(encoder).items():
+        canonical = path if path.startswith(("text_model.", "text_projection")) else "text_model." + path
+        out[canonical.replace(".", "_")] = path
+    return out
+
+
+def ldm_module_index(unet) -> dict[str, str]:
+    """{kohya-style LDM name (``input_blocks_4_1_proj_in``): diffusers module path} of a UNet2DConditionModel."""
+    config = dict(unet.config)
+    if "down_block_types" not in config:
+        return {}
+    index = module_index(unet)
+    keys = [path + ".weight" for path in index.values()]
+    try:
+        pairs = ldm.unet_key_map(config, keys)
+    except ldm.LayoutError:
+        return {}
+    return {v[: -len(".weight")].replace(".", "_"): k[: -len(".weight")] for k, v in pairs.items()}
+
+
+def _kohya(state_dict: dict, metadata: dict, label: str) -> dict[str, torch.Tensor]:
+    kohya, motion = to_kohya(state_dict, alpha=peft_alpha_from_metadata(metadata))
+    if motion:
+        raise STDInputError(label, f"holds {len(motion)} motion-module tensors (an AnimateDiff LoRA); a style LoRA "
+                                   "has image layers only")
+    odd = sorted({k.split(".", 1)[-1] for k in kohya if not k.endswith(_LORA_TAIL)})
+    if odd:
+        raise STDInputError(label, f"holds tensors of kind {', '.join(odd[:4])} (LyCORIS/LoHa/LoKr/DoRA or full "
+                                   "diffs), which are not supported; use a plain LoRA (lora_down/lora_up)")
+    return kohya
+
+
+def lora_layers(unet, text_encoders: list, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None,
+                label: str, scale: float = 1.0) -> dict[tuple[str, str], LoraLayer]:
+    """The factors of every layer of a LoRA file, keyed by (model, module path) with model ``unet``,
+    ``text_encoder`` or ``text_encoder_2``; a layer that exists in no model, or whose shape differs, is an error."""
+    kohya = _kohya(state_dict, metadata or {}, label)
+    names = sorted({k.split(".")[0] for k in kohya if k.endswith((".lora_down.weight", ".lora_up.weight"))})
+    if not names:
+        raise STDInputError(label, "holds no LoRA layers")
+    unet_index, ldm_index = module_index(unet), None
+    text_index = [text_module_index(t) for t in text_encoders]
+    out: dict[tuple[str, str], LoraLayer] = {}
+    problems = []
+    for name in names:
+        target = None
+        if name.startswith("lora_unet_"):
+            short = name[len("lora_unet_"):]
+            if short in unet_index:
+                target = ("unet", unet_index[short])
+            else:
+                ldm_index = ldm_module_index(unet) if ldm_index is None else ldm_index
+                if short in ldm_index:
+                    target = ("unet", ldm_index[short])
+        else:
+            for pre, i in TEXT_PREFIXES.items():
+                if name.startswith(pre) and i < len(text_index) and name[len(pre):] in text_index[i]:
+                    target = ("text_encoder" if i == 0 else "text_encoder_2", text_index[i][name[len(pre):]])
+        if target is None:
+            problems.append(f"{name} does not exist in this base model")
+            continue
+        down, up = kohya.get(f"{name}.lora_down.weight"), kohya.get(f"{name}.lora_up.weight")
+        if down is None or up is None:
+            problems.append(f"{name} lacks its lora_{'down' if down is None else 'up'} tensor")
+            continue
+        rank = int(down.shape[0])
+        alpha = float(kohya[f"{name}.alpha"]) if f"{name}.alpha" in kohya else float(rank)
+        module = (unet if target[0] == "unet" else text_encoders[0 if target[0] == "text_encoder" else 1])
+        weight = module.get_submodule(target[1]).weight
+        d = down[:, :, None, None] if (down.ndim == 2 and weight.ndim == 4) else down
+        u = up.reshape(up.shape[0], up.shape[1], 1, 1) if d.ndim == 4 else up
+        shape = (int(u.shape[0]), *map(int, d.shape[1:]))
+        if d.ndim != weight.ndim or u.ndim != d.ndim or shape != tuple(weight.shape) or u.shape[1] != d.shape[0]:
+            problems.append(f"{name} gives shape {shape} but the layer's weight is {tuple(weight.shape)}")
+            continue
+        layer = LoraLayer(d.float(), u.float() * (scale * alpha / rank))
+        out[target] = layer
+    if problems:
+        made_for = (metadata or {}).get("std.base_model") or guess_lora_base(kohya)
+        raise STDInputError(label, f"{len(problems)} of {len(names)} layers do not fit this base model (e.g. "
+                                   f"{problems[0]}); it was probably made for {made_for}")
+    return out
+
+
+def guess_lora_base(kohya: dict[str, torch.Tensor]) -> str:
+    widths = {int(v.shape[1]) for k, v in kohya.items() if k.endswith("attn2_to_k.lora_down.weight") and v.ndim == 2}
+    for width, label in ((2048, "SDXL"), (768, "SD1.5"), (1024, "SD2.x")):
+        if width in widths:
+            return label
+    return "another base model"
+
+
+@torch.no_grad()
+def merge_layers(models: dict[str, torch.nn.Module], layers: dict[tuple[str, str], LoraLayer]) -> int:
+    """Add every layer's delta to its weight in place; returns the number of layers merged."""
+    for (model, path), layer in layers.items():
+        weight = models[model].get_submodule(path).weight
+        delta = layer.delta()
+        weight += delta.reshape(weight.shape).to(weight.dtype)
+    return len(layers)
+
+
+def check_lora_fits(unet, state_dict: dict[str, torch.Tensor], name: str, metadata: dict, base_label: str) -> None:
+    """Refuse a LoRA made for another base model before diffusers half-applies it (app: UNet layers only).
+
+    Every UNet layer of the LoRA (kohya with diffusers or LDM names, PEFT, old diffusers keys) must exist in the UNet
+    and take the LoRA's input width.
+    """
+    kohya, _motion = to_kohya(state_dict)
+    downs = {k[: -len(".lora_down.weight")]: v for k, v in kohya.items()
+             if k.startswith("lora_unet_") and k.endswith(".lora_down.weight")}
+    if not downs:
+        return
+    index = module_index(unet)
+    ldm_index = ldm_module_index(unet) if any(re.match(r"lora_unet_(input|output|middle)_block", k) for k in downs) \
+        else {}
+    problems = []
+    for key, down in downs.items():
+        short = key[len("lora_unet_"):]
+        path = index.get(short) or ldm_index.get(short)
+        if path is None:
+            problems.append(f"{short} does not exist")
+            continue
+        module = unet.get_submodule(path)
+        module = getattr(module, "base_layer", module)  # a layer that already carries a PEFT adapter
+        width = module.in_features if isinstance(module, torch.nn.Linear) else module.in_channels
+        if down.ndim >= 2 and down.shape[1] != width:
+            problems.append(f"{short} takes {down.shape[1]} inputs, the model's takes {width}")
+    if problems:
+        made_for = metadata.get("base_model") or guess_lora_base(kohya)
+        raise STDInputError("lora", f"'{name}' does not fit the loaded base model {base_label}: "
+                                    f"{len(problems)} of {len(downs)} layers do not match (e.g. {problems[0]}). "
+                                    f"It was made for {made_for}; pick an STD LoRA for your base model")
