@@ -94,6 +94,7 @@ def test_vhs_load_video_through_std_stylize_video_into_video_combine_and_std_sav
     assert [(c["frames"], c["fps"]) for c in r["combine"]] == [(6, 8.0)], r["combine"]
     assert r["combine"][0]["audio_streams"] == 1, "VHS Video Combine dropped the audio VHS Load Video passed on"
     assert [(c["frames"], c["fps"], c["width"], c["height"]) for c in r["std_save"]] == [(6, 8.0, 64, 64)]
+    assert r["std_save"][0]["audio_streams"] == 1, "STD Save Video dropped the AUDIO VHS Load Video passed on"
     # 6 frames in chunks of 4 with overlap 1 -> 2 chunks of 2 steps each
     assert r["stylize_progress"] == [[1, 2], [2, 2], [1, 2], [2, 2]]
 

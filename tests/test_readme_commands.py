@@ -81,8 +81,11 @@ RUN_HERE = {
     "python -m std_app.batch --models-dir /path/to/ComfyUI/models --base sd_xl_base_1.0.safetensors photos/ "
     "clips/trailer.mp4 --output stylized/ --prompt \"an oil painting, thick impasto\"":
         "test_the_model_commands_take_their_flags",
-    "python -m training.std --preset sdxl-12gb --base sd_xl_base_1.0.safetensors --style-lora my_style.safetensors "
-    "--style-prompt \"watercolour painting\" --data photos/ --output runs/watercolour --start-strength 0.75":
+    "python -m training.check_base --base ComfyUI/models/checkpoints/sd_xl_base_1.0.safetensors":
+        "test_the_model_commands_take_their_flags",
+    "python -m training.std --preset sdxl-12gb --base ComfyUI/models/checkpoints/sd_xl_base_1.0.safetensors "
+    "--style-lora my_style.safetensors --style-prompt \"watercolour painting\" --data photos/ --output "
+    "runs/watercolour --start-strength 0.75":
         "test_the_model_commands_take_their_flags",
 }
 
@@ -183,7 +186,7 @@ def test_the_tiny_app_command_serves_all_tabs(tmp_path):
 
 
 @pytest.mark.parametrize("start", ["python gradio_app.py --models-dir", "python -m training.std",
-                                   "python -m std_app.batch --models-dir"])
+                                   "python -m training.check_base", "python -m std_app.batch --models-dir"])
 def test_the_model_commands_take_their_flags(start, tmp_path):
     """The commands that need real model files, run as written from a scratch folder: every flag is accepted, and
     the placeholder paths end in one clear ``error:`` line and exit code 2 (nothing downloads, no traceback)."""

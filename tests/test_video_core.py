@@ -132,3 +132,31 @@ def test_loader_and_saver_agree_on_the_fps_range(clip, tmp_path, case):
         with pytest.raises(STDInputError) as err:
             load_video(bad)
         assert "could not decode 'broken.mp4'" in str(err.value) and str(tmp_path) not in str(err.value)
+
+
+def test_audio_tracks_come_as_comfyui_dicts_or_lazy_mappings(tmp_path):
+    """ComfyUI's AUDIO is a dict; VideoHelperSuite hands out a lazy Mapping that decodes on first access. Both mux."""
+    from collections.abc import Mapping
+
+    from comfyui_std.core.audio import check_audio_track, read_audio
+
+    wave = torch.sin(torch.arange(8000) / 10.0)[None, None]  # [1, 1, S]: ComfyUI's batch axis
+
+    class Lazy(Mapping):
+        def __init__(self):
+            self.data = {"waveform": wave, "sample_rate": 8000}
+
+        def __getitem__(self, key):
+            return self.data[key]
+
+        def __iter__(self):
+            return iter(self.data)
+
+        def __len__(self):
+            return len(self.data)
+
+    for audio in ({"waveform": wave, "sample_rate": 8000}, Lazy()):
+        track = check_audio_track(audio)
+        assert track.sample_rate == 8000 and torch.equal(track.waveform, wave[0])
+        out = save_video(numbered_frames(8), tmp_path / "a.mp4", 8.0, audio=audio)
+        assert abs(read_audio(out).seconds - 1.0) < 0.05

@@ -17,6 +17,8 @@ starts late gets leading silence when re-encoded.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -70,7 +72,7 @@ class AudioFile:
 def check_audio_track(audio, what: str = "audio") -> AudioTrack:
     """An :class:`AudioTrack` from a track, a ``(waveform, sample_rate)`` pair or ComfyUI's AUDIO dict; the
     waveform may carry ComfyUI's batch axis of 1 (``[1, channels, samples]``)."""
-    if isinstance(audio, dict) and "waveform" in audio:
+    if isinstance(audio, Mapping) and "waveform" in audio:  # ComfyUI's dict, or a lazy Mapping (VideoHelperSuite)
         audio = (audio["waveform"], audio.get("sample_rate"))
     if not isinstance(audio, (tuple, list)) or len(audio) != 2:
         raise STDInputError(what, "expected a waveform [channels, samples] and a sample rate")
