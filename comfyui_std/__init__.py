@@ -4,4 +4,4 @@ Importing this package is cheap: it loads neither ComfyUI, diffusers, gradio nor
 nodes through :mod:`comfyui_std.nodes` (see the repository's root ``__init__.py``).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
