@@ -719,6 +719,7 @@ def ade_motion(s: Session) -> dict:
 
 def run_all(base: Path, peers: Path, only: list[str] | None = None) -> dict:
     base.mkdir(parents=True, exist_ok=True)
+    sys.pycache_prefix = str(base / "pycache")  # before the first ComfyUI import: no bytecode in the trees
     trees = {"comfyui": comfy_host.tree_snapshot(), "peers": comfy_host.tree_snapshot(str(peers))}
     t0 = time.perf_counter()
     import diffusers  # noqa: F401  (before the torchvision stub, as comfy_host.boot does)

@@ -44,7 +44,8 @@ def results(tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.run([sys.executable, str(Path(peers_host.__file__)), "--base", str(work / "base"),
                                "--results", str(work / "results.json"), "--peers", str(peers)],
-                              stdout=out, stderr=subprocess.STDOUT, timeout=1500, cwd=REPO)
+                              stdout=out, stderr=subprocess.STDOUT, timeout=1500, cwd=REPO,
+                              env={**os.environ, "PYTHONPYCACHEPREFIX": str(work / "pycache")})
     assert proc.returncode == 0, f"peers host exited with {proc.returncode}:\n{log.read_text()[-6000:]}"
     return json.loads((work / "results.json").read_text())
 
@@ -215,8 +216,9 @@ def test_ade_motion_module_acts_and_mixes_frames(results):
     (["--regenerate", "--peers", "tests"], {}, "lacks ComfyUI-VideoHelperSuite"),
     (["--regenerate"], {"COMFYUI_PATH": ""}, "set COMFYUI_PATH"),
 ])
-def test_workflow_format_cli_refuses_bad_arguments(argv, env, message):
+def test_workflow_format_cli_refuses_bad_arguments(argv, env, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tools.workflow_format", *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **env})
+                          text=True, timeout=120,
+                          env={**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path / "pycache"), **env})
     assert proc.returncode == 2 and "error: " in proc.stderr and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
