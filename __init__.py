@@ -8,7 +8,8 @@ try:
 except ImportError as err:  # imported outside ComfyUI (e.g. by pytest collecting this repository)
     # Without ComfyUI the node modules cannot import comfy; and in a checkout whose folder name is not a package
     # name (a clone named comfyui-std) pytest imports this file as a plain module, where a relative import fails.
-    outside_comfy = isinstance(err, ModuleNotFoundError) and err.name in ("comfy", "comfy_api", "latent_preview")
+    outside_comfy = isinstance(err, ModuleNotFoundError) and err.name in ("comfy", "comfy_api", "latent_preview",
+                                                                               "folder_paths")
     if __package__ and not outside_comfy:
         raise
     __all__ = []

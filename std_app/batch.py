@@ -35,14 +35,14 @@ from pathlib import Path
 from comfyui_std.core import PLANS, STDInputError
 from comfyui_std.core.pipeline import NOISE_MODES
 from comfyui_std.core.style_blocks import PRESET_NAMES
-from comfyui_std.core.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from comfyui_std.core.stream import output_format
+from comfyui_std.core.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, check_selection
 
 from .cli import add_model_arguments, model_options, tiny_before_positionals
 
 log = logging.getLogger("std_app.batch")
 
 #: the container of a stylized video, by source extension
-VIDEO_OUTPUT = {".mp4": ".mp4", ".mov": ".mov", ".mkv": ".mkv", ".webm": ".webm", ".avi": ".avi", ".gif": ".gif"}
 
 
 class UsageError(Exception):
@@ -113,7 +113,7 @@ def _kind(path: Path) -> str | None:
 
 
 def _output_name(path: Path, kind: str) -> str:
-    return path.stem + (".png" if kind == "image" else VIDEO_OUTPUT[path.suffix.lower()])
+    return path.stem + ("." + ("png" if kind == "image" else output_format(path.suffix.lower().lstrip("."))))
 
 
 def collect_jobs(inputs: list[Path], output: Path, recursive: bool = False, frames_folder: bool = False) -> list[Job]:
@@ -188,14 +188,16 @@ def check_arguments(args: argparse.Namespace) -> None:
             check_range("size", args.size, 8, 16384, kind=int)
         fpb = check_range("frames_per_batch", args.frames_per_batch, 1, 4096, kind=int)
         check_range("overlap", args.overlap, 0, fpb - 1, kind=int)
-        check_range("frame_load_cap", args.frame_load_cap, 0, 100_000, kind=int)
-        check_range("skip_first_frames", args.skip_first_frames, 0, 10_000_000, kind=int)
-        check_range("select_every_nth", args.select_every_nth, 1, 100_000, kind=int)
-        check_range("force_rate", args.force_rate, 0.0, 240.0)
+        check_selection(args.frame_load_cap, args.skip_first_frames, args.select_every_nth, args.force_rate, "none")
     except STDInputError as err:
         raise UsageError(str(err)) from None
-    if args.report is not None and not args.report.parent.is_dir():
-        raise UsageError(f"--report '{args.report}': the folder '{args.report.parent}' does not exist")
+    if args.report is not None:
+        if args.report.is_dir():
+            raise UsageError(f"--report '{args.report}' is a folder; give a file name")
+        if not args.report.parent.is_dir():
+            raise UsageError(f"--report '{args.report}': the folder '{args.report.parent}' does not exist")
+        if not os.access(args.report.parent, os.W_OK | os.X_OK):
+            raise UsageError(f"--report '{args.report}': the folder '{args.report.parent}' is not writable")
     if args.style is not None and not args.style.is_file():
         raise UsageError(f"--style '{args.style}' is not a file")
 
@@ -420,7 +422,14 @@ def main(argv=None) -> int:
     if rank == 0:
         print(summary(outcomes))
         if args.report is not None:
-            args.report.write_text(json.dumps([asdict(o) for o in outcomes], indent=1), encoding="utf-8")
+            partial = args.report.with_name(f".{args.report.name}.{uuid.uuid4().hex[:8]}.partial")
+            try:
+                partial.write_text(json.dumps([asdict(o) for o in outcomes], indent=1), encoding="utf-8")
+                os.replace(partial, args.report)
+            except OSError as err:  # the outputs are written; only the report could not be
+                partial.unlink(missing_ok=True)
+                print(f"error: could not write --report '{args.report}': {err.strerror or err}", file=sys.stderr)
+                return 2
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 

@@ -27,6 +27,7 @@ import gradio as gr
 import torch
 
 from comfyui_std.core import STDInputError, check_range
+from comfyui_std.core.errors import redact_paths
 from comfyui_std.core.video import open_video
 
 from .engine import RunResult, STDEngine, StyleSettings, app_plan, resolve_start_strength, teacher_plan
@@ -60,7 +61,7 @@ def user_errors(fn):
             self.remember_error(str(err.message))
             raise
         except STDInputError as err:
-            message = str(err)
+            message = redact_paths(str(err))  # an app client must not learn the server's folders
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -172,9 +173,10 @@ class StyleApp:
         return f"Video: {path.name}, {info.width}x{info.height} at {info.source_fps:g} fps.", gr.update()
 
     def _refuse_upload(self, err: STDInputError) -> tuple[str, dict]:
-        gr.Warning(str(err))
-        self.remember_error(str(err))
-        return f"⚠️ {err}", gr.update(value=None)
+        message = redact_paths(str(err))
+        gr.Warning(message)
+        self.remember_error(message)
+        return f"⚠️ {message}", gr.update(value=None)
 
     # Settings -----------------------------------------------------------------------------------------------------
     def settings(self, prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg, seed,

@@ -24,6 +24,7 @@ NO_SKIP = os.environ.get("STD_NO_SKIP", "") not in ("", "0")
 _TREE = {}
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_makereport(item, call):
     """Under STD_NO_SKIP a skip (in setup or in the test) is reported as a failure with the skip's reason."""
     if not NO_SKIP or call.excinfo is None or not call.excinfo.errisinstance(pytest.skip.Exception):
@@ -34,9 +35,6 @@ def pytest_runtest_makereport(item, call):
     report.outcome = "failed"
     report.longrepr = f"skipped under STD_NO_SKIP=1 (CI runs every test): {call.excinfo.value}"
     return report
-
-
-pytest_runtest_makereport.tryfirst = True
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -275,6 +275,9 @@ def _flag(*extra):
     (_flag("--size", "3"), "size"),
     (_flag("--style", lambda d: d / "none.png"), "--style .* is not a file"),
     (_flag("--report", lambda d: d / "no" / "r.json"), "--report"),
+    (_flag("--report", lambda d: d), "--report .* is a folder; give a file name"),
+    (_flag("--frame-load-cap", "-1"), "frame_load_cap: got -1"),
+    (_flag("--select-every-nth", "0"), "select_every_nth: got 0"),
 ])
 def test_bad_arguments(tmp_path, capsys, make, match):
     import re

@@ -27,7 +27,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from .errors import STDInputError
+from .errors import STDInputError, redact_paths
 
 #: the codec each output container's audio is encoded with when it cannot be copied
 AUDIO_CODECS = {"mp4": "aac", "mov": "aac", "mkv": "aac", "webm": "libopus", "avi": "libmp3lame"}
@@ -103,7 +103,8 @@ def _open_audio(path: Path):
     try:
         container = av.open(str(path))
     except Exception as err:  # PyAV raises InvalidDataError and friends for unreadable files
-        raise STDInputError("audio", f"could not open '{path.name}': {type(err).__name__}: {err}") from None
+        raise STDInputError("audio", f"could not open '{path.name}': {type(err).__name__}: "
+                                     f"{redact_paths(str(err))}") from None
     if not container.streams.audio or container.streams.audio[0].codec_context is None:
         container.close()
         return None, None
@@ -145,7 +146,8 @@ def _samples(container, stream, name: str, start: float, layout: str | None) -> 
                 if arr.shape[1]:
                     yield arr
     except Exception as err:
-        raise STDInputError("audio", f"could not decode the audio of '{name}': {type(err).__name__}: {err}") from None
+        raise STDInputError("audio", f"could not decode the audio of '{name}': {type(err).__name__}: "
+                                     f"{redact_paths(str(err))}") from None
 
 
 def read_audio(path, start: float = 0.0, duration: float | None = None) -> AudioTrack | None:
@@ -210,7 +212,7 @@ class _AudioCopy:
             raise
         except Exception as err:
             raise STDInputError("audio", f"could not copy the audio of '{self.name}': {type(err).__name__}: "
-                                         f"{err}") from None
+                                         f"{redact_paths(str(err))}") from None
 
     def finish(self, output, end: float) -> None:
         self.feed(output, end)

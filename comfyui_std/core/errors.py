@@ -1,8 +1,22 @@
-"""Errors raised by the STD core.
+"""Errors raised by the STD core, and one way to keep server paths out of what a client is told.
 
 Every front end (ComfyUI nodes, the Gradio app, the trainer CLI) catches :class:`STDInputError`
 and shows its message as is, so messages name the offending input and the allowed range.
 """
+
+
+import re
+
+# an absolute path: POSIX with at least two parts, or Windows (C:\..., \\server\...); not a URL's //host/...
+_ABS_PATH = re.compile(r"(?<![\w.:/\\])(?:/[^\s'\":,;()\[\]]+){2,}|\b[A-Za-z]:\\[^\s'\":,;()]+|\\\\[^\s'\":,;()]+")
+
+
+def redact_paths(message: str) -> str:
+    """``message`` with every absolute file path replaced by its last part (``/srv/comfy/input/a.mp4`` -> ``a.mp4``).
+
+    Errors from FFmpeg, Pillow and the OS quote full paths; what reaches a client of the ComfyUI server or of the app
+    must not reveal the server's folders."""
+    return _ABS_PATH.sub(lambda m: re.split(r"[/\\]", m.group(0).rstrip("/\\"))[-1] or m.group(0), message)
 
 
 class STDInputError(ValueError):

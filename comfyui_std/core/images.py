@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import STDInputError, check_range
-from .video import IMAGE_EXTENSIONS, RESIZE_MODES
+from .video import IMAGE_EXTENSIONS, RESIZE_MODES, resize_frame
 
 SORT_ORDERS = ("name", "natural", "modified")
 MISMATCH_MODES = ("refuse", "crop to first", "stretch to first")
@@ -128,22 +128,6 @@ def _fit(frame: np.ndarray, size: tuple[int, int], how: str) -> np.ndarray:
     return t[0].permute(1, 2, 0).clamp(0, 1).numpy()
 
 
-def _to_multiple_of_8(arr: np.ndarray, mode: str) -> np.ndarray:
-    """Float version of the video loader's resize rule: center ``crop``, edge ``pad`` or ``stretch`` to multiples of 8."""
-    h, w = arr.shape[:2]
-    if mode == "none" or (h % 8 == 0 and w % 8 == 0):
-        return arr
-    if mode == "crop":
-        if h < 8 or w < 8:
-            raise STDInputError("resize", f"images of {w}x{h} are smaller than 8 pixels; use pad or stretch")
-        th, tw = h // 8 * 8, w // 8 * 8
-        top, left = (h - th) // 2, (w - tw) // 2
-        return arr[top:top + th, left:left + tw]
-    if mode == "pad":
-        return np.pad(arr, ((0, -h % 8), (0, -w % 8), (0, 0)), mode="edge")
-    return _fit(arr, (max(8, round(h / 8) * 8), max(8, round(w / 8) * 8)), "stretch to first")
-
-
 def load_image_folder(folder, image_load_cap: int = 0, skip_first_images: int = 0, sort: str = "natural",
                       resize: str = "none", mismatch: str = "refuse") -> tuple[torch.Tensor, torch.Tensor, FolderInfo]:
     """Read the images of ``folder`` (not recursive) as one batch ``[N, H, W, 3]`` float32 in 0..1, with their
@@ -203,6 +187,6 @@ def load_image_folder(folder, image_load_cap: int = 0, skip_first_images: int = 
             arr = _fit(arr, size, mismatch)
             adjusted.append(path.name)
         frames.append(arr)
-    batch = torch.stack([torch.from_numpy(np.ascontiguousarray(_to_multiple_of_8(arr, resize))) for arr in frames])
+    batch = torch.stack([torch.from_numpy(np.ascontiguousarray(resize_frame(arr, resize))) for arr in frames])
     info = FolderInfo([p.name for p in chosen], len(files), batch.shape[2], batch.shape[1], adjusted)
     return batch[..., :3].contiguous(), batch[..., 3].contiguous(), info

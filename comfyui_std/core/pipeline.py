@@ -33,7 +33,7 @@ import torch
 
 from .errors import STDInputError
 from .sampling import default_noise_sampler, sample_std
-from .video import ChunkBlender, chunk_ranges
+from .video import blend_chunks, chunk_ranges
 
 NOISE_MODES = ("shared", "per_frame")
 
@@ -191,11 +191,7 @@ def stylize_chunks(latents: torch.Tensor, seed: int, run_chunk: Callable[[int, i
     n = latents.shape[0]
     ranges = chunk_ranges(n, frames_per_batch or n, overlap)
     full_noise = start_noise(latents, seed, noise, batch_index)
-    blender, parts = ChunkBlender(), []
-    for i, (s, e) in enumerate(ranges):
-        out = run_chunk(s, e, full_noise[s:e].contiguous())
-        parts.append(blender.push(s, e, out.float().cpu(), ranges[i + 1][0] if i + 1 < len(ranges) else None))
-    return torch.cat(parts)
+    return blend_chunks(n, ranges, (run_chunk(s, e, full_noise[s:e].contiguous()).float().cpu() for s, e in ranges))
 
 
 def stylize_latents(denoiser, latents: torch.Tensor, sigmas: torch.Tensor, seed: int, *, gamma: float = 0.0,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .audio import AudioFile, check_audio_track, open_audio_mux
-from .errors import STDInputError, check_range
+from .errors import STDInputError, check_range, redact_paths
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -62,7 +62,9 @@ def _snap(size: int, mode: str) -> int:
 
 
 def resize_frame(frame: np.ndarray, mode: str) -> np.ndarray:
-    """Make both sides a multiple of 8: center ``crop``, edge-replicate ``pad``, or ``stretch`` (bilinear)."""
+    """Make both sides a multiple of 8: center ``crop``, edge-replicate ``pad``, or ``stretch`` (bilinear).
+
+    ``frame`` is ``[H, W, C]``, uint8 (0..255) or float (0..1); the result has its dtype."""
     if mode == "none":
         return frame
     h, w = frame.shape[:2]
@@ -77,11 +79,14 @@ def resize_frame(frame: np.ndarray, mode: str) -> np.ndarray:
     if mode == "pad":
         return np.pad(frame, ((0, th - h), (0, tw - w), (0, 0)), mode="edge")
     t = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
-    t = torch.nn.functional.interpolate(t, size=(th, tw), mode="bilinear", align_corners=False)
-    return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    t = torch.nn.functional.interpolate(t, size=(th, tw), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    if frame.dtype == np.uint8:
+        return t.round().clamp(0, 255).to(torch.uint8).numpy()
+    return t.clamp(0, 1).numpy().astype(frame.dtype)
 
 
-def _check_selection(frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize):
+def check_selection(frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize):
+    """The frame selection of :func:`open_video` / :func:`load_video`, checked (the one place its ranges live)."""
     cap = check_range("frame_load_cap", frame_load_cap, 0, 1_000_000, kind=int)
     skip = check_range("skip_first_frames", skip_first_frames, 0, 10_000_000, kind=int)
     nth = check_range("select_every_nth", select_every_nth, 1, 100_000, kind=int)
@@ -181,8 +186,9 @@ def _probe(path: Path):
 
 
 def _reason(err: Exception, path: Path) -> str:
-    """An FFmpeg/PIL error text without the server-side path of ``path`` (errors quote full paths)."""
-    return str(err).replace(f": '{path}'", "").replace(f"'{path}'", f"'{path.name}'").replace(str(path), path.name)
+    """An FFmpeg/PIL error text without server paths (they quote full paths): the file's own path is dropped, any
+    other absolute path is cut to its last part (:func:`~.errors.redact_paths`)."""
+    return redact_paths(str(err).replace(f": '{path}'", "").replace(f"'{path}'", f"'{path.name}'"))
 
 
 class VideoReader:
@@ -309,6 +315,7 @@ class VideoReader:
     def _folder_frames(self, src_fps: float):
         from PIL import Image, UnidentifiedImageError
 
+        from .images import image_to_float  # images.py builds on this module
         first_size = None
         self._folder_size = (0, 0)
         for i, f in enumerate(self._files):
@@ -317,9 +324,12 @@ class VideoReader:
             if n:
                 try:
                     with Image.open(f) as im:
-                        arr = np.array(im.convert("RGB"))
-                except (UnidentifiedImageError, OSError) as err:
-                    raise STDInputError("video", f"could not read frame '{f.name}': {err}") from None
+                        rgb, _, _ = image_to_float(im, f"frame '{f.name}'")
+                    arr = (rgb * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+                except (UnidentifiedImageError, OSError, ValueError) as err:
+                    if isinstance(err, STDInputError):
+                        raise
+                    raise STDInputError("video", f"could not read frame '{f.name}': {_reason(err, f)}") from None
                 if first_size is None:
                     first_size = arr.shape[:2]
                     self._folder_size = (first_size[1], first_size[0])
@@ -359,6 +369,10 @@ class VideoReader:
         if batch:
             yield _stack(batch)
 
+    def read_all(self) -> torch.Tensor:
+        """Every kept frame as one float batch ``[T, H, W, 3]`` in 0..1 (converted from uint8 once)."""
+        return _stack(list(self))
+
     def video_info(self) -> VideoInfo:
         """The :class:`VideoInfo` of the frames read so far (what :func:`load_video` returns)."""
         i = self.info
@@ -391,7 +405,7 @@ def open_video(path, frame_load_cap: int = 0, skip_first_frames: int = 0, select
         STDInputError: the path is missing or not a video, the file cannot be decoded or has no video stream, or
             the selection keeps no frame.
     """
-    cap, skip, nth, rate = _check_selection(frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize)
+    cap, skip, nth, rate = check_selection(frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize)
     path = Path(path)
     if not path.exists():
         raise STDInputError("video", f"'{path.name}' does not exist")
@@ -413,8 +427,7 @@ def load_video(path, frame_load_cap: int = 0, skip_first_frames: int = 0, select
     """
     with open_video(path, frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize, folder_fps,
                     probe=False) as reader:
-        frames = list(reader)
-        return _stack(frames), reader.video_info()
+        return reader.read_all(), reader.video_info()
 
 
 def frames_to_uint8(frames) -> np.ndarray:
@@ -497,7 +510,8 @@ class VideoWriter:
         self.abort()
         if isinstance(err, STDInputError):
             return err
-        return STDInputError("output", f"could not write '{self.path.name}': {type(err).__name__}: {err}")
+        return STDInputError("output", f"could not write '{self.path.name}': {type(err).__name__}: "
+                                       f"{_reason(err, self.partial)}")
 
     def write(self, frames) -> None:
         """Append frames ``[n, H, W, 3]`` (float 0..1 tensor or uint8 array); every frame must have one size."""
@@ -592,11 +606,11 @@ def check_writable(path: Path) -> None:
     """Refuse an output path whose folder is missing or read-only, or that is a folder."""
     parent = path.parent
     if path.is_dir():
-        raise STDInputError("output", f"'{path}' is a folder, not a file name")
+        raise STDInputError("output", f"'{path.name}' is a folder, not a file name")
     if not parent.is_dir():
-        raise STDInputError("output", f"cannot write '{path.name}': the folder '{parent}' does not exist")
+        raise STDInputError("output", f"cannot write '{path.name}': its folder '{parent.name}' does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise STDInputError("output", f"cannot write '{path.name}': the folder '{parent}' is not writable")
+        raise STDInputError("output", f"cannot write '{path.name}': its folder '{parent.name}' is not writable")
 
 
 def save_video(frames: torch.Tensor, path, fps: float, fmt: str | None = None, quality: int = 23,

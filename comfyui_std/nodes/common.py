@@ -16,6 +16,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core import PLANS, STDInputError, std_plan
+from ..core.errors import redact_paths
 from ..core.plan import check_nfe, check_start_strength
 from .comfy_glue import check_latent, check_model_sampling
 
@@ -41,14 +42,15 @@ PLAN_TIP = ("official: the timesteps the official STD inference visits (diffuser
 
 def user_errors(execute):
     """Decorate a node's ``execute``: a core :class:`STDInputError` reaches ComfyUI as a plain ``ValueError`` with
-    the same message ("input: what is wrong"), without the chained traceback of the core."""
+    the same message ("input: what is wrong"), without the chained traceback of the core and with any server path
+    cut to its last part (the client of a ComfyUI server must not learn its folders)."""
 
     @functools.wraps(execute)
     def wrapper(*args, **kwargs):
         try:
             return execute(*args, **kwargs)
         except STDInputError as err:
-            raise ValueError(str(err)) from None
+            raise ValueError(redact_paths(str(err))) from None
 
     return wrapper
 

@@ -15,6 +15,7 @@ from comfy_api.latest import InputImpl, io, ui
 
 from ..core.pipeline import NOISE_MODES, check_noise_mode
 from ..core.plan import check_gamma
+from ..core import check_range
 from ..core.audio import read_audio
 from ..core.stream import output_format, stylize_video_file
 from ..core.video import FPS_RANGE, RESIZE_MODES, SAVE_FORMATS, VIDEO_EXTENSIONS, chunk_ranges, open_video, save_video
@@ -142,7 +143,7 @@ class STDLoadVideo(io.ComfyNode):
                 resize="crop", path="", source=None) -> io.NodeOutput:
         with _opened(video, path, source, frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize,
                      8.0, probe=False) as reader:
-            frames = torch.cat(list(reader.chunks(64)))
+            frames = reader.read_all()
             info, stream = reader.video_info(), reader.info
             track = (read_audio(stream.path, stream.start_time, info.frame_count / info.fps)
                      if stream.has_audio else None)
@@ -305,7 +306,8 @@ class STDStylizeVideoFile(io.ComfyNode):
         if format not in FILE_FORMATS:
             raise ValueError(f"format: got {format!r}, choose one of {', '.join(FILE_FORMATS)}")
         p, sigmas, _ = prepare_run(model, nfe, start_strength, plan)
-        chunk_ranges(frames_per_batch, frames_per_batch, overlap)  # overlap < frames_per_batch, before any work
+        frames_per_batch = check_range("frames_per_batch", frames_per_batch, 1, 4096, kind=int)
+        check_range("overlap", overlap, 0, frames_per_batch - 1, kind=int)  # before anything is decoded
         encode = (lambda f: vae.encode_tiled(f[..., :3])) if tiled_vae else (lambda f: vae.encode(f[..., :3]))
         decode = (lambda z: vae.decode_tiled(z)) if tiled_vae else (lambda z: vae.decode(z))
 
