@@ -160,3 +160,11 @@ def test_audio_tracks_come_as_comfyui_dicts_or_lazy_mappings(tmp_path):
         assert track.sample_rate == 8000 and torch.equal(track.waveform, wave[0])
         out = save_video(numbered_frames(8), tmp_path / "a.mp4", 8.0, audio=audio)
         assert abs(read_audio(out).seconds - 1.0) < 0.05
+
+
+def test_a_folder_of_16_bit_frames_keeps_its_levels(tmp_path):
+    """Frames folders convert images like still images do: a 16-bit PNG at half level is grey, not white."""
+    for i in range(3):
+        Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / f"f{i}.png")
+    frames, info = load_video(tmp_path)
+    assert info.frame_count == 3 and abs(float(frames.mean()) - 0.5) < 0.01
