@@ -10,29 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from std_hf.devices import check_device
+
 from .startup import ModelOptions, tiny_options
 
 TINY_ARCHITECTURES = ("sd15", "sdxl")
-
-
-def check_device(device: str) -> str | None:
-    """Why ``--device`` cannot be used, or None."""
-    import torch
-
-    if device == "auto":
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        return f"'{device}' is not a device: use auto, cpu, cuda, cuda:1, mps, ..."
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"'{device}': no CUDA GPU is available to this torch (torch.cuda.is_available() is False)"
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            return f"'{device}': there are only {torch.cuda.device_count()} CUDA devices"
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        return f"'{device}': MPS is not available on this machine"
-    return None
 
 
 def _device(value: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from comfyui_std.core import STDInputError
+from std_hf.devices import DTYPES, pick_device
 
 from . import tiny
 from .engine import STDEngine
@@ -39,16 +40,11 @@ class ModelOptions:
     tiny: str | None = None  # "sd15" or "sdxl": build and use the tiny offline zoo
 
 
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def pick_dtype(dtype: str, device: str) -> torch.dtype:
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp16 on a CUDA GPU, else fp32."""
     if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
 
 
 def tiny_options(arch: str, root: Path | None = None) -> ModelOptions:

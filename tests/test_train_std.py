@@ -393,7 +393,11 @@ BAD = [
     (["--mixed-precision", "fp8"], "--mixed-precision"),
     (["--mixed-precision", "fp16"], "fp16 needs a GPU"),
     (["--vae-dtype", "int8"], "--vae-dtype"),
-    (["--device", "gpu0"], "device: got 'gpu0'"),
+    (["--device", "gpu0"], "device: 'gpu0' is not a device"),
+    (["--device", "meta"], "device: 'meta': only cpu, cuda, mps devices are supported"),
+    (["--device", "cuda:7"], "device: 'cuda:7'"),  # no GPU here, or fewer than eight
+    (["--device", "cuda" if not torch.cuda.is_available() else "cuda:99"], "device: 'cuda"),
+    (["--device", "mps" if not torch.backends.mps.is_available() else "mps:3"], "device: 'mps"),
     (["--preview-nfe", "0"], "nfe"),
     (["--preview-teacher-nfe", "0"], "preview_teacher_nfe"),
     (["--num-frames", "0"], "num_frames"),

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comfyui_std.core.errors import STDInputError
+from std_hf.devices import pick_device
 from std_hf.weights import writable_folder
 from training.common.config import as_dict, differing
 from training.common.state import (load_states, read_json, refuse_pickles, rng_state, save_states, set_rng_state,
@@ -82,21 +83,41 @@ def frozen_dtype(cfg) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
 
 
+def placement(asked: str, device: torch.device, world: int, given: torch.device) -> torch.device:
+    """Where a process trains: ``device`` (what ``--device`` ``asked`` resolves to), never silently another one.
+
+    One process honours any device; ``cuda:N`` also becomes the current CUDA device, so kernels and libraries that
+    say "cuda" use GPU N too. With several processes accelerate has ``given`` each its own device, so only ``auto``
+    or that device's type is accepted, and anything else is refused with a message.
+    """
+    if world > 1:
+        if asked != "auto" and (torch.device(asked).index is not None or device.type != given.type):
+            raise STDInputError("device", f"'{asked}' with {world} processes: accelerate gives each process its own "
+                                          f"device (here {given}); use --device auto or {given.type}, and "
+                                          "CUDA_VISIBLE_DEVICES to choose the GPUs")
+        return given
+    if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device.index)
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Trainer:
     def __init__(self, cfg, method_cls):
         from accelerate import Accelerator
 
         self.cfg = cfg
-        self.out = writable_folder(cfg.output, "output")
-        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        if cpu and cfg.mixed_precision == "fp16":
+        device = pick_device(cfg.device)
+        if device.type == "cpu" and cfg.mixed_precision == "fp16":
             raise STDInputError("mixed_precision", "fp16 needs a GPU; use bf16 or no on a CPU")
-        # processes and devices from accelerate; mixed precision is this trainer's own autocast (accelerate keeps one
+        self.out = writable_folder(cfg.output, "output")
+        # processes from accelerate; mixed precision is this trainer's own autocast (accelerate keeps one
         # process-wide state, which cannot change between runs in one process)
-        self.accelerator = Accelerator(cpu=cpu)
+        self.accelerator = Accelerator(cpu=device.type == "cpu")
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
-        self.device = self.accelerator.device
+        self.device = placement(cfg.device, device, self.world, self.accelerator.device)
         self.method = method_cls(cfg, self)
         self.step = 0
         self.history: list[dict] = []
