@@ -25,7 +25,9 @@ from comfyui_std.core import DiscreteSchedule, KDenoiser, STDInputError, STDPlan
 from comfyui_std.core.plan import check_gamma, check_nfe, check_start_strength, origin_grid
 from comfyui_std.core.pipeline import check_noise_mode, std_chunk_runner, stylize_latents
 from comfyui_std.core.stream import StreamReport, stylize_video_file
+from comfyui_std.core.images import image_to_float
 from comfyui_std.core.style_blocks import PRESET_NAMES, diffusers_ip_scale
+from std_hf.ip_adapter import image_embeds
 
 from .media import fit_size, plan_record, resize_frames
 from .models import LoraCatalog, LoraEntry, architecture, check_lora_fits
@@ -254,9 +256,8 @@ class STDEngine:
             zeros = torch.zeros(1, 1, width, dtype=pipe.unet.dtype, device=self.device)
             return zeros, zeros
         pipe.set_ip_adapter_scale(diffusers_ip_scale(settings.style_preset, self.arch, settings.style_weight))
-        pixels = pipe.feature_extractor(images=style_image.convert("RGB"), return_tensors="pt").pixel_values
-        embeds = pipe.image_encoder(pixels.to(self.device, pipe.image_encoder.dtype)).image_embeds
-        embeds = embeds[:, None].to(pipe.unet.dtype)
+        rgb, _, _ = image_to_float(style_image, "style image")  # 8-bit RGB from the handlers: exact
+        embeds = image_embeds(pipe.image_encoder, rgb)[:, None].to(pipe.unet.dtype)
         return torch.zeros_like(embeds), embeds
 
     def denoiser(self, branches: list[Branch], cfg: float) -> KDenoiser:

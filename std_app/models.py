@@ -17,10 +17,9 @@ import torch
 
 from comfyui_std.core.errors import STDInputError
 from comfyui_std.core.lora import eta_mismatch_warning, std_metadata
-from comfyui_std.core.style_blocks import check_adapter_fits, check_image_embeds, ip_layer_order, parse_ip_adapter
 from std_hf.files import (FLAG, FOLDERS, LABEL, WEIGHT_SUFFIXES, WHAT, ModelRef, hub_snapshot,  # noqa: F401
                           local_file, not_found, resolve, safetensors_metadata)
-from std_hf.ip_adapter import load_image_encoder, read_ip_adapter
+from std_hf.ip_adapter import prepare_style_adapter
 from std_hf.lora import check_lora_fits as _check_lora_fits
 
 log = logging.getLogger("std_app")
@@ -181,21 +180,12 @@ def attach_ip_adapter(pipe, adapter_path: Path, encoder_path: Path, base_label: 
     """Validate an IP-Adapter and its image encoder against the pipeline, then load both into it.
 
     Returns a short description (file names). Errors (wrong base, wrong encoder width, Plus/FaceID files) are
-    :class:`STDInputError` from the shared core checks.
+    :class:`STDInputError` from the checks the trainer's teacher uses too (:func:`std_hf.ip_adapter.prepare_style_adapter`).
     """
-    sd = read_ip_adapter(adapter_path)
-    try:
-        weights = parse_ip_adapter(sd)
-    except STDInputError as err:
-        raise STDInputError("IP-Adapter", f"'{adapter_path.name}': {str(err).split(': ', 1)[1]}") from None
-    attn2 = {name[: -len(".processor")]: name for name in pipe.unet.attn_processors if name.endswith("attn2.processor")}
-    inner = [pipe.unet.get_submodule(n).to_k.out_features for n in ip_layer_order(attn2)]
-    check_adapter_fits(weights, pipe.unet.config.cross_attention_dim, inner, base_label)
-    encoder = load_image_encoder(encoder_path, pipe.unet.dtype)
-    check_image_embeds(weights, torch.zeros(1, encoder.config.projection_dim))
+    nested, weights, encoder = prepare_style_adapter(pipe.unet, adapter_path, encoder_path, base_label,
+                                                     pipe.unet.dtype)
     pipe.register_modules(image_encoder=encoder.to(pipe.device))
-    pipe.load_ip_adapter(sd, subfolder="", weight_name=adapter_path.name, image_encoder_folder=None)
+    pipe.load_ip_adapter(nested, subfolder="", weight_name=adapter_path.name, image_encoder_folder=None)
     log.info("style reference: %s (%s) with image encoder %s", adapter_path.name, weights.describe(),
              encoder_path.name)
     return f"{adapter_path.name} + {encoder_path.name}"
-
