@@ -31,6 +31,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--base", help="SDXL or SD1.5 base: diffusers folder, single .safetensors file, file name in "
                                   "checkpoints/, or a Hub id (owner/name, downloads with a progress bar)")
     m.add_argument("--base-config", help="diffusers folder (or Hub id) with the configs of a single-file base")
+    m.add_argument("--tokenizer", help="folder with the CLIP tokenizer files (vocab.json, merges.txt) of a single-file "
+                                       "base, when no ComfyUI install is found (ComfyUI ships them in "
+                                       "comfy/sd1_tokenizer)")
     m.add_argument("--lora", action="append", default=[], help="STD LoRA file (repeatable; default: every STD LoRA "
                                                                "in --models-dir/loras); hf:owner/name/file works too")
     m.add_argument("--ip-adapter", help="IP-Adapter file for the style reference (default: "
@@ -62,6 +65,6 @@ def model_options(args: argparse.Namespace, tiny_root: Path | None = None) -> Mo
     builds its models; a temporary folder by default)."""
     if args.tiny:
         return tiny_options(args.tiny, tiny_root)
-    return ModelOptions(base=args.base, base_config=args.base_config, loras=args.lora, ip_adapter=args.ip_adapter,
-                        image_encoder=args.image_encoder, models_dir=args.models_dir, device=args.device,
-                        dtype=args.dtype)
+    return ModelOptions(base=args.base, base_config=args.base_config, tokenizer=args.tokenizer, loras=args.lora,
+                        ip_adapter=args.ip_adapter, image_encoder=args.image_encoder, models_dir=args.models_dir,
+                        device=args.device, dtype=args.dtype)

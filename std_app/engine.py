@@ -27,6 +27,7 @@ from comfyui_std.core.pipeline import check_noise_mode, std_chunk_runner, styliz
 from comfyui_std.core.stream import StreamReport, stylize_video_file
 from comfyui_std.core.images import image_to_float
 from comfyui_std.core.style_blocks import PRESET_NAMES, diffusers_ip_scale
+from std_hf.base import LatentCodec
 from std_hf.ip_adapter import image_embeds
 
 from .media import fit_size, plan_record, resize_frames
@@ -157,6 +158,7 @@ class STDEngine:
         self.style = style
         self.arch = architecture(pipe)
         self.schedule = DiscreteSchedule.from_config(pipe.scheduler.config)
+        self.codec = LatentCodec(pipe.vae, float(pipe.vae.config.scaling_factor))
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.native_size = int(pipe.unet.config.sample_size) * self.vae_scale
         self.max_loaded_loras = max_loaded_loras
@@ -283,24 +285,15 @@ class STDEngine:
     # VAE ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, frames: torch.Tensor, batch: int) -> torch.Tensor:
-        """Frames [N, H, W, 3] in 0..1 -> scaled latents [N, 4, H/8, W/8] (float32; the posterior mean)."""
-        vae = self.pipe.vae
-        out = []
-        for s in range(0, frames.shape[0], batch):
-            x = frames[s:s + batch].permute(0, 3, 1, 2).to(self.device, vae.dtype) * 2 - 1
-            out.append(vae.encode(x).latent_dist.mode().float() * vae.config.scaling_factor)
-        return torch.cat(out)
+        """Frames [N, H, W, 3] in 0..1 -> scaled latents [N, 4, H/8, W/8] (float32; the posterior mean), VAE in
+        blocks of ``batch`` (the trainer's codec, :class:`std_hf.base.LatentCodec`)."""
+        return self.codec.encode(frames.permute(0, 3, 1, 2) * 2 - 1, batch=batch)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int) -> torch.Tensor:
-        """Scaled latents -> frames [N, H, W, 3] in 0..1, float32 on the CPU."""
-        vae = self.pipe.vae
-        out = []
-        for s in range(0, latents.shape[0], batch):
-            z = latents[s:s + batch].to(self.device, vae.dtype) / vae.config.scaling_factor
-            x = vae.decode(z, return_dict=False)[0].float()
-            out.append(((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu())
-        return torch.cat(out)
+        """Scaled latents -> frames [N, H, W, 3] in 0..1, float32 on the CPU (each block moved there at once)."""
+        pixels = self.codec.decode(latents, batch=batch, device="cpu")
+        return ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
 
     # Runs ---------------------------------------------------------------------------------------------------------
     def onestep_sigmas(self, t_init: int) -> torch.Tensor:

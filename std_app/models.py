@@ -17,8 +17,7 @@ import torch
 
 from comfyui_std.core.errors import STDInputError
 from comfyui_std.core.lora import eta_mismatch_warning, std_metadata
-from std_hf.files import (FLAG, FOLDERS, LABEL, WEIGHT_SUFFIXES, WHAT, ModelRef, hub_snapshot,  # noqa: F401
-                          local_file, not_found, resolve, safetensors_metadata)
+from std_hf.files import ModelRef, local_file, resolve, safetensors_metadata
 from std_hf.ip_adapter import prepare_style_adapter
 from std_hf.lora import check_lora_fits as _check_lora_fits
 
@@ -35,37 +34,26 @@ def architecture(pipe) -> str:
     return "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd15"
 
 
-def load_pipeline(ref: ModelRef, dtype: torch.dtype, device: str, config: str | None = None,
-                  models_dir: Path | None = None):
-    """An SD1.5 or SDXL pipeline around the base model, loaded by :func:`std_hf.base.load_base`.
+def load_pipeline(ref: ModelRef, dtype: torch.dtype, device, config: str | None = None,
+                  models_dir: Path | None = None, tokenizer: str | None = None):
+    """An SD1.5 or SDXL pipeline around the base model, loaded by :func:`std_hf.base.load_base` (the trainer's
+    loader: single files offline with configs from their tensors and tokenizer files from ComfyUI or ``tokenizer``;
+    ``config``, a diffusers folder or Hub id of the same architecture, for a single file whose layout is unusual).
 
     The pipeline is used as a container of modules (UNet, VAE, text encoders, scheduler config); the app drives the
-    UNet with the STD sampler itself. Single files load offline (configs from their tensors, tokenizer files from
-    ComfyUI); ``config`` (a diffusers folder or Hub id of the same architecture) supplies component configs and
-    tokenizers for a single file whose layout is unusual.
+    UNet with the STD sampler itself. The VAE is read in fp32 and kept there when its config asks for it
+    (``force_upcast``: the SDXL VAE overflows in fp16).
     """
     from diffusers import AutoencoderTiny
 
-    from std_hf.base import as_pipeline, load_diffusers_folder, load_single_file
+    from std_hf.base import as_pipeline, load_base
 
-    if ref.path is None:
-        base = load_diffusers_folder(hub_snapshot(ref.repo_id), dtype)
-    elif ref.path.is_dir():
-        if not (ref.path / "model_index.json").exists():
-            raise STDInputError("base model", f"{ref.path} is a folder but not a diffusers model (no "
-                                              "model_index.json)")
-        base = load_diffusers_folder(ref.path, dtype)
-    else:
-        folder = None
-        if config:
-            cref = resolve("base", config)
-            folder = cref.path if cref.path is not None else hub_snapshot(cref.repo_id, ["*.json", "*.txt"])
-        base = load_single_file(ref.path, dtype, near=[models_dir] if models_dir else [], config_folder=folder)
+    base = load_base(ref, dtype, tokenizer, models_dir, config=config, vae_dtype=torch.float32)
     if isinstance(base.vae, AutoencoderTiny):
         raise STDInputError("base model", f"'{ref.label}' holds a TAESD preview VAE; the app needs the full VAE of "
                                           "the base model")
-    if dtype != torch.float32 and getattr(base.vae.config, "force_upcast", False):
-        base.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+    if dtype != torch.float32 and not getattr(base.vae.config, "force_upcast", False):
+        base.vae.to(dtype)
     for report in base.reports:
         log.info("%s: %s", ref.label, report.line())
     return as_pipeline(base).to(device)

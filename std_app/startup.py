@@ -11,10 +11,11 @@ import torch
 
 from comfyui_std.core import STDInputError
 from std_hf.devices import DTYPES, pick_device
+from std_hf.files import FOLDERS, local_file, resolve
 
 from . import tiny
 from .engine import STDEngine
-from .models import FOLDERS, LoraCatalog, architecture, attach_ip_adapter, load_pipeline, local_file, resolve
+from .models import LoraCatalog, architecture, attach_ip_adapter, load_pipeline
 
 log = logging.getLogger("std_app")
 
@@ -31,6 +32,7 @@ class ModelOptions:
 
     base: str | None = None
     base_config: str | None = None
+    tokenizer: str | None = None  # CLIP tokenizer files for a single-file base (default: found in ComfyUI)
     loras: list[str] = field(default_factory=list)
     ip_adapter: str | None = None
     image_encoder: str | None = None
@@ -92,7 +94,7 @@ def load_engine(options: ModelOptions) -> STDEngine:
     if not options.base:
         raise no_base_error(options.models_dir)
     ref = resolve("base", options.base, options.models_dir)
-    pipe = load_pipeline(ref, dtype, device, options.base_config, options.models_dir)
+    pipe = load_pipeline(ref, dtype, device, options.base_config, options.models_dir, options.tokenizer)
     pipe.set_progress_bar_config(disable=True)
     arch = architecture(pipe)
     catalog = LoraCatalog.discover(options.loras, options.models_dir)

@@ -27,6 +27,7 @@ from std_app.engine import StyleSettings, resolve_start_strength, teacher_plan
 from std_app.handlers import StyleApp
 from std_app.models import LoraEntry, resolve
 from std_app.startup import ModelOptions, load_engine, tiny_options
+from std_hf.tiny import make_unet
 
 WRONG_BASE = "std_tinyxl_i2i_eta0.75"  # an STD LoRA for the tiny SDXL, offered to the tiny SD1.5 app
 ARGS = dict(prompt="an oil painting", negative_prompt="blurry", lora="std_tiny_i2i_eta0.75", start_strength=0.75,
@@ -52,7 +53,7 @@ def png_record(path) -> tuple[Image.Image, dict]:
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tiny.build_tiny_models(tmp_path_factory.mktemp("tiny"), "sd15")
-    tiny.write_lora(tiny.make_unet("sdxl"), root / "loras" / f"{WRONG_BASE}.safetensors", 0.75, "i2i", "tiny-sdxl")
+    tiny.write_lora(make_unet("sdxl"), root / "loras" / f"{WRONG_BASE}.safetensors", 0.75, "i2i", "tiny-sdxl")
     return root
 
 
@@ -546,7 +547,7 @@ def test_style_files_that_do_not_fit_are_refused(tiny_root, tmp_path):
                            ip_adapter="ip-adapter_tiny.safetensors")
     with pytest.raises(STDInputError, match="needs both --ip-adapter and --image-encoder"):
         load_engine(options)
-    sdxl_adapter = tiny.write_ip_adapter(tiny.make_unet("sdxl"), tmp_path / "ip-adapter_tinyxl.safetensors")
+    sdxl_adapter = tiny.write_ip_adapter(make_unet("sdxl"), tmp_path / "ip-adapter_tinyxl.safetensors")
     options.ip_adapter, options.image_encoder = str(sdxl_adapter), "tiny_clip_vision.safetensors"
     with pytest.raises(STDInputError, match="pick the IP-Adapter made for your base model"):
         load_engine(options)

@@ -207,6 +207,42 @@ def test_without_tokenizer_files_the_message_says_where_to_get_them(comfy, tmp_p
     assert load_base(str(lonely), tokenizer=str(comfy["root"] / "comfy" / "sd1_tokenizer")).arch == "sd15"
 
 
+def test_the_app_takes_the_trainers_tokenizer_option(comfy, tmp_path, capsys):
+    """The app loads through the trainer's loader, so a single file far from any ComfyUI install loads in the app with
+    --tokenizer, as in the trainer; without it the app gives the loader's message."""
+    import gradio_app
+    from std_app.startup import ModelOptions, load_engine
+
+    lonely = tmp_path / "lonely.safetensors"
+    lonely.write_bytes(comfy["files"]["sd15"][0].read_bytes())
+    tokenizer = str(comfy["root"] / "comfy" / "sd1_tokenizer")
+    engine = load_engine(ModelOptions(base=str(lonely), tokenizer=tokenizer, device="cpu", dtype="fp32"))
+    assert engine.arch == "sd15" and engine.pipe.tokenizer("a cat").input_ids[0] == 512
+    with pytest.raises(ValueError, match=r"tokenizer: .*comfy/sd1_tokenizer.*COMFYUI_PATH"):
+        load_engine(ModelOptions(base=str(lonely), device="cpu", dtype="fp32"))
+    assert gradio_app.main(["--base", str(lonely), "--tokenizer", str(tmp_path), "--device", "cpu"]) == 2
+    assert f"error: tokenizer: {tmp_path} has no vocab.json and merges.txt" in capsys.readouterr().err
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(spec="folder", tokenizer="tok"), "tokenizer: only used with a single-file base; 'tiny-sd15' brings its own"),
+    (dict(spec="folder", config="folder"), "base config: only used with a single-file base; 'tiny-sd15' brings"),
+    (dict(spec="tiny", config="folder"), "base config: only used with a single-file base; 'tiny' brings"),
+    (dict(spec="file", tokenizer="tok", config="folder"), "tokenizer: the base config folder brings its own"),
+    (dict(spec="file", config="nowhere"), "base model: 'nowhere' was not found"),
+])
+def test_tokenizer_and_base_config_are_for_single_files_only(comfy, tmp_path, kwargs, message):
+    from std_app.startup import tiny_options
+
+    zoo = tiny_options("sd15", tmp_path / "zoo")
+    where = {"folder": str(zoo.models_dir / "diffusers" / "tiny-sd15"), "file": str(comfy["files"]["sd15"][0]),
+             "tok": str(comfy["root"] / "comfy" / "sd1_tokenizer"), "tiny": "tiny", "nowhere": "nowhere"}
+    kwargs = {k: where[v] for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=message):
+        load_base(kwargs.pop("spec"), **kwargs)
+
+
 def test_a_comfyui_install_is_found_through_comfyui_path(comfy, tmp_path, monkeypatch):
     lonely = tmp_path / "elsewhere" / "m.safetensors"
     lonely.parent.mkdir()
@@ -283,7 +319,7 @@ def test_a_file_of_another_shape_loads_with_the_configs_of_a_diffusers_folder(tm
     path = tmp_path / "zoo_as_single_file.safetensors"
     save_file(ldm.to_ldm(base.unet, base.vae, base.text_encoders[0], arch="sd15"), str(path))
     with pytest.raises(ValueError, match="do not divide into the architecture's 32 norm groups"):
-        load_base(str(path), tokenizer=str(zoo.models_dir / "tokenizer"))
+        load_base(str(path), tokenizer=str(tiny.write_tokenizer(tmp_path / "tok")))
     engine = load_engine(ModelOptions(base=str(path), base_config=str(folder), device="cpu", dtype="fp32"))
     got = engine.pipe.unet.state_dict()
     assert all(torch.equal(got[k], v) for k, v in base.unet.state_dict().items())

@@ -290,7 +290,7 @@ def _unet_out(unet, x, t, ctx):
 def test_the_default_export_carries_the_style_and_reproduces_the_student_alone(styled):
     from diffusers import StableDiffusionPipeline
 
-    from std_app.tiny import build_pipeline, write_tokenizer
+    from std_app.tiny import build_pipeline
 
     folder, style, runs = styled
     trainer = runs["with_style"]
@@ -303,7 +303,7 @@ def test_the_default_export_carries_the_style_and_reproduces_the_student_alone(s
     down = load_file(f"{name}.safetensors")["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
                                             ".lora_down.weight"]
     assert down.shape[0] == 4 + 2  # the STD rank plus the style LoRA's
-    pipe = build_pipeline("sd15", write_tokenizer(folder / "tok"))  # the same tiny base, fresh
+    pipe = build_pipeline("sd15")  # the same tiny base, fresh
     assert isinstance(pipe, StableDiffusionPipeline)
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([600]), torch.randn(1, 77, 32)
     plain = _unet_out(pipe.unet, x, t, ctx)
@@ -319,7 +319,7 @@ def test_the_default_export_carries_the_style_and_reproduces_the_student_alone(s
 
 
 def test_the_delta_export_names_the_style_lora_and_needs_it(styled):
-    from std_app.tiny import build_pipeline, write_tokenizer
+    from std_app.tiny import build_pipeline
     from training.std.method import file_digest
 
     folder, style, runs = styled
@@ -330,7 +330,7 @@ def test_the_delta_export_names_the_style_lora_and_needs_it(styled):
     entry = json.loads(meta["std.style_loras"])[0]
     assert entry == {"file": "my_style.safetensors", "sha256": file_digest(str(style)), "scale": 0.8}
     assert "load the style LoRA" in json.loads(meta["std.contains"]) and not any("lora_te" in k for k in keys)
-    pipe = build_pipeline("sd15", write_tokenizer(folder / "tok2"))
+    pipe = build_pipeline("sd15")
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([600]), torch.randn(1, 77, 32)
     pipe.load_lora_weights(str(style), adapter_name="style")
     pipe.load_lora_weights(f"{name}_diffusers.safetensors", adapter_name="std")
