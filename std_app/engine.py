@@ -29,9 +29,10 @@ from comfyui_std.core.images import image_to_float
 from comfyui_std.core.style_blocks import PRESET_NAMES, diffusers_ip_scale
 from std_hf.base import LatentCodec
 from std_hf.ip_adapter import image_embeds
+from std_hf.lora import check_lora_fits, read_lora
 
 from .media import fit_size, plan_record, resize_frames
-from .models import LoraCatalog, LoraEntry, architecture, check_lora_fits
+from .models import LoraCatalog, LoraEntry, architecture
 
 MAX_SEED = 2 ** 63 - 1
 #: the most frames :meth:`STDEngine.run_video_file` stylizes from one file (about an hour at 30 fps); front ends
@@ -191,12 +192,11 @@ class STDEngine:
             self.pipe.delete_adapters([name])
 
     def _load_lora(self, entry: LoraEntry) -> None:
-        from safetensors.torch import load_file
-
         if not entry.path.exists():
             raise STDInputError("lora", f"'{entry.path}' is gone; put the file back or restart the app")
-        state_dict = load_file(str(entry.path))
-        check_lora_fits(self.pipe.unet, state_dict, entry, self.base_label)
+        state_dict, metadata = read_lora(entry.path, "lora")  # a corrupt file is a message, not a SafetensorError
+        texts = [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m is not None]
+        check_lora_fits(self.pipe.unet, texts, state_dict, entry.name, metadata, self.base_label)
         try:
             with warnings.catch_warnings():  # several adapters on one model is what the app does on purpose
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

@@ -19,7 +19,6 @@ from comfyui_std.core.errors import STDInputError
 from comfyui_std.core.lora import eta_mismatch_warning, std_metadata
 from std_hf.files import ModelRef, local_file, resolve, safetensors_metadata
 from std_hf.ip_adapter import prepare_style_adapter
-from std_hf.lora import check_lora_fits as _check_lora_fits
 
 log = logging.getLogger("std_app")
 
@@ -153,12 +152,6 @@ class LoraCatalog:
 
 
 NO_LORA = "(none: base model)"
-
-
-def check_lora_fits(unet, state_dict: dict[str, torch.Tensor], entry: LoraEntry, base_label: str) -> None:
-    """Refuse a LoRA made for another base model before diffusers half-applies it
-    (:func:`std_hf.lora.check_lora_fits`)."""
-    _check_lora_fits(unet, state_dict, entry.name, entry.metadata, base_label)
 
 
 # --------------------------------------------------------------------------------------------------------------------

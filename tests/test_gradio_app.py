@@ -542,6 +542,30 @@ def test_startup_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "'broken.safetensors' is not a readable .safetensors file" in capsys.readouterr().err
 
 
+@pytest.mark.bad_input
+def test_a_lora_corrupted_after_start_is_a_message_and_a_foreign_one_names_its_base(app, tiny_root, tmp_path):
+    import shutil
+
+    from std_app.models import lora_entry
+
+    engine = app.engine
+    path = tmp_path / "std_tiny_i2i_eta0.75_copy.safetensors"
+    shutil.copy(tiny_root / "loras" / "std_tiny_i2i_eta0.75.safetensors", path)
+    entry = lora_entry(path)  # read at start, while the file was fine
+    path.write_bytes(path.read_bytes()[:200])  # then cut short
+    engine.catalog.entries[entry.name] = entry
+    try:
+        with pytest.raises(STDInputError, match=rf"^lora: '{path.name}' is not a readable .safetensors file"):
+            engine.run(torch.rand(1, 32, 32, 3), StyleSettings(lora=entry.name, nfe=1))
+        with pytest.raises(STDInputError, match=rf"^lora: '{WRONG_BASE}' does not fit the loaded base model "
+                                                r"tiny-sd15: \d+ of \d+ layers do not match \(e.g. .*\)\. It was made for "
+                                                "tiny-sdxl; use a LoRA made for your base model$"):
+            engine.run(torch.rand(1, 32, 32, 3), StyleSettings(lora=WRONG_BASE, nfe=1))
+    finally:
+        del engine.catalog.entries[entry.name]
+    assert entry.adapter_name not in engine._loaded
+
+
 def test_style_files_that_do_not_fit_are_refused(tiny_root, tmp_path):
     options = ModelOptions(base="tiny-sd15", models_dir=tiny_root, device="cpu", dtype="fp32",
                            ip_adapter="ip-adapter_tiny.safetensors")

@@ -361,7 +361,8 @@ def test_style_loras_with_ldm_names_merge_and_foreign_ones_are_refused(data, tmp
               str(tmp_path / "sdxl_style.safetensors"))
     assert cli(["--preset", "tiny", "--data", str(data), "--output", str(tmp_path / "o"), "--style-lora",
                 str(tmp_path / "sdxl_style.safetensors")]) == 2
-    assert "layers do not fit this base model" in capsys.readouterr().err
+    assert "does not fit tiny: 1 of 1 layers do not match (e.g. lora_unet_input_blocks_1_1_proj_in gives shape" in \
+        capsys.readouterr().err
 
 
 # -- bad input at the command line ---------------------------------------------------------------------------------

@@ -193,8 +193,8 @@ class STDMethod:
                 models["text_encoder_2"] = base.text_encoders[1]
             for path in cfg.style_lora:
                 sd, meta = read_lora(path, "style_lora")
-                layers = lora_layers(base.unet, base.text_encoders, sd, meta, f"style_lora: {Path(path).name}",
-                                     cfg.style_lora_scale)
+                layers = lora_layers(base.unet, base.text_encoders, sd, meta, "style_lora", cfg.style_lora_scale,
+                                     name=Path(path).name, base_label=base.name)
                 merge_layers(models, layers)
                 self.style_layers = combine(self.style_layers, layers)
                 n_text = sum(1 for m, _ in layers if m != "unet")
