@@ -82,13 +82,13 @@ def optimizer_bytes(params, eight_bit: bool) -> int:
 def account(name: str) -> dict:
     """Bytes per category for one preset (nothing is allocated)."""
     from training.common.lora import add_lora
-    from training.common.trainer import frozen_dtype
+    from training.common.precision import frozen_dtype, vae_dtype
 
     method, arch, budget = PRESETS[name]
     cfg = preset_config(name)
     unet, vae, texts = meta_models(arch)
     wdt = frozen_dtype(cfg)
-    vdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.vae_dtype]
+    vdt = vae_dtype(cfg)
     if method == "std":
         trained = [p for _, p in add_lora(unet, "student", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, 0)]
         ema = []

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 from comfyui_std.core.errors import STDInputError, check_range
+from std_hf.devices import DTYPES as DTYPE_MAP
 from std_hf.devices import check_device
 
 
@@ -32,7 +33,7 @@ def option(default, help: str, choices: tuple | None = None, free: bool = False,
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 PRECISIONS = ("no", "fp16", "bf16")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = tuple(DTYPE_MAP)
 
 
 @dataclasses.dataclass

@@ -36,11 +36,11 @@ from comfyui_std.core.errors import STDInputError
 from std_hf.devices import pick_device
 from std_hf.weights import writable_folder
 from training.common.config import as_dict, differing
+from training.common.precision import frozen_dtype
 from training.common.state import (load_states, read_json, refuse_pickles, rng_state, save_states, set_rng_state,
                                    write_json)
 
 log = logging.getLogger("training")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NaNLossError(RuntimeError):
@@ -74,13 +74,6 @@ def checkpoints(folder: Path) -> list[Path]:
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
              and p.name.split("-")[1].isdigit() and (p / "state.json").exists()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def frozen_dtype(cfg) -> torch.dtype:
-    """The dtype of the frozen weights: the mixed precision's, unless ``frozen_dtype`` says otherwise."""
-    if cfg.frozen_dtype != "auto":
-        return DTYPES[cfg.frozen_dtype]
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
 
 
 def placement(asked: str, device: torch.device, world: int, given: torch.device) -> torch.device:

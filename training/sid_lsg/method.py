@@ -27,6 +27,7 @@ from training.common.config import CommonConfig, option, read_text_lines, valida
 from training.common.ema import ema_copy, ema_update, swapped
 from training.common.export import export_lora
 from training.common.lora import adapter_params, add_lora
+from training.common.precision import cast_frozen, vae_dtype
 from training.sid_lsg.losses import (ema_beta, fake_score_loss, generator_input, guided, sample_t,
                                      sid_generator_loss, x0_from_eps)
 
@@ -130,12 +131,10 @@ class SiDMethod:
             add_lora(base.unet, FAKE, fake_rank, cfg.lora_alpha * fake_rank / cfg.lora_rank, cfg.lora_targets,
                      cfg.seed + 1)
             self.nets = {None: base.unet, GEN: base.unet, FAKE: base.unet}
-        from training.std.method import STDMethod
-        STDMethod._cast(base, self.trainer.weight_dtype)  # frozen weights to the preset's dtype; trained ones fp32
+        cast_frozen(base, self.trainer.weight_dtype)  # frozen weights to the preset's dtype; trained ones fp32
         for net in {id(n): n for n in self.nets.values()}.values():
             net.to(self.trainer.device)
-        base.to(self.trainer.device, vae_dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
-                                                "fp16": torch.float16}[cfg.vae_dtype])
+        base.to(self.trainer.device, vae_dtype=vae_dtype(cfg))
         self.base = base
         self.acp = base.schedule.alphas_cumprod.to(self.trainer.device)
         self.size = (cfg.resolution, cfg.resolution)

@@ -28,13 +28,14 @@ from comfyui_std.core.plan import check_nfe, std_plan
 from comfyui_std.core.sampling import sample_std
 from comfyui_std.core.schedules import KDenoiser
 from comfyui_std.core.style_blocks import PRESET_NAMES
-from std_hf.base import cast_floats, encode_prompts, load_base, time_ids, unet_kwargs
+from std_hf.base import encode_prompts, load_base, time_ids, unet_kwargs
 from std_hf.lora import lora_layers, merge_layers, read_lora
 from training.common.config import CommonConfig, method_options, option, validate_common
 from training.common.data import (BucketSampler, assign_buckets, cache_key, load_pixels, scan_folder)
 from training.common.ema import ema_copy, ema_update, swapped
 from training.common.export import combine, export_layers, export_lora
 from training.common.lora import adapter_layers, adapter_params, add_lora
+from training.common.precision import cast_frozen, vae_dtype
 from training.std.bank import OfflineTrajectories, TrajectoryBank
 from training.std.trajectory import (LAST_INDEX, S_WINDOWS, DDIMGrid, add_noise, cfg_lcm, draw_target_index, jump,
                                      pseudo_huber, start_index, window_size, x0_eps)
@@ -220,8 +221,8 @@ class STDMethod:
                  exclude_motion_proj=cfg.video)
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
-        self.vae_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.vae_dtype]
-        self._cast(base, self.trainer.weight_dtype)
+        self.vae_dtype = vae_dtype(cfg)
+        cast_frozen(base, self.trainer.weight_dtype)
         base.to(device, vae_dtype=self.vae_dtype)
         if self.style_ref is not None:
             self.style_ref.encoder.to(device)
@@ -269,12 +270,6 @@ class STDMethod:
         log.info("previews show training images (%d item(s); hold-out needs %d or --preview-images)", len(items),
                  4 * n)
         return items, items[-n:]
-
-    @staticmethod
-    def _cast(base, dtype: torch.dtype) -> None:
-        """Frozen weights to the preset's dtype; the LoRA (and so its optimiser state) stays fp32."""
-        for module in [base.unet, *base.text_encoders]:
-            cast_floats(module, dtype, skip=".lora_")
 
     def item_key(self, index: int) -> str:
         """A training item's name relative to the data folder (stable across machines; the offline bank's key)."""
