@@ -124,20 +124,30 @@ class RunResult:
 
 @dataclass
 class VideoRunResult:
-    """What :meth:`STDEngine.run_video_file` wrote: the stream's report (``path``, ``frames``, ``fps``, ``width``,
-    ``height``, ``chunks``, ``audio``, ``notices``; read through this object too) and the run's settings."""
+    """What :meth:`STDEngine.run_video_file` wrote (from the stream's report) and the run's settings.
 
-    report: StreamReport
+    ``seconds`` is the engine's wall time for the whole run (text encoding, the stream, the CUDA sync);
+    ``stream_seconds`` the stream's own (:attr:`StreamReport.seconds`)."""
+
+    path: Path
+    frames: int
+    fps: float
+    width: int
+    height: int
+    chunks: int
+    audio: str              # "none", "copied (aac)", "re-encoded to AAC", ...
+    notices: list[str]
     plan: STDPlan
     seconds: float
+    stream_seconds: float
     settings: StyleSettings
     lora: LoraEntry | None
     record: dict  # the settings record written into the file's "comment" tag (JSON)
 
-    def __getattr__(self, name):
-        if name == "report":
-            raise AttributeError(name)
-        return getattr(self.report, name)
+    @classmethod
+    def from_report(cls, report: StreamReport, notices: list[str], **run) -> "VideoRunResult":
+        return cls(report.path, report.frames, report.fps, report.width, report.height, report.chunks, report.audio,
+                   [*report.notices, *notices], stream_seconds=report.seconds, **run)
 
 
 class STDEngine:
@@ -436,6 +446,6 @@ class STDEngine:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
-        report.notices += notices
-        return VideoRunResult(report, plan, seconds, settings, entry, rec)
+        return VideoRunResult.from_report(report, notices, plan=plan, seconds=seconds, settings=settings, lora=entry,
+                                          record=rec)
 
