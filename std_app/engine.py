@@ -10,6 +10,7 @@ goes through diffusers' IP-Adapter with the shared style-block preset (:func:`di
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import warnings
@@ -34,6 +35,7 @@ from std_hf.lora import check_lora_fits, read_lora
 from .media import fit_size, plan_record, resize_frames
 from .models import LoraCatalog, LoraEntry, architecture
 
+log = logging.getLogger("std_app")
 MAX_SEED = 2 ** 63 - 1
 #: the most frames :meth:`STDEngine.run_video_file` stylizes from one file (about an hour at 30 fps); front ends
 #: state their own, lower limit with ``max_frames``
@@ -206,7 +208,11 @@ class STDEngine:
             raise STDInputError("lora", f"'{entry.path}' is gone; put the file back or restart the app")
         state_dict, metadata = read_lora(entry.path, "lora")  # a corrupt file is a message, not a SafetensorError
         texts = [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m is not None]
-        check_lora_fits(self.pipe.unet, texts, state_dict, entry.name, metadata, self.base_label)
+        motion = set(check_lora_fits(self.pipe.unet, texts, state_dict, entry.name, metadata, self.base_label))
+        if motion:  # a v2v LoRA's motion-module layers: the app runs the image UNet frame by frame
+            log.warning("LoRA %s: its %d motion-module tensors are not applied (the app stylizes frame by frame, "
+                        "without a motion module)", entry.name, len(motion))
+            state_dict = {k: v for k, v in state_dict.items() if k not in motion}
         try:
             with warnings.catch_warnings():  # several adapters on one model is what the app does on purpose
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from comfyui_std.core.errors import STDInputError
-from comfyui_std.core.lora import peft_alpha_from_metadata, std_metadata, to_kohya
+from comfyui_std.core.lora import is_motion_key, peft_alpha_from_metadata, std_metadata, to_kohya
 
 from . import ldm
 from .files import read_safetensors
@@ -94,30 +94,32 @@ def ldm_module_index(unet) -> dict[str, str]:
     return {v[: -len(".weight")].replace(".", "_"): k[: -len(".weight")] for k, v in pairs.items()}
 
 
-def _kohya(state_dict: dict, metadata: dict, label: str, name: str | None = None) -> dict[str, torch.Tensor]:
+def _kohya(state_dict: dict, metadata: dict, label: str, name: str | None = None,
+           motion_ok: bool = False) -> dict[str, torch.Tensor]:
     kohya, motion = to_kohya(state_dict, alpha=peft_alpha_from_metadata(metadata))
-    if motion:
-        raise STDInputError(label, f"{_subject(name)}holds {len(motion)} motion-module tensors (an AnimateDiff LoRA); a style LoRA "
-                                   "has image layers only")
+    if motion and not motion_ok:
+        raise STDInputError(label, f"{_subject(name)}holds {len(motion)} motion-module tensors (an AnimateDiff "
+                                   "LoRA); a style LoRA has image layers only")
     odd = sorted({k.split(".", 1)[-1] for k in kohya if not k.endswith(_LORA_TAIL)})
     if odd:
-        raise STDInputError(label, f"{_subject(name)}holds tensors of kind {', '.join(odd[:4])} (LyCORIS/LoHa/LoKr/DoRA or full "
-                                   "diffs), which are not supported; use a plain LoRA (lora_down/lora_up)")
+        raise STDInputError(label, f"{_subject(name)}holds tensors of kind {', '.join(odd[:4])} (LyCORIS/LoHa/LoKr/"
+                                   "DoRA or full diffs), which are not supported; use a plain LoRA (lora_down/lora_up)")
     return kohya
 
 
 def lora_layers(unet, text_encoders: list, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None,
-                label: str, scale: float = 1.0, name: str | None = None,
-                base_label: str = "this base model") -> dict[tuple[str, str], LoraLayer]:
+                label: str, scale: float = 1.0, name: str | None = None, base_label: str = "this base model",
+                motion_ok: bool = False) -> dict[tuple[str, str], LoraLayer]:
     """The factors of every layer of a LoRA file, keyed by (model, module path) with model ``unet``,
     ``text_encoder`` or ``text_encoder_2``.
 
     A layer that exists in no model, lacks a factor, or whose shape differs is an error naming the file (``name``),
     the base (``base_label``), how many layers do not fit, the first of them, and the base the file was made for
-    (its ``std.base_model`` header, else a guess from its widths). The app checks a LoRA with this before diffusers
-    loads it (:func:`check_lora_fits`), the trainer merges style LoRAs with the factors.
+    (its ``std.base_model`` header, else a guess from its widths). Motion-module (AnimateDiff) tensors are refused
+    unless ``motion_ok``, when they are left out. The app checks a LoRA with this before diffusers loads it
+    (:func:`check_lora_fits`), the trainer merges style LoRAs with the factors.
     """
-    kohya = _kohya(state_dict, metadata or {}, label, name)
+    kohya = _kohya(state_dict, metadata or {}, label, name, motion_ok)
     names = sorted({k.split(".")[0] for k in kohya if k.endswith((".lora_down.weight", ".lora_up.weight"))})
     if not names:
         raise STDInputError(label, f"{_subject(name)}holds no LoRA layers")
@@ -171,11 +173,13 @@ def _subject(name: str | None) -> str:
 
 
 def check_lora_fits(unet, text_encoders: list, state_dict: dict[str, torch.Tensor], name: str,
-                    metadata: dict[str, str] | None, base_label: str) -> None:
+                    metadata: dict[str, str] | None, base_label: str) -> list[str]:
     """Refuse a LoRA made for another base model (or of a kind diffusers would half-apply) before it is loaded:
-    :func:`lora_layers` on the app's UNet and text encoders, the factors discarded."""
+    :func:`lora_layers` on the app's UNet and text encoders, the factors discarded. Returns the keys of its
+    motion-module tensors (a v2v LoRA's), which an image model has no place for."""
     lora_layers(unet, text_encoders, state_dict, metadata, "lora", name=name,
-                base_label=f"the loaded base model {base_label}")
+                base_label=f"the loaded base model {base_label}", motion_ok=True)
+    return sorted(k for k in state_dict if is_motion_key(k))
 
 
 def guess_lora_base(kohya: dict[str, torch.Tensor]) -> str:

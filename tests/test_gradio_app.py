@@ -17,6 +17,7 @@ import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
+from safetensors import safe_open
 
 import gradio_app
 from app_server import serve
@@ -564,6 +565,33 @@ def test_a_lora_corrupted_after_start_is_a_message_and_a_foreign_one_names_its_b
     finally:
         del engine.catalog.entries[entry.name]
     assert entry.adapter_name not in engine._loaded
+
+
+def test_a_v2v_lora_with_motion_module_layers_runs_on_the_image_layers(app, tiny_root, tmp_path, caplog):
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from std_app.models import lora_entry
+
+    engine = app.engine
+    plain = tiny_root / "loras" / "std_tiny_v2v_eta0.75.safetensors"
+    sd = load_file(str(plain))
+    key = "unet.down_blocks.0.motion_modules.0.transformer_blocks.0.attention_blocks.0.to_q.lora_{}.weight"
+    sd[key.format("A")], sd[key.format("B")] = torch.ones(4, 16), torch.ones(16, 4)
+    with_motion = tmp_path / "std_tiny_v2v_eta0.75_motion.safetensors"
+    with safe_open(str(plain), "pt") as f:
+        save_file(sd, str(with_motion), metadata=f.metadata())
+    entry = lora_entry(with_motion)
+    engine.catalog.entries[entry.name] = entry
+    frames, run = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1)), dict(nfe=2, seed=3)
+    try:
+        with caplog.at_level(logging.WARNING, logger="std_app"):
+            got = engine.run(frames, StyleSettings(lora=entry.name, **run)).frames
+    finally:
+        del engine.catalog.entries[entry.name]
+    assert "its 2 motion-module tensors are not applied" in caplog.text
+    assert torch.equal(got, engine.run(frames, StyleSettings(lora="std_tiny_v2v_eta0.75", **run)).frames)
 
 
 def test_style_files_that_do_not_fit_are_refused(tiny_root, tmp_path):
