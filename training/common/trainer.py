@@ -418,11 +418,8 @@ class Trainer:
         return self.history
 
     def _export(self, suffix: str = "") -> list[Path]:
-        paths = self.method.export(self.out, suffix=suffix)
-        for p in paths:  # another user's ComfyUI must be able to read them
-            for f in ([p] if p.is_file() else [q for q in p.rglob("*") if q.is_file()]):
-                os.chmod(f, 0o644)
-        return paths
+        """The method's result files (written atomically and world-readable by training.common.export)."""
+        return self.method.export(self.out, suffix=suffix)
 
     def write_preview(self):
         image = self.method.preview()

@@ -25,7 +25,7 @@ from comfyui_std.core.errors import STDInputError, check_range
 from std_hf.base import encode_prompts, load_base, unet_kwargs
 from training.common.config import CommonConfig, option, read_text_lines, validate_common
 from training.common.ema import ema_copy, ema_update, swapped
-from training.common.export import export_lora
+from training.common.export import atomic_folder, export_lora
 from training.common.lora import adapter_params, add_lora
 from training.common.precision import cast_frozen, vae_dtype
 from training.sid_lsg.losses import (ema_beta, fake_score_loss, generator_input, guided, sample_t,
@@ -326,10 +326,11 @@ class SiDMethod:
                   "kappa3": cfg.kappa2, "kappa4": cfg.kappa4, "alpha": None, "base_model": self.base.name,
                   "resolution": cfg.resolution, "steps": self.trainer.step}
         with self.ema_weights():
-            if cfg.full_finetune:  # merged weights: the generator UNet as a diffusers folder
+            if cfg.full_finetune:  # merged weights: the generator UNet as a diffusers folder, written atomically
                 out = Path(folder) / f"{name}_unet"
-                self.nets[GEN].save_pretrained(str(out))
-                (out / "std_metadata.json").write_text(json.dumps(values, indent=1))
+                with atomic_folder(out) as tmp:
+                    self.nets[GEN].save_pretrained(str(tmp))
+                    (tmp / "std_metadata.json").write_text(json.dumps(values, indent=1))
                 return [out]
             return export_lora(self.base.unet, GEN, Path(folder), name, cfg.lora_rank, cfg.lora_alpha, values,
                                self.base.arch)
