@@ -464,6 +464,39 @@ def test_disk_full_for_the_bank_stops_with_a_message(data, tmp_path, monkeypatch
     assert "free disk space" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bug", [KeyError("student"), ValueError("shapes do not broadcast"),
+                                 FileNotFoundError(2, "No such file or directory")])
+def test_an_internal_error_is_exit_1_with_its_traceback_in_train_log(data, tmp_path, monkeypatch, capsys, bug):
+    """A bug is not the user's problem: its traceback goes to stderr and train.log and the last line says so (exit 1),
+    where a ValueError or OSError used to become an 'error:' line with exit 2 and no traceback anywhere."""
+    def broken(self, micro_step):
+        raise bug
+        yield  # a generator, like the real micro_step
+
+    monkeypatch.setattr(STDMethod, "micro_step", broken)
+    out = tmp_path / "out"
+    assert cli(["--preset", "tiny", "--data", str(data), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: internal error ({type(bug).__name__}: ") and "this is a bug" in last
+    assert last.endswith(f"(above and in {out / 'train.log'})")
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    logged = (out / "train.log").read_text()
+    assert "ERROR training: internal error\nTraceback (most recent call last)" in logged and "in broken" in logged
+
+
+def test_a_full_disk_is_the_users_problem_not_a_bug(data, tmp_path, monkeypatch, capsys):
+    def full(self, micro_step):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "bank"))
+        yield
+
+    monkeypatch.setattr(STDMethod, "micro_step", full)
+    assert cli(["--preset", "tiny", "--data", str(data), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"error: No space left on device: {tmp_path / 'out' / 'bank'}"
+    assert "Traceback" not in err
+
+
 def test_config_file_run_config_and_help(data, tmp_path, trained):
     (tmp_path / "c.toml").write_text(f'data = "{data}"\nmax_steps = 2\nstyle_prompt = "ink wash"\n')
     cfg = config_from_argv(STDConfig, PRESETS, ["--preset", "tiny", "--config", str(tmp_path / "c.toml"),

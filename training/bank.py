@@ -120,16 +120,19 @@ def main(argv=None) -> int:
         print("usage: python -m training.bank build [options]  (see --help after 'build')", file=sys.stderr)
         return fail("the first argument must be 'build'")
 
+    where: dict[str, Path] = {}
+
     def run() -> int:
         cfg = config_from_argv(BuildConfig, PRESETS, argv[1:], "python -m training.bank build",
                                "Precompute whole teacher trajectories for a dataset (resumable; one shard per item "
                                "and draw).")
+        where["log"] = Path(cfg.output).expanduser() / "train.log"
         trainer = Trainer(cfg, STDMethod)
         n = build(cfg, trainer)
         log.info("wrote %d trajectories", n)
         return 0
 
-    return guarded(run)
+    return guarded(run, log_file=lambda: where.get("log"))
 
 
 if __name__ == "__main__":
