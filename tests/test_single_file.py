@@ -295,6 +295,60 @@ def test_the_tiny_preset_trains_from_an_sd15_single_file_with_its_text_encoder(c
     assert "text_encoder: loaded 36 / 36 tensors" in log and "unet: loaded" in log
 
 
+@pytest.mark.parametrize("method", ["std", "std_style", "sid_lsg"])
+def test_bf16_training_reads_the_frozen_weights_in_bf16_unless_a_style_lora_is_merged(comfy, tmp_path, monkeypatch,
+                                                                                    method):
+    """Host RAM: under bf16 the UNet and text encoders are read from the file in bf16 (half the bytes of fp32) and the
+    VAE in its own dtype, giving exactly the weights of the fp32 read cast afterwards; a style LoRA is merged in fp32,
+    so then they are read in fp32."""
+    import std_hf.base as base_module
+    from safetensors.torch import save_file as save
+    from training.common.config import config_from_argv
+    from training.common.trainer import Trainer
+    from training.sid_lsg.method import PRESETS as SID_PRESETS, SiDConfig, SiDMethod
+    from training.std.method import PRESETS, STDConfig, STDMethod
+
+    path = comfy["files"]["sdxl"][0]  # stored fp32
+    read = {}
+    original = base_module.materialize
+
+    def spy(module, mapping, source, dtype, report):
+        read[report.name] = dtype
+        return original(module, mapping, source, dtype, report)
+
+    monkeypatch.setattr(base_module, "materialize", spy)
+    common = ["--base", str(path), "--output", str(tmp_path / "out"), "--mixed-precision", "bf16", "--device", "cpu",
+              "--resolution", "64", "--lora-rank", "4", "--lora-alpha", "4", "--num-previews", "0"]
+    if method == "sid_lsg":
+        (tmp_path / "p.txt").write_text("a cat\n")
+        cfg = config_from_argv(SiDConfig, SID_PRESETS, [*common, "--prompts", str(tmp_path / "p.txt")])
+        trainer = Trainer(cfg, SiDMethod)
+    else:
+        data = tmp_path / "data"
+        data.mkdir()
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(data / "0.png")
+        extra = []
+        if method == "std_style":
+            save({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4, 3, 3),
+                  "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 1, 1, 1)}, str(tmp_path / "style.safetensors"))
+            extra = ["--style-lora", str(tmp_path / "style.safetensors")]
+        cfg = config_from_argv(STDConfig, PRESETS, [*common, "--data", str(data), *extra])
+        trainer = Trainer(cfg, STDMethod)
+    trainer.method.setup()
+    frozen = torch.float32 if method == "std_style" else torch.bfloat16
+    assert read == {"text_encoder": frozen, "text_encoder_2": frozen, "unet": frozen, "vae": torch.float32}
+    monkeypatch.setattr(base_module, "materialize", original)
+    reference = load_base(str(path))  # read in fp32, then cast as training does
+    got = trainer.method.base
+    for name in ("unet", "text_encoders"):
+        ours = [got.unet] if name == "unet" else got.text_encoders
+        theirs = [reference.unet] if name == "unet" else reference.text_encoders
+        for a, b in zip(ours, theirs):
+            sa = {k.replace(".base_layer", ""): v for k, v in a.state_dict().items() if ".lora_" not in k}
+            sb = b.state_dict()
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(torch.bfloat16)) for k in sa), name
+
+
 def test_the_app_starts_from_an_sdxl_single_file_offline(comfy):
     from std_app.engine import StyleSettings
     from std_app.startup import ModelOptions, load_engine

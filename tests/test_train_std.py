@@ -688,6 +688,26 @@ def test_bf16_keeps_the_lora_and_its_optimiser_state_fp32_and_offloads_text(data
     assert next(m.base.text_encoders[0].parameters()).dtype == torch.bfloat16
 
 
+def test_the_lora_init_is_one_fp32_draw_whatever_the_frozen_dtype():
+    """The frozen weights may be read in bf16 (host RAM); PEFT would then create the LoRA in bf16, rounding its
+    init: the init is drawn in fp32 from the seed instead, the same for an fp32 and a bf16 UNet."""
+    from std_hf.base import cast_floats
+    from std_hf.tiny import make_unet
+    from training.common.config import LORA_TARGETS
+    from training.common.lora import add_lora
+
+    fp32, bf16 = make_unet("sd15"), make_unet("sd15")
+    cast_floats(bf16, torch.bfloat16)
+    a, b = (add_lora(u, "student", 4, 4.0, LORA_TARGETS, seed=3) for u in (fp32, bf16))
+    assert [n for n, _ in a] == [n for n, _ in b] and len(a) > 20
+    assert all(p.dtype == q.dtype == torch.float32 and torch.equal(p, q) for (_, p), (_, q) in zip(a, b))
+    downs = torch.cat([p.flatten() for n, p in a if ".lora_A." in n])
+    assert all(torch.count_nonzero(p) == 0 for n, p in a if ".lora_B." in n)
+    assert abs(float(downs.std()) - 1 / 4) < 0.01  # PEFT's "gaussian": N(0, 1/r²)
+    again = add_lora(make_unet("sd15"), "student", 4, 4.0, LORA_TARGETS, seed=4)
+    assert not torch.equal(a[0][1], again[0][1])  # the seed decides
+
+
 def test_fp16_uses_one_gradient_scaler_per_optimiser_and_skips_inf_steps(data, tmp_path):
     trainer = Trainer(_cfg(data, tmp_path), STDMethod)
     w = torch.nn.Parameter(torch.ones(3))

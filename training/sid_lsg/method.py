@@ -111,7 +111,10 @@ class SiDMethod:
         cfg = self.cfg
         validate(cfg)
         self.prompts = read_prompts(cfg.prompts)
-        base = load_base(cfg.base, torch.float32, cfg.tokenizer or None, seed=cfg.seed)
+        # frozen weights are read in the dtype they train in (host RAM, see training/README); full copies of the
+        # UNet are trained, so with --full-finetune the UNet is read in fp32
+        read = torch.float32 if cfg.full_finetune else self.trainer.weight_dtype
+        base = load_base(cfg.base, read, cfg.tokenizer or None, seed=cfg.seed, vae_dtype=vae_dtype(cfg))
         for r in base.reports:
             log.info("base %s: %s", base.name, r.line())
         if base.prediction_type != "epsilon":

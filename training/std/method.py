@@ -184,7 +184,11 @@ class STDMethod:
         log.info("data: %d item(s) in %d bucket(s) %s", len(self.items), len(set(self.buckets)),
                  ", ".join(f"{w}x{h}" for h, w in sorted(set(self.buckets))))
         self.sampler = BucketSampler(self.buckets, cfg.batch_size, cfg.seed, self.trainer.rank, self.trainer.world)
-        base = load_base(cfg.base, torch.float32, cfg.tokenizer or None, seed=cfg.seed)
+        self.vae_dtype = vae_dtype(cfg)
+        # the frozen weights are read in the dtype they train in (under bf16 half the host RAM of fp32, see
+        # training/README); a style LoRA is merged in fp32, so then everything is read in fp32 and cast after
+        read = torch.float32 if cfg.style_lora else self.trainer.weight_dtype
+        base = load_base(cfg.base, read, cfg.tokenizer or None, seed=cfg.seed, vae_dtype=self.vae_dtype)
         for r in base.reports:
             log.info("base %s: %s", base.name, r.line())
         self.style_layers = {}
@@ -221,7 +225,6 @@ class STDMethod:
                  exclude_motion_proj=cfg.video)
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
-        self.vae_dtype = vae_dtype(cfg)
         cast_frozen(base, self.trainer.weight_dtype)
         base.to(device, vae_dtype=self.vae_dtype)
         if self.style_ref is not None:
