@@ -161,7 +161,8 @@ def attach_ip_adapter(pipe, adapter_path: Path, encoder_path: Path, base_label: 
     """Validate an IP-Adapter and its image encoder against the pipeline, then load both into it.
 
     Returns a short description (file names). Errors (wrong base, wrong encoder width, Plus/FaceID files) are
-    :class:`STDInputError` from the checks the trainer's teacher uses too (:func:`std_hf.ip_adapter.prepare_style_adapter`).
+    :class:`STDInputError` from the checks the trainer's teacher uses too
+    (:func:`std_hf.ip_adapter.prepare_style_adapter`).
     """
     nested, weights, encoder = prepare_style_adapter(pipe.unet, adapter_path, encoder_path, base_label,
                                                      pipe.unet.dtype)

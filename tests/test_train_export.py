@@ -71,3 +71,27 @@ def test_the_tiny_base_leaves_no_temporary_folder(tmp_path, monkeypatch):
     kept = tokenizers(write_tokenizer(tmp_path / "kept"), "sdxl")
     for gone, there in zip(base.tokenizers, kept):  # read into memory before their folder went
         assert gone("a cat!").input_ids == there("a cat!").input_ids and gone.pad_token == there.pad_token
+
+
+def test_a_failed_json_or_bank_write_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import training.std.bank as bank
+    from training.common.state import read_json, write_json
+
+    path = tmp_path / "state.json"
+    write_json(path, {"step": 1})
+    with pytest.raises(ValueError):
+        write_json(path, {"step": float("nan")})  # JSON has no NaN: refused half-way
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"] and read_json(path) == {"step": 1}
+
+    store = bank.TrajectoryBank(tmp_path / "bank", 2, 0.5)
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 8)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bank, "save_file", full)
+    with pytest.raises(OSError, match="No space"):
+        store.step(None, 30, torch.zeros(4, 8, 8), {"z0": torch.zeros(4, 8, 8), "prompt_embeds": torch.zeros(77, 8),
+                                                    "pooled": torch.zeros(8)}, "a cat", 5.0)
+    assert not list((tmp_path / "bank").glob("*.tmp"))

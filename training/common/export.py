@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from comfyui_std.core.lora import encode_std_metadata, is_motion_key, to_kohya
 from std_hf.lora import LoraLayer
+from training.common.state import atomic_file
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
@@ -38,14 +39,9 @@ KOHYA_TEXT = {"sd15": {"text_encoder": "lora_te_"},
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     """Write a .safetensors file under a temporary name and rename it when complete, mode 0644; on any error the
     temporary file is removed and ``path`` keeps what it held."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_file(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

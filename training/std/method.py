@@ -36,6 +36,7 @@ from training.common.ema import ema_copy, ema_update, swapped
 from training.common.export import combine, export_layers, export_lora
 from training.common.lora import adapter_layers, adapter_params, add_lora
 from training.common.precision import cast_frozen, vae_dtype
+from training.common.state import atomic_file
 from training.std.bank import OfflineTrajectories, TrajectoryBank
 from training.std.trajectory import (LAST_INDEX, S_WINDOWS, DDIMGrid, add_noise, cfg_lcm, draw_target_index, jump,
                                      pseudo_huber, start_index, window_size, x0_eps)
@@ -448,9 +449,8 @@ class STDMethod:
             out["mean" + tag] = mean.float().cpu().contiguous()
             if std is not None:
                 out["std" + tag] = std.float().cpu().contiguous()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(out, str(tmp))
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            save_file(out, str(tmp))
 
     def decode(self, latents: torch.Tensor, frames: list[int] | None = None) -> torch.Tensor:
         """Latents -> pixels; clips [B,C,F,h,w] decode the given frames (the discriminator is per frame)."""
