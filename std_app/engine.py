@@ -124,32 +124,25 @@ class RunResult:
     lora: LoraEntry | None
 
 
-@dataclass
-class VideoRunResult:
-    """What :meth:`STDEngine.run_video_file` wrote (from the stream's report) and the run's settings.
+@dataclass(kw_only=True)
+class VideoRunResult(StreamReport):
+    """What :meth:`STDEngine.run_video_file` wrote: the stream's report (``path``, ``frames``, ``fps``, ``width``,
+    ``height``, ``chunks``, ``audio``, ``notices``, with the engine's notices added) and the run's settings.
 
     ``seconds`` is the engine's wall time for the whole run (text encoding, the stream, the CUDA sync);
-    ``stream_seconds`` the stream's own (:attr:`StreamReport.seconds`)."""
+    ``stream_seconds`` the stream's own (the report's ``seconds``)."""
 
-    path: Path
-    frames: int
-    fps: float
-    width: int
-    height: int
-    chunks: int
-    audio: str              # "none", "copied (aac)", "re-encoded to AAC", ...
-    notices: list[str]
-    plan: STDPlan
-    seconds: float
     stream_seconds: float
+    plan: STDPlan
     settings: StyleSettings
     lora: LoraEntry | None
     record: dict  # the settings record written into the file's "comment" tag (JSON)
 
     @classmethod
-    def from_report(cls, report: StreamReport, notices: list[str], **run) -> "VideoRunResult":
-        return cls(report.path, report.frames, report.fps, report.width, report.height, report.chunks, report.audio,
-                   [*report.notices, *notices], stream_seconds=report.seconds, **run)
+    def from_report(cls, report: StreamReport, notices: list[str], *, seconds: float, **run) -> "VideoRunResult":
+        values = {f.name: getattr(report, f.name) for f in dataclasses.fields(StreamReport)}
+        values.update(seconds=seconds, stream_seconds=report.seconds, notices=[*report.notices, *notices])
+        return cls(**values, **run)
 
 
 class STDEngine:

@@ -13,6 +13,13 @@ import training.common.export as export
 from training.common.export import atomic_folder, atomic_save
 
 
+def _full_disk(tensors, filename, metadata=None):
+    """A save_file that writes part of the file, then finds the disk full."""
+    with open(filename, "wb") as f:
+        f.write(b"\x00" * 10)
+    raise OSError(28, "No space left on device")
+
+
 @pytest.fixture()
 def strict_umask():
     old = os.umask(0o077)
@@ -28,12 +35,7 @@ def test_atomic_save_writes_0644_and_a_failure_keeps_the_old_file_and_leaves_no_
     atomic_save({"a": torch.ones(2)}, path, {"k": "v"})
     assert stat.S_IMODE(path.stat().st_mode) == 0o644 and torch.equal(load_file(str(path))["a"], torch.ones(2))
 
-    def half_written(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"\x00" * 10)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(export, "save_file", half_written)
+    monkeypatch.setattr(export, "save_file", _full_disk)
     with pytest.raises(OSError, match="No space left"):
         atomic_save({"a": torch.zeros(2)}, path, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
@@ -85,12 +87,7 @@ def test_a_failed_json_or_bank_write_keeps_the_old_file_and_leaves_no_tmp(tmp_pa
 
     store = bank.TrajectoryBank(tmp_path / "bank", 2, 0.5)
 
-    def full(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"\0" * 8)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(bank, "save_file", full)
+    monkeypatch.setattr(bank, "save_file", _full_disk)
     with pytest.raises(OSError, match="No space"):
         store.step(None, 30, torch.zeros(4, 8, 8), {"z0": torch.zeros(4, 8, 8), "prompt_embeds": torch.zeros(77, 8),
                                                     "pooled": torch.zeros(8)}, "a cat", 5.0)
