@@ -82,13 +82,13 @@ def optimizer_bytes(params, eight_bit: bool) -> int:
 def account(name: str) -> dict:
     """Bytes per category for one preset (nothing is allocated)."""
     from training.common.lora import add_lora
-    from training.common.trainer import frozen_dtype
+    from training.common.precision import frozen_dtype, vae_dtype
 
     method, arch, budget = PRESETS[name]
     cfg = preset_config(name)
     unet, vae, texts = meta_models(arch)
     wdt = frozen_dtype(cfg)
-    vdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.vae_dtype]
+    vdt = vae_dtype(cfg)
     if method == "std":
         trained = [p for _, p in add_lora(unet, "student", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, 0)]
         ema = []
@@ -144,32 +144,33 @@ def measure(name: str, steps: int = 3, device: str = "cuda") -> int | None:
     from std_hf.configs import ARCHITECTURES
 
     spec = ARCHITECTURES[arch]
-    tmp = Path(tempfile.mkdtemp(prefix="std-memory-"))
-    for i in range(4):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(
-            tmp / f"{i}.png")
+    with tempfile.TemporaryDirectory(prefix="std-memory-") as folder:  # data, tokenizer and run folder, removed after
+        tmp = Path(folder)
+        for i in range(4):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(
+                tmp / f"{i}.png")
 
-    def random_base(*_a, **_k):
-        texts = [CLIPTextModel(CLIPTextConfig(**spec["text"][0]))]
-        if arch == "sdxl":
-            texts.append(CLIPTextModelWithProjection(CLIPTextConfig(**spec["text"][1])))
-        vae = AutoencoderKL(**spec["vae"])
-        return Base(UNet2DConditionModel(**spec["unet"]), vae, texts, tokenizers(write_tokenizer(tmp / "tok"), arch),
-                    arch, DiscreteSchedule(), f"random-{arch}", float(vae.config.scaling_factor), 0.0, [], "random",
-                    dict(SD_SCHEDULER))
+        def random_base(*_a, **_k):
+            texts = [CLIPTextModel(CLIPTextConfig(**spec["text"][0]))]
+            if arch == "sdxl":
+                texts.append(CLIPTextModelWithProjection(CLIPTextConfig(**spec["text"][1])))
+            vae = AutoencoderKL(**spec["vae"])
+            return Base(UNet2DConditionModel(**spec["unet"]), vae, texts, tokenizers(write_tokenizer(tmp / "tok"), arch),
+                        arch, DiscreteSchedule(), f"random-{arch}", float(vae.config.scaling_factor), 0.0, [], "random",
+                        dict(SD_SCHEDULER))
 
-    cfg = preset_config(name)
-    cfg.base, cfg.data, cfg.output, cfg.max_steps = "random", str(tmp), str(tmp / "out"), steps
-    cfg.device, cfg.checkpoint_every, cfg.num_previews, cfg.dino = device, 0, 0, "tiny"
-    cfg.dino_hooks = [0, 1]
-    original = std_method.load_base
-    std_method.load_base = random_base
-    try:
-        torch.cuda.reset_peak_memory_stats()
-        Trainer(cfg, std_method.STDMethod).run()
-        return int(torch.cuda.max_memory_allocated())
-    finally:
-        std_method.load_base = original
+        cfg = preset_config(name)
+        cfg.base, cfg.data, cfg.output, cfg.max_steps = "random", str(tmp), str(tmp / "out"), steps
+        cfg.device, cfg.checkpoint_every, cfg.num_previews, cfg.dino = device, 0, 0, "tiny"
+        cfg.dino_hooks = [0, 1]
+        original = std_method.load_base
+        std_method.load_base = random_base
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            Trainer(cfg, std_method.STDMethod).run()
+            return int(torch.cuda.max_memory_allocated())
+        finally:
+            std_method.load_base = original
 
 
 def main(argv=None) -> None:

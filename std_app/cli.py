@@ -10,29 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from std_hf.devices import check_device
+
 from .startup import ModelOptions, tiny_options
 
 TINY_ARCHITECTURES = ("sd15", "sdxl")
-
-
-def check_device(device: str) -> str | None:
-    """Why ``--device`` cannot be used, or None."""
-    import torch
-
-    if device == "auto":
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        return f"'{device}' is not a device: use auto, cpu, cuda, cuda:1, mps, ..."
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"'{device}': no CUDA GPU is available to this torch (torch.cuda.is_available() is False)"
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            return f"'{device}': there are only {torch.cuda.device_count()} CUDA devices"
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        return f"'{device}': MPS is not available on this machine"
-    return None
 
 
 def _device(value: str) -> str:
@@ -49,6 +31,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--base", help="SDXL or SD1.5 base: diffusers folder, single .safetensors file, file name in "
                                   "checkpoints/, or a Hub id (owner/name, downloads with a progress bar)")
     m.add_argument("--base-config", help="diffusers folder (or Hub id) with the configs of a single-file base")
+    m.add_argument("--tokenizer", help="folder with the CLIP tokenizer files (vocab.json, merges.txt) of a single-file "
+                                       "base, when no ComfyUI install is found (ComfyUI ships them in "
+                                       "comfy/sd1_tokenizer)")
     m.add_argument("--lora", action="append", default=[], help="STD LoRA file (repeatable; default: every STD LoRA "
                                                                "in --models-dir/loras); hf:owner/name/file works too")
     m.add_argument("--ip-adapter", help="IP-Adapter file for the style reference (default: "
@@ -80,6 +65,6 @@ def model_options(args: argparse.Namespace, tiny_root: Path | None = None) -> Mo
     builds its models; a temporary folder by default)."""
     if args.tiny:
         return tiny_options(args.tiny, tiny_root)
-    return ModelOptions(base=args.base, base_config=args.base_config, loras=args.lora, ip_adapter=args.ip_adapter,
-                        image_encoder=args.image_encoder, models_dir=args.models_dir, device=args.device,
-                        dtype=args.dtype)
+    return ModelOptions(base=args.base, base_config=args.base_config, tokenizer=args.tokenizer, loras=args.lora,
+                        ip_adapter=args.ip_adapter, image_encoder=args.image_encoder, models_dir=args.models_dir,
+                        device=args.device, dtype=args.dtype)

@@ -10,6 +10,7 @@ goes through diffusers' IP-Adapter with the shared style-block preset (:func:`di
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import warnings
@@ -25,11 +26,16 @@ from comfyui_std.core import DiscreteSchedule, KDenoiser, STDInputError, STDPlan
 from comfyui_std.core.plan import check_gamma, check_nfe, check_start_strength, origin_grid
 from comfyui_std.core.pipeline import check_noise_mode, std_chunk_runner, stylize_latents
 from comfyui_std.core.stream import StreamReport, stylize_video_file
+from comfyui_std.core.images import image_to_float
 from comfyui_std.core.style_blocks import PRESET_NAMES, diffusers_ip_scale
+from std_hf.base import LatentCodec
+from std_hf.ip_adapter import image_embeds
+from std_hf.lora import check_lora_fits, read_lora
 
 from .media import fit_size, plan_record, resize_frames
-from .models import LoraCatalog, LoraEntry, architecture, check_lora_fits
+from .models import LoraCatalog, LoraEntry, architecture
 
+log = logging.getLogger("std_app")
 MAX_SEED = 2 ** 63 - 1
 #: the most frames :meth:`STDEngine.run_video_file` stylizes from one file (about an hour at 30 fps); front ends
 #: state their own, lower limit with ``max_frames``
@@ -118,22 +124,25 @@ class RunResult:
     lora: LoraEntry | None
 
 
-@dataclass
-class VideoRunResult:
+@dataclass(kw_only=True)
+class VideoRunResult(StreamReport):
     """What :meth:`STDEngine.run_video_file` wrote: the stream's report (``path``, ``frames``, ``fps``, ``width``,
-    ``height``, ``chunks``, ``audio``, ``notices``; read through this object too) and the run's settings."""
+    ``height``, ``chunks``, ``audio``, ``notices``, with the engine's notices added) and the run's settings.
 
-    report: StreamReport
+    ``seconds`` is the engine's wall time for the whole run (text encoding, the stream, the CUDA sync);
+    ``stream_seconds`` the stream's own (the report's ``seconds``)."""
+
+    stream_seconds: float
     plan: STDPlan
-    seconds: float
     settings: StyleSettings
     lora: LoraEntry | None
     record: dict  # the settings record written into the file's "comment" tag (JSON)
 
-    def __getattr__(self, name):
-        if name == "report":
-            raise AttributeError(name)
-        return getattr(self.report, name)
+    @classmethod
+    def from_report(cls, report: StreamReport, notices: list[str], *, seconds: float, **run) -> "VideoRunResult":
+        values = {f.name: getattr(report, f.name) for f in dataclasses.fields(StreamReport)}
+        values.update(seconds=seconds, stream_seconds=report.seconds, notices=[*report.notices, *notices])
+        return cls(**values, **run)
 
 
 class STDEngine:
@@ -155,6 +164,7 @@ class STDEngine:
         self.style = style
         self.arch = architecture(pipe)
         self.schedule = DiscreteSchedule.from_config(pipe.scheduler.config)
+        self.codec = LatentCodec(pipe.vae, float(pipe.vae.config.scaling_factor))
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.native_size = int(pipe.unet.config.sample_size) * self.vae_scale
         self.max_loaded_loras = max_loaded_loras
@@ -187,12 +197,15 @@ class STDEngine:
             self.pipe.delete_adapters([name])
 
     def _load_lora(self, entry: LoraEntry) -> None:
-        from safetensors.torch import load_file
-
         if not entry.path.exists():
             raise STDInputError("lora", f"'{entry.path}' is gone; put the file back or restart the app")
-        state_dict = load_file(str(entry.path))
-        check_lora_fits(self.pipe.unet, state_dict, entry, self.base_label)
+        state_dict, metadata = read_lora(entry.path, "lora")  # a corrupt file is a message, not a SafetensorError
+        texts = [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m is not None]
+        motion = set(check_lora_fits(self.pipe.unet, texts, state_dict, entry.name, metadata, self.base_label))
+        if motion:  # a v2v LoRA's motion-module layers: the app runs the image UNet frame by frame
+            log.warning("LoRA %s: its %d motion-module tensors are not applied (the app stylizes frame by frame, "
+                        "without a motion module)", entry.name, len(motion))
+            state_dict = {k: v for k, v in state_dict.items() if k not in motion}
         try:
             with warnings.catch_warnings():  # several adapters on one model is what the app does on purpose
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -254,9 +267,8 @@ class STDEngine:
             zeros = torch.zeros(1, 1, width, dtype=pipe.unet.dtype, device=self.device)
             return zeros, zeros
         pipe.set_ip_adapter_scale(diffusers_ip_scale(settings.style_preset, self.arch, settings.style_weight))
-        pixels = pipe.feature_extractor(images=style_image.convert("RGB"), return_tensors="pt").pixel_values
-        embeds = pipe.image_encoder(pixels.to(self.device, pipe.image_encoder.dtype)).image_embeds
-        embeds = embeds[:, None].to(pipe.unet.dtype)
+        rgb, _, _ = image_to_float(style_image, "style image")  # 8-bit RGB from the handlers: exact
+        embeds = image_embeds(pipe.image_encoder, rgb)[:, None].to(pipe.unet.dtype)
         return torch.zeros_like(embeds), embeds
 
     def denoiser(self, branches: list[Branch], cfg: float) -> KDenoiser:
@@ -282,24 +294,15 @@ class STDEngine:
     # VAE ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, frames: torch.Tensor, batch: int) -> torch.Tensor:
-        """Frames [N, H, W, 3] in 0..1 -> scaled latents [N, 4, H/8, W/8] (float32; the posterior mean)."""
-        vae = self.pipe.vae
-        out = []
-        for s in range(0, frames.shape[0], batch):
-            x = frames[s:s + batch].permute(0, 3, 1, 2).to(self.device, vae.dtype) * 2 - 1
-            out.append(vae.encode(x).latent_dist.mode().float() * vae.config.scaling_factor)
-        return torch.cat(out)
+        """Frames [N, H, W, 3] in 0..1 -> scaled latents [N, 4, H/8, W/8] (float32; the posterior mean), VAE in
+        blocks of ``batch`` (the trainer's codec, :class:`std_hf.base.LatentCodec`)."""
+        return self.codec.encode(frames.permute(0, 3, 1, 2) * 2 - 1, batch=batch)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int) -> torch.Tensor:
-        """Scaled latents -> frames [N, H, W, 3] in 0..1, float32 on the CPU."""
-        vae = self.pipe.vae
-        out = []
-        for s in range(0, latents.shape[0], batch):
-            z = latents[s:s + batch].to(self.device, vae.dtype) / vae.config.scaling_factor
-            x = vae.decode(z, return_dict=False)[0].float()
-            out.append(((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu())
-        return torch.cat(out)
+        """Scaled latents -> frames [N, H, W, 3] in 0..1, float32 on the CPU (each block moved there at once)."""
+        pixels = self.codec.decode(latents, batch=batch, device="cpu")
+        return ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
 
     # Runs ---------------------------------------------------------------------------------------------------------
     def onestep_sigmas(self, t_init: int) -> torch.Tensor:
@@ -442,6 +445,6 @@ class STDEngine:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
-        report.notices += notices
-        return VideoRunResult(report, plan, seconds, settings, entry, rec)
+        return VideoRunResult.from_report(report, notices, plan=plan, seconds=seconds, settings=settings, lora=entry,
+                                          record=rec)
 

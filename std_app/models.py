@@ -17,11 +17,8 @@ import torch
 
 from comfyui_std.core.errors import STDInputError
 from comfyui_std.core.lora import eta_mismatch_warning, std_metadata
-from comfyui_std.core.style_blocks import check_adapter_fits, check_image_embeds, ip_layer_order, parse_ip_adapter
-from std_hf.files import (FLAG, FOLDERS, LABEL, WEIGHT_SUFFIXES, WHAT, ModelRef, hub_snapshot,  # noqa: F401
-                          local_file, not_found, resolve, safetensors_metadata)
-from std_hf.ip_adapter import load_image_encoder, read_ip_adapter
-from std_hf.lora import check_lora_fits as _check_lora_fits
+from std_hf.files import ModelRef, local_file, resolve, safetensors_metadata
+from std_hf.ip_adapter import prepare_style_adapter
 
 log = logging.getLogger("std_app")
 
@@ -36,37 +33,26 @@ def architecture(pipe) -> str:
     return "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd15"
 
 
-def load_pipeline(ref: ModelRef, dtype: torch.dtype, device: str, config: str | None = None,
-                  models_dir: Path | None = None):
-    """An SD1.5 or SDXL pipeline around the base model, loaded by :func:`std_hf.base.load_base`.
+def load_pipeline(ref: ModelRef, dtype: torch.dtype, device, config: str | None = None,
+                  models_dir: Path | None = None, tokenizer: str | None = None):
+    """An SD1.5 or SDXL pipeline around the base model, loaded by :func:`std_hf.base.load_base` (the trainer's
+    loader: single files offline with configs from their tensors and tokenizer files from ComfyUI or ``tokenizer``;
+    ``config``, a diffusers folder or Hub id of the same architecture, for a single file whose layout is unusual).
 
     The pipeline is used as a container of modules (UNet, VAE, text encoders, scheduler config); the app drives the
-    UNet with the STD sampler itself. Single files load offline (configs from their tensors, tokenizer files from
-    ComfyUI); ``config`` (a diffusers folder or Hub id of the same architecture) supplies component configs and
-    tokenizers for a single file whose layout is unusual.
+    UNet with the STD sampler itself. The VAE is read in fp32 and kept there when its config asks for it
+    (``force_upcast``: the SDXL VAE overflows in fp16).
     """
     from diffusers import AutoencoderTiny
 
-    from std_hf.base import as_pipeline, load_diffusers_folder, load_single_file
+    from std_hf.base import as_pipeline, load_base
 
-    if ref.path is None:
-        base = load_diffusers_folder(hub_snapshot(ref.repo_id), dtype)
-    elif ref.path.is_dir():
-        if not (ref.path / "model_index.json").exists():
-            raise STDInputError("base model", f"{ref.path} is a folder but not a diffusers model (no "
-                                              "model_index.json)")
-        base = load_diffusers_folder(ref.path, dtype)
-    else:
-        folder = None
-        if config:
-            cref = resolve("base", config)
-            folder = cref.path if cref.path is not None else hub_snapshot(cref.repo_id, ["*.json", "*.txt"])
-        base = load_single_file(ref.path, dtype, near=[models_dir] if models_dir else [], config_folder=folder)
+    base = load_base(ref, dtype, tokenizer, models_dir, config=config, vae_dtype=torch.float32)
     if isinstance(base.vae, AutoencoderTiny):
         raise STDInputError("base model", f"'{ref.label}' holds a TAESD preview VAE; the app needs the full VAE of "
                                           "the base model")
-    if dtype != torch.float32 and getattr(base.vae.config, "force_upcast", False):
-        base.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+    if dtype != torch.float32 and not getattr(base.vae.config, "force_upcast", False):
+        base.vae.to(dtype)
     for report in base.reports:
         log.info("%s: %s", ref.label, report.line())
     return as_pipeline(base).to(device)
@@ -168,12 +154,6 @@ class LoraCatalog:
 NO_LORA = "(none: base model)"
 
 
-def check_lora_fits(unet, state_dict: dict[str, torch.Tensor], entry: LoraEntry, base_label: str) -> None:
-    """Refuse a LoRA made for another base model before diffusers half-applies it
-    (:func:`std_hf.lora.check_lora_fits`)."""
-    _check_lora_fits(unet, state_dict, entry.name, entry.metadata, base_label)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # IP-Adapter and its image encoder
 
@@ -181,21 +161,13 @@ def attach_ip_adapter(pipe, adapter_path: Path, encoder_path: Path, base_label: 
     """Validate an IP-Adapter and its image encoder against the pipeline, then load both into it.
 
     Returns a short description (file names). Errors (wrong base, wrong encoder width, Plus/FaceID files) are
-    :class:`STDInputError` from the shared core checks.
+    :class:`STDInputError` from the checks the trainer's teacher uses too
+    (:func:`std_hf.ip_adapter.prepare_style_adapter`).
     """
-    sd = read_ip_adapter(adapter_path)
-    try:
-        weights = parse_ip_adapter(sd)
-    except STDInputError as err:
-        raise STDInputError("IP-Adapter", f"'{adapter_path.name}': {str(err).split(': ', 1)[1]}") from None
-    attn2 = {name[: -len(".processor")]: name for name in pipe.unet.attn_processors if name.endswith("attn2.processor")}
-    inner = [pipe.unet.get_submodule(n).to_k.out_features for n in ip_layer_order(attn2)]
-    check_adapter_fits(weights, pipe.unet.config.cross_attention_dim, inner, base_label)
-    encoder = load_image_encoder(encoder_path, pipe.unet.dtype)
-    check_image_embeds(weights, torch.zeros(1, encoder.config.projection_dim))
+    nested, weights, encoder = prepare_style_adapter(pipe.unet, adapter_path, encoder_path, base_label,
+                                                     pipe.unet.dtype)
     pipe.register_modules(image_encoder=encoder.to(pipe.device))
-    pipe.load_ip_adapter(sd, subfolder="", weight_name=adapter_path.name, image_encoder_folder=None)
+    pipe.load_ip_adapter(nested, subfolder="", weight_name=adapter_path.name, image_encoder_folder=None)
     log.info("style reference: %s (%s) with image encoder %s", adapter_path.name, weights.describe(),
              encoder_path.name)
     return f"{adapter_path.name} + {encoder_path.name}"
-

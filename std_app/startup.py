@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 
 from comfyui_std.core import STDInputError
+from std_hf.devices import DTYPES, pick_device
+from std_hf.files import FOLDERS, local_file, resolve
 
 from . import tiny
 from .engine import STDEngine
-from .models import FOLDERS, LoraCatalog, architecture, attach_ip_adapter, load_pipeline, local_file, resolve
+from .models import LoraCatalog, architecture, attach_ip_adapter, load_pipeline
 
 log = logging.getLogger("std_app")
 
@@ -30,6 +32,7 @@ class ModelOptions:
 
     base: str | None = None
     base_config: str | None = None
+    tokenizer: str | None = None  # CLIP tokenizer files for a single-file base (default: found in ComfyUI)
     loras: list[str] = field(default_factory=list)
     ip_adapter: str | None = None
     image_encoder: str | None = None
@@ -39,16 +42,11 @@ class ModelOptions:
     tiny: str | None = None  # "sd15" or "sdxl": build and use the tiny offline zoo
 
 
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def pick_dtype(dtype: str, device: str) -> torch.dtype:
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp16 on a CUDA GPU, else fp32."""
     if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
 
 
 def tiny_options(arch: str, root: Path | None = None) -> ModelOptions:
@@ -96,7 +94,7 @@ def load_engine(options: ModelOptions) -> STDEngine:
     if not options.base:
         raise no_base_error(options.models_dir)
     ref = resolve("base", options.base, options.models_dir)
-    pipe = load_pipeline(ref, dtype, device, options.base_config, options.models_dir)
+    pipe = load_pipeline(ref, dtype, device, options.base_config, options.models_dir, options.tokenizer)
     pipe.set_progress_bar_config(disable=True)
     arch = architecture(pipe)
     catalog = LoraCatalog.discover(options.loras, options.models_dir)

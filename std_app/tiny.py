@@ -14,7 +14,6 @@ import torch
 
 from comfyui_std.core.lora import encode_std_metadata
 from comfyui_std.core.style_blocks import ip_layer_order
-from std_hf.tiny import TEXT_WIDTH, make_unet, tiny_components, tokenizers, write_tokenizer  # noqa: F401
 
 ARCHITECTURES = ("sd15", "sdxl")
 ZOO_ETAS = (0.65, 0.75, 0.85, 0.95)
@@ -28,19 +27,13 @@ def base_name(arch: str) -> str:
     return f"tiny-{arch}"
 
 
-def build_pipeline(arch: str, tokenizer_dir: Path):
-    """A tiny diffusers pipeline of the given architecture (random weights, seed 0)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+def build_pipeline(arch: str):
+    """A tiny diffusers pipeline of the given architecture: the trainers' tiny base (:func:`std_hf.tiny.tiny_base`,
+    random weights, seed 0) in the container the app loads (:func:`std_hf.base.as_pipeline`)."""
+    from std_hf.base import as_pipeline
+    from std_hf.tiny import tiny_base
 
-    parts = tiny_components(arch, seed=0)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    toks = tokenizers(tokenizer_dir, arch)
-    common = dict(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=toks[0], unet=parts["unet"],
-                  scheduler=scheduler)
-    if arch == "sdxl":
-        return StableDiffusionXLPipeline(**common, text_encoder_2=parts["text_encoder_2"], tokenizer_2=toks[1])
-    return StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return as_pipeline(tiny_base(arch, seed=0))
 
 
 def write_lora(unet, path: Path, eta: float | None, kind: str, base: str, rank: int = 4, seed: int = 0,
@@ -110,8 +103,7 @@ def build_tiny_models(root: Path, arch: str = "sd15") -> Path:
     root = Path(root)
     base = root / "diffusers" / base_name(arch)
     if not (base / "model_index.json").exists():
-        write_tokenizer(root / "tokenizer")
-        build_pipeline(arch, root / "tokenizer").save_pretrained(str(base))
+        build_pipeline(arch).save_pretrained(str(base))
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")

@@ -30,7 +30,7 @@ from comfyui_std.core.errors import STDInputError
 from comfyui_std.core.schedules import DiscreteSchedule
 
 from . import ldm
-from .files import hub_snapshot, resolve
+from .files import ModelRef, hub_snapshot, resolve
 from .weights import ComponentReport, TensorSource, build_on_meta, check, folder_weights, materialize
 
 ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
@@ -76,24 +76,20 @@ class Base:
         return int(getattr(enc.config, "projection_dim", None) or enc.config.hidden_size) if self.arch == "sdxl" \
             else int(enc.config.hidden_size)
 
+    @property
+    def codec(self) -> "LatentCodec":
+        return LatentCodec(self.vae, self.latent_scale, self.latent_shift)
+
     def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels in [-1, 1] -> latents (a posterior sample with ``generator``, else the mean)."""
-        mean, std = self.latent_moments(pixels)
-        if generator is None or std is None:
-            return mean
-        return mean + std * torch.randn(mean.shape, generator=generator).to(mean)
+        return self.codec.encode(pixels, generator)
 
     def latent_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean, std) of the latent posterior, already shifted and scaled (std is None for a deterministic VAE)."""
-        out = self.vae.encode(pixels.to(next(self.vae.parameters()).dtype))
-        dist = getattr(out, "latent_dist", None)
-        if dist is None:  # AutoencoderTiny (TAESD): deterministic
-            return (out.latents.float() + self.latent_shift) * self.latent_scale, None
-        return ((dist.mean.float() + self.latent_shift) * self.latent_scale, dist.std.float() * self.latent_scale)
+        return self.codec.moments(pixels)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode((latents / self.latent_scale - self.latent_shift).to(dtype)).sample.float()
+        return self.codec.decode(latents)
 
     def to(self, device, dtype=None, vae_dtype=None):
         """Move (and cast) the frozen weights: UNet and text encoders to ``dtype``, the VAE to ``vae_dtype``."""
@@ -109,6 +105,60 @@ class Base:
         lines = [f"architecture: {ARCH_NAMES.get(self.arch, self.arch)}", f"prediction type: {self.prediction_type}"]
         lines += [r.line() for r in self.reports]
         return lines
+
+
+@dataclass
+class LatentCodec:
+    """Pixels <-> latents through a VAE, for the trainers and the app: ``latents = (vae_output + shift) * scale``.
+
+    ``batch`` processes that many images at a time (the app's video path: memory follows the batch, and a streamed
+    run and an in-memory run of the same frames give the same latents bit for bit because both go through here with
+    the same blocks); each block goes to the VAE's device and dtype, and comes back float32 (on ``device`` when
+    given, else on the VAE's device).
+    """
+
+    vae: torch.nn.Module
+    scale: float
+    shift: float = 0.0
+
+    def _blocks(self, x: torch.Tensor, batch: int | None, prepare=None):
+        """Blocks of ``batch`` rows of ``x`` (all at once without), each ``prepare``d in float32, then on the VAE's
+        device and dtype."""
+        step = batch or max(1, x.shape[0])
+        param = next(self.vae.parameters())
+        for s in range(0, x.shape[0], step):
+            block = x[s:s + step]
+            yield (block if prepare is None else prepare(block.float())).to(param.device, param.dtype)
+
+    def moments(self, pixels: torch.Tensor, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean, std) of the latent posterior of pixels ``[N, 3, H, W]`` in [-1, 1], shifted and scaled (std is
+        None for a deterministic VAE such as TAESD)."""
+        means, stds = [], []
+        for x in self._blocks(pixels, batch):
+            out = self.vae.encode(x)
+            dist = getattr(out, "latent_dist", None)
+            if dist is None:  # AutoencoderTiny (TAESD): deterministic
+                means.append((out.latents.float() + self.shift) * self.scale)
+            else:
+                means.append((dist.mean.float() + self.shift) * self.scale)
+                stds.append(dist.std.float() * self.scale)
+        return torch.cat(means), (torch.cat(stds) if stds else None)
+
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
+               batch: int | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] -> latents: a posterior sample with ``generator``, else the mean."""
+        mean, std = self.moments(pixels, batch)
+        if generator is None or std is None:
+            return mean
+        return mean + std * torch.randn(mean.shape, generator=generator).to(mean)
+
+    def decode(self, latents: torch.Tensor, batch: int | None = None, device=None) -> torch.Tensor:
+        """Latents -> pixels ``[N, 3, H, W]`` in about [-1, 1], float32."""
+        out = []
+        for z in self._blocks(latents, batch, lambda z: z / self.scale - self.shift):
+            x = self.vae.decode(z).sample.float()
+            out.append(x if device is None else x.to(device))
+        return torch.cat(out)
 
 
 def cast_floats(module: torch.nn.Module, dtype: torch.dtype, skip: str | None = None) -> None:
@@ -286,7 +336,7 @@ def _folder_config(folder: Path | None, sub: str) -> dict | None:
 
 def load_single_file(path: Path, dtype: torch.dtype = torch.float32, tokenizer: str | None = None,
                      near: list[Path] | None = None, check_only: bool = False,
-                     config_folder: Path | None = None) -> Base:
+                     config_folder: Path | None = None, vae_dtype: torch.dtype | None = None) -> Base:
     """Load an SD1.5/SDXL single-file checkpoint offline (see the module docstring).
 
     ``check_only`` reads only the header: the returned Base has meta-device modules and complete reports (what
@@ -377,7 +427,7 @@ def load_single_file(path: Path, dtype: torch.dtype = torch.float32, tokenizer: 
     if not check_only:
         for name in modules:
             module, mapping, report = modules[name]
-            materialize(module, mapping, source, dtype, report)
+            materialize(module, mapping, source, (vae_dtype or dtype) if name == "vae" else dtype, report)
     return Base(modules["unet"][0], modules["vae"][0], [modules[n][0] for n in names], tokenizers, arch,
                 DiscreteSchedule.from_config(sched_cfg), path.stem, scale, shift, reports, str(path), sched_cfg,
                 {"tokenizer": str(tok_folder)})
@@ -409,7 +459,8 @@ def _folder_component(folder: Path, sub: str, factory, reports, dtype, check_onl
     return module
 
 
-def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32, check_only: bool = False) -> Base:
+def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32, check_only: bool = False,
+                          vae_dtype: torch.dtype | None = None) -> Base:
     """A diffusers SD1.5/SDXL folder, every component loaded strictly from its own safetensors files."""
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -428,7 +479,7 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32, chec
         cfg = _json(p / "config.json")
         return (AutoencoderTiny if cfg.get("_class_name") == "AutoencoderTiny" else AutoencoderKL).from_config(cfg)
 
-    vae = _folder_component(folder, "vae", vae_factory, reports, dtype, check_only)
+    vae = _folder_component(folder, "vae", vae_factory, reports, vae_dtype or dtype, check_only)
     encs = [_folder_component(folder, "text_encoder", lambda p: CLIPTextModel(CLIPTextConfig.from_pretrained(str(p))),
                               reports, dtype, check_only)]
     toks = [CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))]
@@ -451,25 +502,45 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32, chec
 # --------------------------------------------------------------------------------------------------------------------
 # Entry point
 
-def load_base(spec: str, dtype: torch.dtype = torch.float32, tokenizer: str | None = None,
-              models_dir: Path | None = None, seed: int = 0, check_only: bool = False) -> Base:
-    """Load the base model named by ``spec`` (see the module docstring); clear errors for missing or foreign files."""
-    ref = None if spec == "tiny" else resolve("base", spec, models_dir)
-    if tokenizer and (ref is None or ref.path is None or ref.path.is_dir()):
-        raise STDInputError("tokenizer", f"only used with a single-file base; '{spec}' brings its own tokenizer")
+def load_base(spec, dtype: torch.dtype = torch.float32, tokenizer: str | None = None,
+              models_dir: Path | None = None, seed: int = 0, check_only: bool = False, config: str | None = None,
+              vae_dtype: torch.dtype | None = None) -> Base:
+    """Load the base model named by ``spec`` (a value as users give it, or a resolved :class:`ModelRef`; see the
+    module docstring), UNet and text encoders in ``dtype``, the VAE in ``vae_dtype`` (default ``dtype``); clear
+    errors for missing or foreign files.
+
+    For a single file, ``tokenizer`` names a folder of CLIP tokenizer files, or ``config`` a diffusers folder or Hub
+    id of the same architecture whose component configs and tokenizers are used (files whose norms or heads the
+    shapes cannot tell; from the Hub only its JSON and text files are fetched).
+    """
+    ref = spec if isinstance(spec, ModelRef) else None if spec == "tiny" else resolve("base", spec, models_dir)
+    single = ref is not None and ref.path is not None and not ref.path.is_dir()
+    for name, value in (("tokenizer", tokenizer), ("base config", config)):
+        if value and not single:
+            raise STDInputError(name, f"only used with a single-file base; '{spec if ref is None else ref.label}' "
+                                      "brings its own configs and tokenizer")
+    if tokenizer and config:
+        raise STDInputError("tokenizer", "the base config folder brings its own tokenizers: give a tokenizer folder "
+                                         "or a base config, not both")
+    vae_dtype = vae_dtype or dtype
     if ref is None:
         from .tiny import tiny_base
 
         return tiny_base("sd15", seed)
     if ref.path is None:
-        return load_diffusers_folder(hub_snapshot(ref.repo_id), dtype, check_only)
+        return load_diffusers_folder(hub_snapshot(ref.repo_id), dtype, check_only, vae_dtype)
     path = ref.path
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise STDInputError("base model", f"{path} is a folder but not a diffusers model (no model_index.json)")
-        return load_diffusers_folder(path, dtype, check_only)
+        return load_diffusers_folder(path, dtype, check_only, vae_dtype)
+    folder = None
+    if config:
+        cref = resolve("base", config, models_dir)
+        folder = cref.path if cref.path is not None else hub_snapshot(cref.repo_id, ["*.json", "*.txt"],
+                                                                      "base config")
     near = [models_dir] if models_dir else []
-    return load_single_file(path, dtype, tokenizer, near, check_only)
+    return load_single_file(path, dtype, tokenizer, near, check_only, folder, vae_dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from comfyui_std.core.errors import STDInputError
+from comfyui_std.core.style_blocks import (check_adapter_fits, check_image_embeds, ip_layer_order, nest_ip_adapter,
+                                           parse_ip_adapter)
 
 from .files import WHAT, read_safetensors
 from .weights import TensorSource, build_on_meta, check, folder_weights, materialize
@@ -62,11 +64,7 @@ def load_image_encoder(path: Path, dtype: torch.dtype = torch.float32):
     mapping = {k: (k, None) for k in model.state_dict()}
     report = check(model, mapping, source, "image encoder", set(source.keys()),
                    {"position_ids": "fixed position index buffer"})
-    if not report.ok:
-        found = report.problems()
-        raise STDInputError("image encoder", f"'{path.name}': {'; '.join(found[:3])}"
-                                             f"{f' (and {len(found) - 3} more)' if len(found) > 3 else ''}")
-    return materialize(model, mapping, source, dtype, report)
+    return materialize(model, mapping, source, dtype, report)  # refuses a short or foreign file, naming tensors
 
 
 def read_ip_adapter(path: Path) -> dict:
@@ -82,11 +80,75 @@ def read_ip_adapter(path: Path) -> dict:
                                               "use the .safetensors version") from None
     else:
         raise STDInputError("IP-Adapter", f"'{path.name}': use a .safetensors IP-Adapter file")
-    nested: dict = {"image_proj": {}, "ip_adapter": {}}
-    for k, v in flat.items():
-        if isinstance(v, dict) and k in nested:
-            nested[k].update(v)
-        elif "." in k and k.split(".", 1)[0] in nested:
-            head, rest = k.split(".", 1)
-            nested[head][rest] = v
-    return nested
+    return _named(path, nest_ip_adapter, flat)
+
+
+def _named(path: Path, fn, *args):
+    """``fn(*args)`` with a core ``ipadapter`` error reworded to name the file."""
+    try:
+        return fn(*args)
+    except STDInputError as err:
+        raise STDInputError("IP-Adapter", f"'{path.name}': {str(err).split(': ', 1)[1]}") from None
+
+
+def cross_attention_widths(unet) -> list[int]:
+    """The inner width of every cross-attention layer of a diffusers UNet, in the order IP-Adapter files number
+    them (:func:`~comfyui_std.core.style_blocks.ip_layer_order`)."""
+    attn2 = [n[: -len(".processor")] for n in unet.attn_processors if n.endswith("attn2.processor")]
+    return [unet.get_submodule(n).to_k.out_features for n in ip_layer_order(attn2)]
+
+
+def prepare_style_adapter(unet, adapter_path: Path, encoder_path: Path, label: str,
+                          dtype: torch.dtype = torch.float32):
+    """Read an IP-Adapter and its image encoder and check that they fit ``unet`` and each other, before anything is
+    attached: ``(nested state dict, parsed weights, image encoder)``.
+
+    Refused with a message naming the file: Plus/FaceID or corrupt adapters, an adapter made for another base model
+    (cross-attention width or layer count; ``label`` names the base in the message), an encoder whose embeddings
+    are not the adapter's width, an encoder file with missing or foreign tensors. Used by the app (which then loads
+    the adapter through diffusers' pipeline) and the trainer's teacher, so both accept and refuse the same files.
+    """
+    adapter_path, encoder_path = Path(adapter_path).expanduser(), Path(encoder_path).expanduser()
+    nested = read_ip_adapter(adapter_path)
+    weights = _named(adapter_path, parse_ip_adapter, nested)
+    check_adapter_fits(weights, int(unet.config.cross_attention_dim), cross_attention_widths(unet), label)
+    encoder = load_image_encoder(encoder_path, dtype)
+    encoder.requires_grad_(False)
+    check_image_embeds(weights, torch.zeros(1, int(encoder.config.projection_dim)))
+    return nested, weights, encoder
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Style images -> CLIP image embeddings
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(rgb: torch.Tensor, size: int) -> torch.Tensor:
+    """An image ``[H, W, 3]`` float in 0..1 as CLIP input ``[1, 3, size, size]``: the short side scaled to ``size``
+    (bicubic, antialiased), the center cropped, levels rounded to 8 bits, CLIP's mean and std. This is the
+    preprocessing of ComfyUI's CLIP vision encode (``crop=True``), so a style image gives the same embeddings in the
+    nodes, the app and the trainer."""
+    import torch.nn.functional as F
+
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got {tuple(rgb.shape)}")
+    x = rgb.float().permute(2, 0, 1)[None]
+    h, w = x.shape[-2:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        x = F.interpolate(x, size=(round(scale * h), round(scale * w)), mode="bicubic", antialias=True)
+        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        x = x[..., top:top + size, left:left + size]
+    x = (x * 255.0).clamp(0, 255).round() / 255.0
+    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+@torch.no_grad()
+def image_embeds(encoder, rgb: torch.Tensor) -> torch.Tensor:
+    """CLIP image embeddings ``[1, projection_dim]`` (float32) of a style image ``[H, W, 3]`` in 0..1 (see
+    :func:`clip_pixels`), computed on the encoder's device and dtype."""
+    param = next(encoder.parameters())
+    pixels = clip_pixels(rgb, int(encoder.config.image_size)).to(param.device, param.dtype)
+    return encoder(pixel_values=pixels).image_embeds.float()

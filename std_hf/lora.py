@@ -13,14 +13,13 @@ rank), which is how the trainer exports base + style + STD delta as one file.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from comfyui_std.core.errors import STDInputError
-from comfyui_std.core.lora import peft_alpha_from_metadata, to_kohya
+from comfyui_std.core.lora import is_motion_key, peft_alpha_from_metadata, std_metadata, to_kohya
 
 from . import ldm
 from .files import read_safetensors
@@ -95,34 +94,43 @@ def ldm_module_index(unet) -> dict[str, str]:
     return {v[: -len(".weight")].replace(".", "_"): k[: -len(".weight")] for k, v in pairs.items()}
 
 
-def _kohya(state_dict: dict, metadata: dict, label: str) -> dict[str, torch.Tensor]:
+def _kohya(state_dict: dict, metadata: dict, label: str, name: str | None = None,
+           motion_ok: bool = False) -> dict[str, torch.Tensor]:
     kohya, motion = to_kohya(state_dict, alpha=peft_alpha_from_metadata(metadata))
-    if motion:
-        raise STDInputError(label, f"holds {len(motion)} motion-module tensors (an AnimateDiff LoRA); a style LoRA "
-                                   "has image layers only")
+    if motion and not motion_ok:
+        raise STDInputError(label, f"{_subject(name)}holds {len(motion)} motion-module tensors (an AnimateDiff "
+                                   "LoRA); a style LoRA has image layers only")
     odd = sorted({k.split(".", 1)[-1] for k in kohya if not k.endswith(_LORA_TAIL)})
     if odd:
-        raise STDInputError(label, f"holds tensors of kind {', '.join(odd[:4])} (LyCORIS/LoHa/LoKr/DoRA or full "
-                                   "diffs), which are not supported; use a plain LoRA (lora_down/lora_up)")
+        raise STDInputError(label, f"{_subject(name)}holds tensors of kind {', '.join(odd[:4])} (LyCORIS/LoHa/LoKr/"
+                                   "DoRA or full diffs), which are not supported; use a plain LoRA (lora_down/lora_up)")
     return kohya
 
 
 def lora_layers(unet, text_encoders: list, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None,
-                label: str, scale: float = 1.0) -> dict[tuple[str, str], LoraLayer]:
+                label: str, scale: float = 1.0, name: str | None = None, base_label: str = "this base model",
+                motion_ok: bool = False) -> dict[tuple[str, str], LoraLayer]:
     """The factors of every layer of a LoRA file, keyed by (model, module path) with model ``unet``,
-    ``text_encoder`` or ``text_encoder_2``; a layer that exists in no model, or whose shape differs, is an error."""
-    kohya = _kohya(state_dict, metadata or {}, label)
+    ``text_encoder`` or ``text_encoder_2``.
+
+    A layer that exists in no model, lacks a factor, or whose shape differs is an error naming the file (``name``),
+    the base (``base_label``), how many layers do not fit, the first of them, and the base the file was made for
+    (its ``std.base_model`` header, else a guess from its widths). Motion-module (AnimateDiff) tensors are refused
+    unless ``motion_ok``, when they are left out. The app checks a LoRA with this before diffusers loads it
+    (:func:`check_lora_fits`), the trainer merges style LoRAs with the factors.
+    """
+    kohya = _kohya(state_dict, metadata or {}, label, name, motion_ok)
     names = sorted({k.split(".")[0] for k in kohya if k.endswith((".lora_down.weight", ".lora_up.weight"))})
     if not names:
-        raise STDInputError(label, "holds no LoRA layers")
+        raise STDInputError(label, f"{_subject(name)}holds no LoRA layers")
     unet_index, ldm_index = module_index(unet), None
     text_index = [text_module_index(t) for t in text_encoders]
     out: dict[tuple[str, str], LoraLayer] = {}
     problems = []
-    for name in names:
+    for layer_name in names:
         target = None
-        if name.startswith("lora_unet_"):
-            short = name[len("lora_unet_"):]
+        if layer_name.startswith("lora_unet_"):
+            short = layer_name[len("lora_unet_"):]
             if short in unet_index:
                 target = ("unet", unet_index[short])
             else:
@@ -131,32 +139,47 @@ def lora_layers(unet, text_encoders: list, state_dict: dict[str, torch.Tensor], 
                     target = ("unet", ldm_index[short])
         else:
             for pre, i in TEXT_PREFIXES.items():
-                if name.startswith(pre) and i < len(text_index) and name[len(pre):] in text_index[i]:
-                    target = ("text_encoder" if i == 0 else "text_encoder_2", text_index[i][name[len(pre):]])
+                if layer_name.startswith(pre) and i < len(text_index) and layer_name[len(pre):] in text_index[i]:
+                    target = ("text_encoder" if i == 0 else "text_encoder_2", text_index[i][layer_name[len(pre):]])
         if target is None:
-            problems.append(f"{name} does not exist in this base model")
+            problems.append(f"{layer_name} does not exist in {base_label}")
             continue
-        down, up = kohya.get(f"{name}.lora_down.weight"), kohya.get(f"{name}.lora_up.weight")
+        down, up = kohya.get(f"{layer_name}.lora_down.weight"), kohya.get(f"{layer_name}.lora_up.weight")
         if down is None or up is None:
-            problems.append(f"{name} lacks its lora_{'down' if down is None else 'up'} tensor")
+            problems.append(f"{layer_name} lacks its lora_{'down' if down is None else 'up'} tensor")
             continue
         rank = int(down.shape[0])
-        alpha = float(kohya[f"{name}.alpha"]) if f"{name}.alpha" in kohya else float(rank)
+        alpha = float(kohya[f"{layer_name}.alpha"]) if f"{layer_name}.alpha" in kohya else float(rank)
         module = (unet if target[0] == "unet" else text_encoders[0 if target[0] == "text_encoder" else 1])
-        weight = module.get_submodule(target[1]).weight
+        weight = module.get_submodule(target[1]).weight  # a PEFT-wrapped layer gives its base layer's weight
         d = down[:, :, None, None] if (down.ndim == 2 and weight.ndim == 4) else down
         u = up.reshape(up.shape[0], up.shape[1], 1, 1) if d.ndim == 4 else up
         shape = (int(u.shape[0]), *map(int, d.shape[1:]))
         if d.ndim != weight.ndim or u.ndim != d.ndim or shape != tuple(weight.shape) or u.shape[1] != d.shape[0]:
-            problems.append(f"{name} gives shape {shape} but the layer's weight is {tuple(weight.shape)}")
+            problems.append(f"{layer_name} gives shape {shape} but the layer's weight is {tuple(weight.shape)}")
             continue
-        layer = LoraLayer(d.float(), u.float() * (scale * alpha / rank))
-        out[target] = layer
+        out[target] = LoraLayer(d.float(), u.float() * (scale * alpha / rank))
     if problems:
-        made_for = (metadata or {}).get("std.base_model") or guess_lora_base(kohya)
-        raise STDInputError(label, f"{len(problems)} of {len(names)} layers do not fit this base model (e.g. "
-                                   f"{problems[0]}); it was probably made for {made_for}")
+        made_for = std_metadata(metadata).get("base_model")
+        made_for = f"made for {made_for}" if made_for else f"probably made for {guess_lora_base(kohya)}"
+        raise STDInputError(label, f"{_subject(name)}does not fit {base_label}: {len(problems)} of {len(names)} "
+                                   f"layers do not match (e.g. {problems[0]}). It was {made_for}; use a LoRA made "
+                                   "for your base model")
     return out
+
+
+def _subject(name: str | None) -> str:
+    return f"'{name}' " if name else ""
+
+
+def check_lora_fits(unet, text_encoders: list, state_dict: dict[str, torch.Tensor], name: str,
+                    metadata: dict[str, str] | None, base_label: str) -> list[str]:
+    """Refuse a LoRA made for another base model (or of a kind diffusers would half-apply) before it is loaded:
+    :func:`lora_layers` on the app's UNet and text encoders, the factors discarded. Returns the keys of its
+    motion-module tensors (a v2v LoRA's), which an image model has no place for."""
+    lora_layers(unet, text_encoders, state_dict, metadata, "lora", name=name,
+                base_label=f"the loaded base model {base_label}", motion_ok=True)
+    return sorted(k for k in state_dict if is_motion_key(k))
 
 
 def guess_lora_base(kohya: dict[str, torch.Tensor]) -> str:
@@ -175,36 +198,3 @@ def merge_layers(models: dict[str, torch.nn.Module], layers: dict[tuple[str, str
         delta = layer.delta()
         weight += delta.reshape(weight.shape).to(weight.dtype)
     return len(layers)
-
-
-def check_lora_fits(unet, state_dict: dict[str, torch.Tensor], name: str, metadata: dict, base_label: str) -> None:
-    """Refuse a LoRA made for another base model before diffusers half-applies it (app: UNet layers only).
-
-    Every UNet layer of the LoRA (kohya with diffusers or LDM names, PEFT, old diffusers keys) must exist in the UNet
-    and take the LoRA's input width.
-    """
-    kohya, _motion = to_kohya(state_dict)
-    downs = {k[: -len(".lora_down.weight")]: v for k, v in kohya.items()
-             if k.startswith("lora_unet_") and k.endswith(".lora_down.weight")}
-    if not downs:
-        return
-    index = module_index(unet)
-    ldm_index = ldm_module_index(unet) if any(re.match(r"lora_unet_(input|output|middle)_block", k) for k in downs) \
-        else {}
-    problems = []
-    for key, down in downs.items():
-        short = key[len("lora_unet_"):]
-        path = index.get(short) or ldm_index.get(short)
-        if path is None:
-            problems.append(f"{short} does not exist")
-            continue
-        module = unet.get_submodule(path)
-        module = getattr(module, "base_layer", module)  # a layer that already carries a PEFT adapter
-        width = module.in_features if isinstance(module, torch.nn.Linear) else module.in_channels
-        if down.ndim >= 2 and down.shape[1] != width:
-            problems.append(f"{short} takes {down.shape[1]} inputs, the model's takes {width}")
-    if problems:
-        made_for = metadata.get("base_model") or guess_lora_base(kohya)
-        raise STDInputError("lora", f"'{name}' does not fit the loaded base model {base_label}: "
-                                    f"{len(problems)} of {len(downs)} layers do not match (e.g. {problems[0]}). "
-                                    f"It was made for {made_for}; pick an STD LoRA for your base model")

@@ -154,6 +154,7 @@ def tiny_base(arch: str = "sd15", seed: int = 0, shape: TinyShape = APP):
 
     parts = tiny_components(arch, seed, shape)
     encs = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if arch == "sdxl" else [])
-    toks = tokenizers(write_tokenizer(tempfile.mkdtemp(prefix="std-tok-")), arch)
+    with tempfile.TemporaryDirectory(prefix="std-tok-") as folder:  # the tokenizers read their files into memory
+        toks = tokenizers(write_tokenizer(folder), arch)
     return Base(parts["unet"], parts["vae"], encs, toks, arch, DiscreteSchedule(), "tiny",
                 float(parts["vae"].config.scaling_factor), 0.0, [], "tiny", dict(SD_SCHEDULER))

@@ -51,11 +51,12 @@ class ComponentReport:
         out += [f"{self.name}: tensor {m}" for m in self.mismatched]
         return out
 
-    def raise_if_short(self, source: str) -> None:
+    def raise_if_short(self, source: str, label: str = "base model") -> None:
+        """An :class:`STDInputError` of ``label`` naming the file and the first problems, unless all is loaded."""
         if not self.ok:
             found = self.problems()
             more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
-            raise STDInputError("base model", f"'{source}': {'; '.join(found[:3])}{more}")
+            raise STDInputError(label, f"'{source}': {'; '.join(found[:3])}{more}")
 
 
 class TensorSource:
@@ -148,7 +149,7 @@ def check(module: torch.nn.Module, mapping: Mapping, source: TensorSource, name:
 def materialize(module: torch.nn.Module, mapping: Mapping, source: TensorSource, dtype: torch.dtype,
                 report: ComponentReport) -> torch.nn.Module:
     """Fill a meta-device module from ``source`` (after :func:`check` found nothing short)."""
-    report.raise_if_short(source.name)
+    report.raise_if_short(source.name, source.label)
     tensors = {}
     for key, like in module.state_dict().items():
         file_key, transform = mapping[key]

@@ -108,7 +108,55 @@ def test_state_round_trip_and_bad_input(adv):
         build_adversarial("/nonexistent/dinov2", [2, 5, 8, 11], 8)
 
 
-def test_std_run_with_the_adversarial_loss(tmp_path):
+@pytest.mark.bad_input
+@pytest.mark.parametrize("change, message", [
+    ("rename", r"1 missing \(e.g. disc.heads.1.cmap.weight\); 1 unexpected \(e.g. disc.heads.1.cmap_old.weight\)"),
+    ("drop", r"1 missing \(e.g. gp_scale\)"),
+    ("reshape", r"1 of another shape \(e.g. disc.heads.0.cmap.bias \(3,\) vs \(64,\)\)"),
+])
+def test_a_discriminator_state_that_does_not_match_is_refused_naming_the_key(adv, change, message):
+    sd = adv.state_dict()
+    if change == "rename":
+        sd["disc.heads.1.cmap_old.weight"] = sd.pop("disc.heads.1.cmap.weight")
+    elif change == "drop":
+        del sd["gp_scale"]
+    else:
+        sd["disc.heads.0.cmap.bias"] = torch.zeros(3)
+    clone = build_adversarial("tiny", [0, 1], cond_dim=8, seed=5)
+    before = {k: v.clone() for k, v in clone.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^resume: the checkpoint's discriminator does not match this run's: " +
+                       message):
+        clone.load_state_dict(sd)
+    assert all(torch.equal(before[k], v) for k, v in clone.state_dict().items())  # nothing half-loaded
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("change, message", [
+    ("extra", "1 tensors a DINOv2 has no place for (e.g. extra_head.weight)"),
+    ("drop", "1 weights it lacks (e.g. layernorm.bias)"),
+])
+def test_a_dinov2_folder_with_foreign_or_missing_weights_is_refused(tmp_path, change, message):
+    from safetensors.torch import load_file, save_file
+
+    from training.std.adversarial import load_dino
+
+    tiny_dino(2).save_pretrained(tmp_path)
+    assert load_dino(str(tmp_path)).config.num_hidden_layers == 2
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    if change == "extra":
+        sd["extra_head.weight"] = torch.zeros(2, 2)
+    else:
+        del sd["layernorm.bias"]
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="^dino: "):
+        load_dino(str(tmp_path))
+    try:
+        load_dino(str(tmp_path))
+    except ValueError as err:
+        assert str(err) == f"dino: '{tmp_path}' is not a complete DINOv2 model: {message}"
+
+
+def test_std_run_with_the_adversarial_loss(tmp_path, capsys):
     from training.std.__main__ import main as cli
 
     for i in range(2):
@@ -119,5 +167,16 @@ def test_std_run_with_the_adversarial_loss(tmp_path):
                 "--max-steps", "2", "--num-previews", "0"]) == 0
     from safetensors.torch import load_file
     from training.common.trainer import checkpoints
-    sd = load_file(str(checkpoints(out / "checkpoints")[-1] / "trainable.safetensors"))
+    path = checkpoints(out / "checkpoints")[-1] / "trainable.safetensors"
+    sd = load_file(str(path))
     assert any(k.startswith("adv.disc.heads.0.") for k in sd)
+    # a checkpoint whose discriminator head was renamed is refused, not resumed with a random head
+    from safetensors.torch import save_file
+    sd["adv.disc.heads.0.cmap_v1.weight"] = sd.pop("adv.disc.heads.0.cmap.weight")
+    save_file(sd, str(path))
+    capsys.readouterr()
+    assert cli(["--preset", "tiny", "--data", str(tmp_path), "--output", str(out), "--adversarial", "true",
+                "--max-steps", "3", "--num-previews", "0", "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: resume: the checkpoint's discriminator does not match this run's: 1 missing "
+                          "(e.g. disc.heads.0.cmap.weight); 1 unexpected (e.g. disc.heads.0.cmap_v1.weight)"), err

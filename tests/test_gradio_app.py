@@ -17,6 +17,7 @@ import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
+from safetensors import safe_open
 
 import gradio_app
 from app_server import serve
@@ -27,6 +28,7 @@ from std_app.engine import StyleSettings, resolve_start_strength, teacher_plan
 from std_app.handlers import StyleApp
 from std_app.models import LoraEntry, resolve
 from std_app.startup import ModelOptions, load_engine, tiny_options
+from std_hf.tiny import make_unet
 
 WRONG_BASE = "std_tinyxl_i2i_eta0.75"  # an STD LoRA for the tiny SDXL, offered to the tiny SD1.5 app
 ARGS = dict(prompt="an oil painting", negative_prompt="blurry", lora="std_tiny_i2i_eta0.75", start_strength=0.75,
@@ -52,7 +54,7 @@ def png_record(path) -> tuple[Image.Image, dict]:
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tiny.build_tiny_models(tmp_path_factory.mktemp("tiny"), "sd15")
-    tiny.write_lora(tiny.make_unet("sdxl"), root / "loras" / f"{WRONG_BASE}.safetensors", 0.75, "i2i", "tiny-sdxl")
+    tiny.write_lora(make_unet("sdxl"), root / "loras" / f"{WRONG_BASE}.safetensors", 0.75, "i2i", "tiny-sdxl")
     return root
 
 
@@ -541,12 +543,63 @@ def test_startup_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "'broken.safetensors' is not a readable .safetensors file" in capsys.readouterr().err
 
 
+@pytest.mark.bad_input
+def test_a_lora_corrupted_after_start_is_a_message_and_a_foreign_one_names_its_base(app, tiny_root, tmp_path):
+    import shutil
+
+    from std_app.models import lora_entry
+
+    engine = app.engine
+    path = tmp_path / "std_tiny_i2i_eta0.75_copy.safetensors"
+    shutil.copy(tiny_root / "loras" / "std_tiny_i2i_eta0.75.safetensors", path)
+    entry = lora_entry(path)  # read at start, while the file was fine
+    path.write_bytes(path.read_bytes()[:200])  # then cut short
+    engine.catalog.entries[entry.name] = entry
+    try:
+        with pytest.raises(STDInputError, match=rf"^lora: '{path.name}' is not a readable .safetensors file"):
+            engine.run(torch.rand(1, 32, 32, 3), StyleSettings(lora=entry.name, nfe=1))
+        with pytest.raises(STDInputError, match=rf"^lora: '{WRONG_BASE}' does not fit the loaded base model "
+                                                r"tiny-sd15: \d+ of \d+ layers do not match \(e.g. .*\)\. It was made for "
+                                                "tiny-sdxl; use a LoRA made for your base model$"):
+            engine.run(torch.rand(1, 32, 32, 3), StyleSettings(lora=WRONG_BASE, nfe=1))
+    finally:
+        del engine.catalog.entries[entry.name]
+    assert entry.adapter_name not in engine._loaded
+
+
+def test_a_v2v_lora_with_motion_module_layers_runs_on_the_image_layers(app, tiny_root, tmp_path, caplog):
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from std_app.models import lora_entry
+
+    engine = app.engine
+    plain = tiny_root / "loras" / "std_tiny_v2v_eta0.75.safetensors"
+    sd = load_file(str(plain))
+    key = "unet.down_blocks.0.motion_modules.0.transformer_blocks.0.attention_blocks.0.to_q.lora_{}.weight"
+    sd[key.format("A")], sd[key.format("B")] = torch.ones(4, 16), torch.ones(16, 4)
+    with_motion = tmp_path / "std_tiny_v2v_eta0.75_motion.safetensors"
+    with safe_open(str(plain), "pt") as f:
+        save_file(sd, str(with_motion), metadata=f.metadata())
+    entry = lora_entry(with_motion)
+    engine.catalog.entries[entry.name] = entry
+    frames, run = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1)), dict(nfe=2, seed=3)
+    try:
+        with caplog.at_level(logging.WARNING, logger="std_app"):
+            got = engine.run(frames, StyleSettings(lora=entry.name, **run)).frames
+    finally:
+        del engine.catalog.entries[entry.name]
+    assert "its 2 motion-module tensors are not applied" in caplog.text
+    assert torch.equal(got, engine.run(frames, StyleSettings(lora="std_tiny_v2v_eta0.75", **run)).frames)
+
+
 def test_style_files_that_do_not_fit_are_refused(tiny_root, tmp_path):
     options = ModelOptions(base="tiny-sd15", models_dir=tiny_root, device="cpu", dtype="fp32",
                            ip_adapter="ip-adapter_tiny.safetensors")
     with pytest.raises(STDInputError, match="needs both --ip-adapter and --image-encoder"):
         load_engine(options)
-    sdxl_adapter = tiny.write_ip_adapter(tiny.make_unet("sdxl"), tmp_path / "ip-adapter_tinyxl.safetensors")
+    sdxl_adapter = tiny.write_ip_adapter(make_unet("sdxl"), tmp_path / "ip-adapter_tinyxl.safetensors")
     options.ip_adapter, options.image_encoder = str(sdxl_adapter), "tiny_clip_vision.safetensors"
     with pytest.raises(STDInputError, match="pick the IP-Adapter made for your base model"):
         load_engine(options)

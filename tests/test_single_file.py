@@ -207,6 +207,42 @@ def test_without_tokenizer_files_the_message_says_where_to_get_them(comfy, tmp_p
     assert load_base(str(lonely), tokenizer=str(comfy["root"] / "comfy" / "sd1_tokenizer")).arch == "sd15"
 
 
+def test_the_app_takes_the_trainers_tokenizer_option(comfy, tmp_path, capsys):
+    """The app loads through the trainer's loader, so a single file far from any ComfyUI install loads in the app with
+    --tokenizer, as in the trainer; without it the app gives the loader's message."""
+    import gradio_app
+    from std_app.startup import ModelOptions, load_engine
+
+    lonely = tmp_path / "lonely.safetensors"
+    lonely.write_bytes(comfy["files"]["sd15"][0].read_bytes())
+    tokenizer = str(comfy["root"] / "comfy" / "sd1_tokenizer")
+    engine = load_engine(ModelOptions(base=str(lonely), tokenizer=tokenizer, device="cpu", dtype="fp32"))
+    assert engine.arch == "sd15" and engine.pipe.tokenizer("a cat").input_ids[0] == 512
+    with pytest.raises(ValueError, match=r"tokenizer: .*comfy/sd1_tokenizer.*COMFYUI_PATH"):
+        load_engine(ModelOptions(base=str(lonely), device="cpu", dtype="fp32"))
+    assert gradio_app.main(["--base", str(lonely), "--tokenizer", str(tmp_path), "--device", "cpu"]) == 2
+    assert f"error: tokenizer: {tmp_path} has no vocab.json and merges.txt" in capsys.readouterr().err
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(spec="folder", tokenizer="tok"), "tokenizer: only used with a single-file base; 'tiny-sd15' brings its own"),
+    (dict(spec="folder", config="folder"), "base config: only used with a single-file base; 'tiny-sd15' brings"),
+    (dict(spec="tiny", config="folder"), "base config: only used with a single-file base; 'tiny' brings"),
+    (dict(spec="file", tokenizer="tok", config="folder"), "tokenizer: the base config folder brings its own"),
+    (dict(spec="file", config="nowhere"), "base model: 'nowhere' was not found"),
+])
+def test_tokenizer_and_base_config_are_for_single_files_only(comfy, tmp_path, kwargs, message):
+    from std_app.startup import tiny_options
+
+    zoo = tiny_options("sd15", tmp_path / "zoo")
+    where = {"folder": str(zoo.models_dir / "diffusers" / "tiny-sd15"), "file": str(comfy["files"]["sd15"][0]),
+             "tok": str(comfy["root"] / "comfy" / "sd1_tokenizer"), "tiny": "tiny", "nowhere": "nowhere"}
+    kwargs = {k: where[v] for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=message):
+        load_base(kwargs.pop("spec"), **kwargs)
+
+
 def test_a_comfyui_install_is_found_through_comfyui_path(comfy, tmp_path, monkeypatch):
     lonely = tmp_path / "elsewhere" / "m.safetensors"
     lonely.parent.mkdir()
@@ -259,6 +295,60 @@ def test_the_tiny_preset_trains_from_an_sd15_single_file_with_its_text_encoder(c
     assert "text_encoder: loaded 36 / 36 tensors" in log and "unet: loaded" in log
 
 
+@pytest.mark.parametrize("method", ["std", "std_style", "sid_lsg"])
+def test_bf16_training_reads_the_frozen_weights_in_bf16_unless_a_style_lora_is_merged(comfy, tmp_path, monkeypatch,
+                                                                                    method):
+    """Host RAM: under bf16 the UNet and text encoders are read from the file in bf16 (half the bytes of fp32) and the
+    VAE in its own dtype, giving exactly the weights of the fp32 read cast afterwards; a style LoRA is merged in fp32,
+    so then they are read in fp32."""
+    import std_hf.base as base_module
+    from safetensors.torch import save_file as save
+    from training.common.config import config_from_argv
+    from training.common.trainer import Trainer
+    from training.sid_lsg.method import PRESETS as SID_PRESETS, SiDConfig, SiDMethod
+    from training.std.method import PRESETS, STDConfig, STDMethod
+
+    path = comfy["files"]["sdxl"][0]  # stored fp32
+    read = {}
+    original = base_module.materialize
+
+    def spy(module, mapping, source, dtype, report):
+        read[report.name] = dtype
+        return original(module, mapping, source, dtype, report)
+
+    monkeypatch.setattr(base_module, "materialize", spy)
+    common = ["--base", str(path), "--output", str(tmp_path / "out"), "--mixed-precision", "bf16", "--device", "cpu",
+              "--resolution", "64", "--lora-rank", "4", "--lora-alpha", "4", "--num-previews", "0"]
+    if method == "sid_lsg":
+        (tmp_path / "p.txt").write_text("a cat\n")
+        cfg = config_from_argv(SiDConfig, SID_PRESETS, [*common, "--prompts", str(tmp_path / "p.txt")])
+        trainer = Trainer(cfg, SiDMethod)
+    else:
+        data = tmp_path / "data"
+        data.mkdir()
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(data / "0.png")
+        extra = []
+        if method == "std_style":
+            save({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4, 3, 3),
+                  "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 1, 1, 1)}, str(tmp_path / "style.safetensors"))
+            extra = ["--style-lora", str(tmp_path / "style.safetensors")]
+        cfg = config_from_argv(STDConfig, PRESETS, [*common, "--data", str(data), *extra])
+        trainer = Trainer(cfg, STDMethod)
+    trainer.method.setup()
+    frozen = torch.float32 if method == "std_style" else torch.bfloat16
+    assert read == {"text_encoder": frozen, "text_encoder_2": frozen, "unet": frozen, "vae": torch.float32}
+    monkeypatch.setattr(base_module, "materialize", original)
+    reference = load_base(str(path))  # read in fp32, then cast as training does
+    got = trainer.method.base
+    for name in ("unet", "text_encoders"):
+        ours = [got.unet] if name == "unet" else got.text_encoders
+        theirs = [reference.unet] if name == "unet" else reference.text_encoders
+        for a, b in zip(ours, theirs):
+            sa = {k.replace(".base_layer", ""): v for k, v in a.state_dict().items() if ".lora_" not in k}
+            sb = b.state_dict()
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(torch.bfloat16)) for k in sa), name
+
+
 def test_the_app_starts_from_an_sdxl_single_file_offline(comfy):
     from std_app.engine import StyleSettings
     from std_app.startup import ModelOptions, load_engine
@@ -283,7 +373,7 @@ def test_a_file_of_another_shape_loads_with_the_configs_of_a_diffusers_folder(tm
     path = tmp_path / "zoo_as_single_file.safetensors"
     save_file(ldm.to_ldm(base.unet, base.vae, base.text_encoders[0], arch="sd15"), str(path))
     with pytest.raises(ValueError, match="do not divide into the architecture's 32 norm groups"):
-        load_base(str(path), tokenizer=str(zoo.models_dir / "tokenizer"))
+        load_base(str(path), tokenizer=str(tiny.write_tokenizer(tmp_path / "tok")))
     engine = load_engine(ModelOptions(base=str(path), base_config=str(folder), device="cpu", dtype="fp32"))
     got = engine.pipe.unet.state_dict()
     assert all(torch.equal(got[k], v) for k, v in base.unet.state_dict().items())

@@ -64,6 +64,9 @@ def test_streamed_video_equals_the_in_memory_run(engine, clip, tmp_path, capture
     assert (result.frames, result.fps, result.width, result.height) == (12, 12, 48, 32)
     assert result.audio == "copied (aac)" and result.chunks == len(calls)
     assert calls[-1] == (12, 12)
+    # plain fields, no forwarding to the stream's report: the engine's time covers the stream's
+    assert not hasattr(result, "report") and result.seconds >= result.stream_seconds > 0
+    assert result.record["lora"] == result.lora.name == "std_tiny_v2v_eta0.75" and result.plan.nfe == 2
     with av.open(str(result.path)) as c:
         assert [s.type for s in c.streams] == ["video", "audio"]
         record = json.loads(c.metadata["comment"])

@@ -5,8 +5,8 @@ import torch
 
 from comfyui_std.core.errors import STDInputError
 from comfyui_std.core.style_blocks import (PRESET_NAMES, check_adapter_fits, comfy_patch_key, diffusers_ip_scale,
-                                           image_prompt_tokens, ip_layer_order, parse_ip_adapter, selects,
-                                           target_blocks)
+                                           image_prompt_tokens, ip_layer_order, nest_ip_adapter, parse_ip_adapter,
+                                           selects, target_blocks)
 
 
 def _tiny_unet(arch: str):
@@ -105,6 +105,20 @@ def test_parse_flat_and_nested_layouts():
               "ip_adapter": {k[len("ip_adapter."):]: v for k, v in sd.items() if k.startswith("ip_adapter.")}}
     w2 = parse_ip_adapter(nested)
     assert torch.equal(w2.to_k[2], w.to_k[2])
+
+
+def test_nest_ip_adapter_groups_flat_and_nested_files_and_refuses_foreign_tensors():
+    sd = _adapter()
+    nested = nest_ip_adapter(sd)
+    assert set(nested) == {"image_proj", "ip_adapter"}
+    assert sum(len(v) for v in nested.values()) == len(sd)  # every tensor kept
+    assert nested["image_proj"]["proj.weight"] is sd["image_proj.proj.weight"]
+    assert nested["ip_adapter"]["5.to_v_ip.weight"] is sd["ip_adapter.5.to_v_ip.weight"]
+    again = nest_ip_adapter(nested)  # the nested .bin layout
+    assert again.keys() == nested.keys() and all(again[g].keys() == nested[g].keys() for g in nested)
+    for extra in ("text_proj.weight", "image_proj", "ip_adapter"):  # foreign, or a group name with no tensor under it
+        with pytest.raises(STDInputError, match=f"ipadapter: holds '{extra}', outside image_proj.* and ip_adapter.*"):
+            nest_ip_adapter({**sd, extra: torch.zeros(2)})
 
 
 @pytest.mark.parametrize("mutate, match", [

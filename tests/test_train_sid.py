@@ -3,6 +3,8 @@ base (the peft pitfalls of docs/official-sid-lsg-code.md §7), reproducible and 
 and bad input."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -185,12 +187,30 @@ def test_full_finetune_option_trains_copies_and_exports_merged_weights(prompts, 
     assert all(p.grad is None for p in m.nets[FAKE].parameters()) and all(p.grad is None for p in
                                                                             m.base.unet.parameters())
     trainer = Trainer(_cfg(prompts, tmp_path / "run", max_steps=2, num_previews=0, full_finetune=True), SiDMethod)
-    trainer.run()
+    old = os.umask(0o077)  # a strict umask must not make the export unreadable for others
+    try:
+        trainer.run()
+    finally:
+        os.umask(old)
     folder = tmp_path / "run" / "sid_lsg_sd15_tiny_k2_unet"
     unet = UNet2DConditionModel.from_pretrained(folder)
     assert json.loads((folder / "std_metadata.json").read_text())["t_init"] == 625
     ema = {k[4:]: v for k, v in trainer.method.trainable_state().items() if k.startswith("ema.")}
     assert torch.allclose(unet.state_dict()["conv_in.weight"], ema["conv_in.weight"])
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()} == {0o644}
+    # the export is atomic: a failure while writing keeps the previous one whole and leaves nothing else behind
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+
+    def broken(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    from unittest import mock
+    with mock.patch.object(UNet2DConditionModel, "save_pretrained", broken):
+        with pytest.raises(OSError, match="No space left"):
+            trainer.method.export(tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    assert torch.equal(UNet2DConditionModel.from_pretrained(folder).state_dict()["conv_in.weight"],
+                       unet.state_dict()["conv_in.weight"])
 
 
 def test_two_processes_keep_identical_replicas(prompts, tmp_path):

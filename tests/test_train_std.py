@@ -290,7 +290,7 @@ def _unet_out(unet, x, t, ctx):
 def test_the_default_export_carries_the_style_and_reproduces_the_student_alone(styled):
     from diffusers import StableDiffusionPipeline
 
-    from std_app.tiny import build_pipeline, write_tokenizer
+    from std_app.tiny import build_pipeline
 
     folder, style, runs = styled
     trainer = runs["with_style"]
@@ -303,7 +303,7 @@ def test_the_default_export_carries_the_style_and_reproduces_the_student_alone(s
     down = load_file(f"{name}.safetensors")["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
                                             ".lora_down.weight"]
     assert down.shape[0] == 4 + 2  # the STD rank plus the style LoRA's
-    pipe = build_pipeline("sd15", write_tokenizer(folder / "tok"))  # the same tiny base, fresh
+    pipe = build_pipeline("sd15")  # the same tiny base, fresh
     assert isinstance(pipe, StableDiffusionPipeline)
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([600]), torch.randn(1, 77, 32)
     plain = _unet_out(pipe.unet, x, t, ctx)
@@ -319,7 +319,7 @@ def test_the_default_export_carries_the_style_and_reproduces_the_student_alone(s
 
 
 def test_the_delta_export_names_the_style_lora_and_needs_it(styled):
-    from std_app.tiny import build_pipeline, write_tokenizer
+    from std_app.tiny import build_pipeline
     from training.std.method import file_digest
 
     folder, style, runs = styled
@@ -330,7 +330,7 @@ def test_the_delta_export_names_the_style_lora_and_needs_it(styled):
     entry = json.loads(meta["std.style_loras"])[0]
     assert entry == {"file": "my_style.safetensors", "sha256": file_digest(str(style)), "scale": 0.8}
     assert "load the style LoRA" in json.loads(meta["std.contains"]) and not any("lora_te" in k for k in keys)
-    pipe = build_pipeline("sd15", write_tokenizer(folder / "tok2"))
+    pipe = build_pipeline("sd15")
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([600]), torch.randn(1, 77, 32)
     pipe.load_lora_weights(str(style), adapter_name="style")
     pipe.load_lora_weights(f"{name}_diffusers.safetensors", adapter_name="std")
@@ -361,7 +361,8 @@ def test_style_loras_with_ldm_names_merge_and_foreign_ones_are_refused(data, tmp
               str(tmp_path / "sdxl_style.safetensors"))
     assert cli(["--preset", "tiny", "--data", str(data), "--output", str(tmp_path / "o"), "--style-lora",
                 str(tmp_path / "sdxl_style.safetensors")]) == 2
-    assert "layers do not fit this base model" in capsys.readouterr().err
+    assert "does not fit tiny: 1 of 1 layers do not match (e.g. lora_unet_input_blocks_1_1_proj_in gives shape" in \
+        capsys.readouterr().err
 
 
 # -- bad input at the command line ---------------------------------------------------------------------------------
@@ -393,7 +394,11 @@ BAD = [
     (["--mixed-precision", "fp8"], "--mixed-precision"),
     (["--mixed-precision", "fp16"], "fp16 needs a GPU"),
     (["--vae-dtype", "int8"], "--vae-dtype"),
-    (["--device", "gpu0"], "device: got 'gpu0'"),
+    (["--device", "gpu0"], "device: 'gpu0' is not a device"),
+    (["--device", "meta"], "device: 'meta': only cpu, cuda, mps devices are supported"),
+    (["--device", "cuda:7"], "device: 'cuda:7'"),  # no GPU here, or fewer than eight
+    (["--device", "cuda" if not torch.cuda.is_available() else "cuda:99"], "device: 'cuda"),
+    (["--device", "mps" if not torch.backends.mps.is_available() else "mps:3"], "device: 'mps"),
     (["--preview-nfe", "0"], "nfe"),
     (["--preview-teacher-nfe", "0"], "preview_teacher_nfe"),
     (["--num-frames", "0"], "num_frames"),
@@ -457,6 +462,39 @@ def test_disk_full_for_the_bank_stops_with_a_message(data, tmp_path, monkeypatch
     monkeypatch.setattr(bank.shutil, "disk_usage", lambda p: _shutil._ntuple_diskusage(10, 10, 10))
     assert cli(["--preset", "tiny", "--data", str(data), "--output", str(tmp_path)]) == 2
     assert "free disk space" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bug", [KeyError("student"), ValueError("shapes do not broadcast"),
+                                 FileNotFoundError(2, "No such file or directory")])
+def test_an_internal_error_is_exit_1_with_its_traceback_in_train_log(data, tmp_path, monkeypatch, capsys, bug):
+    """A bug is not the user's problem: its traceback goes to stderr and train.log and the last line says so (exit 1),
+    where a ValueError or OSError used to become an 'error:' line with exit 2 and no traceback anywhere."""
+    def broken(self, micro_step):
+        raise bug
+        yield  # a generator, like the real micro_step
+
+    monkeypatch.setattr(STDMethod, "micro_step", broken)
+    out = tmp_path / "out"
+    assert cli(["--preset", "tiny", "--data", str(data), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: internal error ({type(bug).__name__}: ") and "this is a bug" in last
+    assert last.endswith(f"(above and in {out / 'train.log'})")
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    logged = (out / "train.log").read_text()
+    assert "ERROR training: internal error\nTraceback (most recent call last)" in logged and "in broken" in logged
+
+
+def test_a_full_disk_is_the_users_problem_not_a_bug(data, tmp_path, monkeypatch, capsys):
+    def full(self, micro_step):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "bank"))
+        yield
+
+    monkeypatch.setattr(STDMethod, "micro_step", full)
+    assert cli(["--preset", "tiny", "--data", str(data), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"error: No space left on device: {tmp_path / 'out' / 'bank'}"
+    assert "Traceback" not in err
 
 
 def test_config_file_run_config_and_help(data, tmp_path, trained):
@@ -648,6 +686,26 @@ def test_bf16_keeps_the_lora_and_its_optimiser_state_fp32_and_offloads_text(data
     opt = trainer.optimizers["student"][0]
     assert {v.dtype for s in opt.state.values() for k, v in s.items() if k != "step"} == {torch.float32}
     assert next(m.base.text_encoders[0].parameters()).dtype == torch.bfloat16
+
+
+def test_the_lora_init_is_one_fp32_draw_whatever_the_frozen_dtype():
+    """The frozen weights may be read in bf16 (host RAM); PEFT would then create the LoRA in bf16, rounding its
+    init: the init is drawn in fp32 from the seed instead, the same for an fp32 and a bf16 UNet."""
+    from std_hf.base import cast_floats
+    from std_hf.tiny import make_unet
+    from training.common.config import LORA_TARGETS
+    from training.common.lora import add_lora
+
+    fp32, bf16 = make_unet("sd15"), make_unet("sd15")
+    cast_floats(bf16, torch.bfloat16)
+    a, b = (add_lora(u, "student", 4, 4.0, LORA_TARGETS, seed=3) for u in (fp32, bf16))
+    assert [n for n, _ in a] == [n for n, _ in b] and len(a) > 20
+    assert all(p.dtype == q.dtype == torch.float32 and torch.equal(p, q) for (_, p), (_, q) in zip(a, b))
+    downs = torch.cat([p.flatten() for n, p in a if ".lora_A." in n])
+    assert all(torch.count_nonzero(p) == 0 for n, p in a if ".lora_B." in n)
+    assert abs(float(downs.std()) - 1 / 4) < 0.01  # PEFT's "gaussian": N(0, 1/r²)
+    again = add_lora(make_unet("sd15"), "student", 4, 4.0, LORA_TARGETS, seed=4)
+    assert not torch.equal(a[0][1], again[0][1])  # the seed decides
 
 
 def test_fp16_uses_one_gradient_scaler_per_optimiser_and_skips_inf_steps(data, tmp_path):

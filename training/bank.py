@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from safetensors.torch import save_file
 
 from comfyui_std.core.errors import STDInputError, check_range
 from training.common.config import method_options, option
-from training.common.state import read_json
+from training.common.state import atomic_file, read_json, write_json
 from training.std.bank import INFO_FILE, TRAJECTORY_OPTIONS, shard_name
 from training.std.method import PRESETS, STDConfig
 from training.std.trajectory import LAST_INDEX
@@ -85,9 +84,7 @@ def build(cfg: BuildConfig, trainer) -> int:
             raise STDInputError("bank_dir", f"{folder} holds trajectories built with other settings: "
                                             f"{'; '.join(diff)}; use another --bank-dir")
     elif trainer.is_main:
-        tmp = info.with_name(info.name + ".tmp")
-        tmp.write_text(json.dumps({"options": options, "draws": cfg.draws}, indent=1))
-        os.replace(tmp, info)
+        write_json(info, {"options": options, "draws": cfg.draws})
     mine = range(trainer.rank, len(method.items), trainer.world)
     written = 0
     from tqdm.auto import tqdm
@@ -99,10 +96,9 @@ def build(cfg: BuildConfig, trainer) -> int:
                 continue  # resumable
             gen = torch.Generator().manual_seed(draw_seed(cfg.seed, key, k))
             tensors, meta = build_trajectory(method, i, gen)
-            tmp = dst.with_name(dst.name + ".tmp")
-            save_file({k2: v.detach().to("cpu", torch.float16).contiguous() for k2, v in tensors.items()}, str(tmp),
-                      metadata=meta)
-            os.replace(tmp, dst)
+            with atomic_file(dst) as tmp:
+                save_file({k2: v.detach().to("cpu", torch.float16).contiguous() for k2, v in tensors.items()},
+                          str(tmp), metadata=meta)
             written += 1
     trainer.accelerator.wait_for_everyone()
     return written
@@ -120,16 +116,19 @@ def main(argv=None) -> int:
         print("usage: python -m training.bank build [options]  (see --help after 'build')", file=sys.stderr)
         return fail("the first argument must be 'build'")
 
+    where: dict[str, Path] = {}
+
     def run() -> int:
         cfg = config_from_argv(BuildConfig, PRESETS, argv[1:], "python -m training.bank build",
                                "Precompute whole teacher trajectories for a dataset (resumable; one shard per item "
                                "and draw).")
+        where["log"] = Path(cfg.output).expanduser() / "train.log"
         trainer = Trainer(cfg, STDMethod)
         n = build(cfg, trainer)
         log.info("wrote %d trajectories", n)
         return 0
 
-    return guarded(run)
+    return guarded(run, log_file=lambda: where.get("log"))
 
 
 if __name__ == "__main__":

@@ -175,6 +175,28 @@ class IPAdapterWeights:
         return F.layer_norm(x, (self.cross_dim,), self.norm_weight, self.norm_bias)
 
 
+IP_ADAPTER_GROUPS = ("image_proj", "ip_adapter")
+
+
+def nest_ip_adapter(sd: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """An IP-Adapter state dict in the nested layout ``{"image_proj": {...}, "ip_adapter": {...}}`` that diffusers'
+    loader and ComfyUI's IP-Adapter nodes take, from flat safetensors keys (``image_proj.proj.weight``) or the
+    already nested ``.bin`` layout. A tensor outside the two groups is refused, not dropped."""
+    if not isinstance(sd, dict):
+        raise STDInputError("ipadapter", f"expected a state dict, got {type(sd).__name__}")
+    nested: dict[str, dict[str, torch.Tensor]] = {g: {} for g in IP_ADAPTER_GROUPS}
+    for k, v in sd.items():
+        head, _, rest = str(k).partition(".")
+        if isinstance(v, dict) and k in nested:
+            nested[k].update(v)
+        elif rest and head in nested:
+            nested[head][rest] = v
+        else:
+            raise STDInputError("ipadapter", f"holds {k!r}, outside image_proj.* and ip_adapter.*: not a standard "
+                                             "IP-Adapter file")
+    return nested
+
+
 def _flatten(sd: dict) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 from comfyui_std.core.errors import STDInputError, check_range
+from std_hf.devices import DTYPES as DTYPE_MAP
+from std_hf.devices import check_device
 
 
 def option(default, help: str, choices: tuple | None = None, free: bool = False, **kw):
@@ -31,7 +33,7 @@ def option(default, help: str, choices: tuple | None = None, free: bool = False,
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 PRECISIONS = ("no", "fp16", "bf16")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = tuple(DTYPE_MAP)
 
 
 @dataclasses.dataclass
@@ -59,7 +61,9 @@ class CommonConfig:
     lora_rank: int = option(64, "LoRA rank (the paper: 64).")
     lora_alpha: float = option(64.0, "LoRA alpha (the paper: 64, i.e. scale 1).")
     lora_targets: list = option(LORA_TARGETS, "Module-name suffixes that get LoRA (default: the paper's list).")
-    device: str = option("auto", "cuda, cuda:N, mps, cpu, or auto.", free=True)
+    device: str = option("auto", "cuda, cuda:N, mps, cpu, or auto (a CUDA GPU, else MPS, else the CPU); a device this "
+                                 "machine lacks is refused. With several processes (accelerate launch) each one gets "
+                                 "its own GPU: use auto or cpu, and CUDA_VISIBLE_DEVICES to pick the GPUs.", free=True)
     mixed_precision: str = option("no", "no, fp16 (with a gradient scaler per optimiser) or bf16 (recommended on "
                                         "recent GPUs). The trained LoRA and its optimiser state stay fp32.",
                                   choices=PRECISIONS)
@@ -263,9 +267,9 @@ def validate_common(cfg) -> None:
     if not cfg.base:
         raise STDInputError("base", "give a base model (--base: a .safetensors checkpoint, diffusers folder, Hub id "
                                     "or 'tiny')")
-    dev = str(cfg.device)
-    if dev not in ("auto", "cpu", "mps", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
-        raise STDInputError("device", f"got {dev!r}: use auto, cpu, mps, cuda or cuda:N")
+    problem = check_device(str(cfg.device))
+    if problem:
+        raise STDInputError("device", problem)
 
 
 def read_text_lines(path: str, name: str) -> list[str]:

@@ -7,6 +7,9 @@
   chunked into batches, the batches are shuffled, and rank r takes every world-th one, so a resumed run sees exactly
   the batches the uninterrupted one would have seen. Crops, flips and clip offsets come from the micro-step's
   generator.
+* **Pixels** come from the core's conversion (:func:`comfyui_std.core.images.image_to_float`, as in the nodes and
+  the app): EXIF orientation applied, 16-bit and float images at their own levels (not clipped to white), ICC
+  profiles to sRGB; transparent pixels are placed on white, as the app does. Images: png, jpg, webp, bmp, tif.
 * **Video clips** start at a random frame (seeded) and take ``num_frames`` frames ``frame_stride`` apart; a video
   too short for one clip is skipped at scan time, as are unreadable files (both counted and logged).
 """
@@ -22,10 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from comfyui_std.core.video import VIDEO_EXTENSIONS, load_video
+from comfyui_std.core.images import image_to_float
+from comfyui_std.core.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, load_video, open_video
 
 log = logging.getLogger("training")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+EXIF_ORIENTATION = 0x0112
 MAX_ASPECT = 2.0
 
 
@@ -44,19 +48,10 @@ class DataError(ValueError):
 
 
 def _probe_video(path: Path) -> tuple[int, int, int]:
-    """(width, height, frame count) of a video without decoding it whole."""
-    import av
-
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise DataError(f"data: {path.name} has no video stream")
-        stream = container.streams.video[0]
-        w, h = stream.codec_context.width, stream.codec_context.height
-        n = int(stream.frames or 0)
-        if n <= 0:
-            n = sum(1 for packet in container.demux(stream) if packet.size)
-    load_video(path, frame_load_cap=1)  # the first frame must decode
-    return w, h, n
+    """(width, height, frame count) of a video: the core reader's probe (packets counted, the first frame decoded)."""
+    with open_video(path, 1, probe=True) as reader:
+        info = reader.info
+    return info.source_width, info.source_height, int(info.source_frames or 0)
 
 
 def read_caption(path: Path) -> str:
@@ -75,7 +70,7 @@ def scan_folder(folder: str, style_prompt: str = "", videos: bool = False,
 
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise DataError(f"data: {folder} is not a folder; give a folder of images (png/jpg/webp) and/or videos")
+        raise DataError(f"data: {folder} is not a folder; give a folder of images (png/jpg/webp/tif) and/or videos")
     items, skipped = [], 0
     for p in sorted(root.rglob("*")):
         suffix = p.suffix.lower()
@@ -89,8 +84,11 @@ def scan_folder(folder: str, style_prompt: str = "", videos: bool = False,
                 w, h, n = _probe_video(p)
             else:
                 with Image.open(p) as im:
-                    w, h = im.size
                     im.verify()
+                with Image.open(p) as im:  # verify() leaves the image unusable
+                    w, h = im.size
+                    if im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # shown turned by 90 degrees
+                        w, h = h, w
                 n = 1
         except Exception as err:  # PIL/PyAV raise many types for corrupt files
             skipped += 1
@@ -237,13 +235,31 @@ def load_pixels(item: Item, size: tuple[int, int], gen: torch.Generator | None, 
             frames, _ = load_video(item.path, frame_load_cap=1, skip_first_frames=k)
             x = frames[0].movedim(-1, 0)
     else:
-        import numpy as np
-        from PIL import Image
-        with Image.open(item.path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-        x = torch.from_numpy(arr).permute(2, 0, 1)
+        x = read_image(item.path).permute(2, 0, 1)
     pixels, crop = _cover_crop(x, size, gen, flip)
     return pixels * 2 - 1, crop
+
+
+def read_image(path: Path, what: str = "data") -> torch.Tensor:
+    """An image file as float RGB ``[H, W, 3]`` in 0..1 by the core's conversion (:func:`image_to_float`: EXIF
+    orientation applied, 16-bit and float levels kept, ICC profiles to sRGB), transparent pixels placed on white
+    as the app does; what the conversion mapped is logged once per file."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb, alpha, notices = image_to_float(im, f"{what} image {path.name}")
+    if alpha is not None and float(alpha.min()) < 1.0:
+        rgb = rgb * alpha[..., None] + (1.0 - alpha[..., None])
+        notices.append(f"{path.name} has transparent pixels: they are placed on white")
+    key = str(path)
+    if notices and key not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        for notice in notices:
+            log.info("%s: %s", what, notice)
+    return rgb
+
+
+_ANNOUNCED: set[str] = set()
 
 
 def cache_key(item: Item, size: tuple[int, int], extra: str) -> str:

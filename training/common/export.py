@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,19 +27,47 @@ from safetensors.torch import save_file
 
 from comfyui_std.core.lora import encode_std_metadata, is_motion_key, to_kohya
 from std_hf.lora import LoraLayer
+from training.common.state import atomic_file
 
 FILE_MODE = 0o644
+DIR_MODE = 0o755
 #: kohya prefix per model (SD1.5 names its single text encoder lora_te_, SDXL lora_te1_/lora_te2_)
 KOHYA_TEXT = {"sd15": {"text_encoder": "lora_te_"},
               "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.chmod(tmp, FILE_MODE)
-    os.replace(tmp, path)
+    """Write a .safetensors file under a temporary name and rename it when complete, mode 0644; on any error the
+    temporary file is removed and ``path`` keeps what it held."""
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, FILE_MODE)
     return path
+
+
+@contextmanager
+def atomic_folder(final: Path):
+    """Write a folder atomically: the block writes into a temporary sibling folder, which replaces ``final`` when
+    the block completes (files 0644, folders 0755, so another user's ComfyUI can read them); on any error it is
+    removed and ``final`` keeps what it held."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    old = final.with_name(final.name + ".old")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for p in [tmp, *tmp.rglob("*")]:
+            os.chmod(p, DIR_MODE if p.is_dir() else FILE_MODE)
+        if final.exists():
+            os.replace(final, old)  # a folder cannot be renamed over a non-empty one
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def peft_unet_state_dict(unet, adapter_name: str) -> dict[str, torch.Tensor]:

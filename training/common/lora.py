@@ -11,9 +11,10 @@ def add_lora(unet, adapter_name: str, rank: int, alpha: float, targets: list[str
              exclude_motion_proj: bool = False) -> list[tuple[str, torch.nn.Parameter]]:
     """Add a PEFT LoRA adapter on every module whose name ends with one of ``targets``.
 
-    The initialisation is drawn from a generator seeded with ``seed`` (two runs with the same seed start from the
-    same LoRA, whatever ran before), and the adapter's parameters are fp32 whatever the frozen weights' dtype, so
-    bf16/fp16 training keeps the LoRA and its optimiser state in fp32. ``exclude_motion_proj``: diffusers' motion
+    The initialisation (PEFT's "gaussian": ``lora_A ~ N(0, 1/r²)``, ``lora_B = 0``) is drawn in fp32 from a generator
+    seeded with ``seed``, so two runs with the same seed start from the same LoRA whatever ran before and whatever
+    the frozen weights' dtype (PEFT would create it in the base layer's dtype, rounding a bf16 base's draws); the
+    adapter's parameters are fp32, so bf16/fp16 training keeps the LoRA and its optimiser state in fp32. ``exclude_motion_proj``: diffusers' motion
     transformers call ``proj_in``/``proj_out`` with a keyword argument PEFT's LoRA layers do not accept, so those two
     projections inside motion modules get no LoRA.
     """
@@ -29,8 +30,10 @@ def add_lora(unet, adapter_name: str, rank: int, alpha: float, targets: list[str
     params = adapter_params(unet, adapter_name)
     if not params:
         raise RuntimeError("no trainable LoRA parameters: check lora_targets")
-    for _, p in params:
-        p.data = p.data.float()
+    g = torch.Generator().manual_seed(seed)
+    for name, p in params:
+        init = torch.randn(p.shape, generator=g) / rank if ".lora_A." in name else torch.zeros(p.shape)
+        p.data = init.to(p.device)
     return params
 
 

@@ -60,7 +60,9 @@ Attributes and methods:
 ``preview() -> PIL.Image | None``
     A grid for previews/TensorBoard (cheap: the skeleton calls it every ``preview_every`` steps).
 ``export(folder, suffix="") -> [paths]``
-    Write the result files (LoRAs with ``std.*`` metadata); the skeleton makes them world-readable (0644).
+    Write the result files (LoRAs with ``std.*`` metadata) through :mod:`training.common.export`
+    (``atomic_save`` for files, ``atomic_folder`` for folders): each appears complete under its name, world-readable
+    (0644), or not at all.
 """
 
 from __future__ import annotations

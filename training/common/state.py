@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,23 @@ from comfyui_std.core.errors import STDInputError
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
-def write_json(path: Path, data) -> None:
+@contextmanager
+def atomic_file(path: Path):
+    """The one way the trainer writes a file: the block writes the temporary name it is given, which is renamed to
+    ``path`` when the block completes; on any error it is removed and ``path`` keeps what it held."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, allow_nan=False))
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, allow_nan=False))
 
 
 def read_json(path: Path, what: str = "resume") -> dict:

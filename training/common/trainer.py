@@ -33,13 +33,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comfyui_std.core.errors import STDInputError
+from std_hf.devices import pick_device
 from std_hf.weights import writable_folder
 from training.common.config import as_dict, differing
+from training.common.precision import frozen_dtype
 from training.common.state import (load_states, read_json, refuse_pickles, rng_state, save_states, set_rng_state,
                                    write_json)
 
 log = logging.getLogger("training")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NaNLossError(RuntimeError):
@@ -75,11 +76,24 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def frozen_dtype(cfg) -> torch.dtype:
-    """The dtype of the frozen weights: the mixed precision's, unless ``frozen_dtype`` says otherwise."""
-    if cfg.frozen_dtype != "auto":
-        return DTYPES[cfg.frozen_dtype]
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+def placement(asked: str, device: torch.device, world: int, given: torch.device) -> torch.device:
+    """Where a process trains: ``device`` (what ``--device`` ``asked`` resolves to), never silently another one.
+
+    One process honours any device; ``cuda:N`` also becomes the current CUDA device, so kernels and libraries that
+    say "cuda" use GPU N too. With several processes accelerate has ``given`` each its own device, so only ``auto``
+    or that device's type is accepted, and anything else is refused with a message.
+    """
+    if world > 1:
+        if asked != "auto" and (torch.device(asked).index is not None or device.type != given.type):
+            raise STDInputError("device", f"'{asked}' with {world} processes: accelerate gives each process its own "
+                                          f"device (here {given}); use --device auto or {given.type}, and "
+                                          "CUDA_VISIBLE_DEVICES to choose the GPUs")
+        return given
+    if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device.index)
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class Trainer:
@@ -87,16 +101,16 @@ class Trainer:
         from accelerate import Accelerator
 
         self.cfg = cfg
-        self.out = writable_folder(cfg.output, "output")
-        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        if cpu and cfg.mixed_precision == "fp16":
+        device = pick_device(cfg.device)
+        if device.type == "cpu" and cfg.mixed_precision == "fp16":
             raise STDInputError("mixed_precision", "fp16 needs a GPU; use bf16 or no on a CPU")
-        # processes and devices from accelerate; mixed precision is this trainer's own autocast (accelerate keeps one
+        self.out = writable_folder(cfg.output, "output")
+        # processes from accelerate; mixed precision is this trainer's own autocast (accelerate keeps one
         # process-wide state, which cannot change between runs in one process)
-        self.accelerator = Accelerator(cpu=cpu)
+        self.accelerator = Accelerator(cpu=device.type == "cpu")
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
-        self.device = self.accelerator.device
+        self.device = placement(cfg.device, device, self.world, self.accelerator.device)
         self.method = method_cls(cfg, self)
         self.step = 0
         self.history: list[dict] = []
@@ -404,11 +418,8 @@ class Trainer:
         return self.history
 
     def _export(self, suffix: str = "") -> list[Path]:
-        paths = self.method.export(self.out, suffix=suffix)
-        for p in paths:  # another user's ComfyUI must be able to read them
-            for f in ([p] if p.is_file() else [q for q in p.rglob("*") if q.is_file()]):
-                os.chmod(f, 0o644)
-        return paths
+        """The method's result files (written atomically and world-readable by training.common.export)."""
+        return self.method.export(self.out, suffix=suffix)
 
     def write_preview(self):
         image = self.method.preview()

@@ -25,8 +25,9 @@ from comfyui_std.core.errors import STDInputError, check_range
 from std_hf.base import encode_prompts, load_base, unet_kwargs
 from training.common.config import CommonConfig, option, read_text_lines, validate_common
 from training.common.ema import ema_copy, ema_update, swapped
-from training.common.export import export_lora
+from training.common.export import atomic_folder, export_lora
 from training.common.lora import adapter_params, add_lora
+from training.common.precision import cast_frozen, vae_dtype
 from training.sid_lsg.losses import (ema_beta, fake_score_loss, generator_input, guided, sample_t,
                                      sid_generator_loss, x0_from_eps)
 
@@ -110,7 +111,10 @@ class SiDMethod:
         cfg = self.cfg
         validate(cfg)
         self.prompts = read_prompts(cfg.prompts)
-        base = load_base(cfg.base, torch.float32, cfg.tokenizer or None, seed=cfg.seed)
+        # frozen weights are read in the dtype they train in (host RAM, see training/README); full copies of the
+        # UNet are trained, so with --full-finetune the UNet is read in fp32
+        read = torch.float32 if cfg.full_finetune else self.trainer.weight_dtype
+        base = load_base(cfg.base, read, cfg.tokenizer or None, seed=cfg.seed, vae_dtype=vae_dtype(cfg))
         for r in base.reports:
             log.info("base %s: %s", base.name, r.line())
         if base.prediction_type != "epsilon":
@@ -130,12 +134,10 @@ class SiDMethod:
             add_lora(base.unet, FAKE, fake_rank, cfg.lora_alpha * fake_rank / cfg.lora_rank, cfg.lora_targets,
                      cfg.seed + 1)
             self.nets = {None: base.unet, GEN: base.unet, FAKE: base.unet}
-        from training.std.method import STDMethod
-        STDMethod._cast(base, self.trainer.weight_dtype)  # frozen weights to the preset's dtype; trained ones fp32
+        cast_frozen(base, self.trainer.weight_dtype)  # frozen weights to the preset's dtype; trained ones fp32
         for net in {id(n): n for n in self.nets.values()}.values():
             net.to(self.trainer.device)
-        base.to(self.trainer.device, vae_dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
-                                                "fp16": torch.float16}[cfg.vae_dtype])
+        base.to(self.trainer.device, vae_dtype=vae_dtype(cfg))
         self.base = base
         self.acp = base.schedule.alphas_cumprod.to(self.trainer.device)
         self.size = (cfg.resolution, cfg.resolution)
@@ -327,10 +329,11 @@ class SiDMethod:
                   "kappa3": cfg.kappa2, "kappa4": cfg.kappa4, "alpha": None, "base_model": self.base.name,
                   "resolution": cfg.resolution, "steps": self.trainer.step}
         with self.ema_weights():
-            if cfg.full_finetune:  # merged weights: the generator UNet as a diffusers folder
+            if cfg.full_finetune:  # merged weights: the generator UNet as a diffusers folder, written atomically
                 out = Path(folder) / f"{name}_unet"
-                self.nets[GEN].save_pretrained(str(out))
-                (out / "std_metadata.json").write_text(json.dumps(values, indent=1))
+                with atomic_folder(out) as tmp:
+                    self.nets[GEN].save_pretrained(str(tmp))
+                    (tmp / "std_metadata.json").write_text(json.dumps(values, indent=1))
                 return [out]
             return export_lora(self.base.unet, GEN, Path(folder), name, cfg.lora_rank, cfg.lora_alpha, values,
                                self.base.arch)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from comfyui_std.core.errors import STDInputError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -73,7 +75,7 @@ class DinoFeatures(nn.Module):
         layers = int(model.config.num_hidden_layers)
         hooks = [int(h) for h in hooks]
         if not hooks or any(h < 0 or h >= layers for h in hooks):
-            raise ValueError(f"dino_hooks: {hooks} must be block indices of the {layers}-block DINOv2")
+            raise STDInputError("dino_hooks", f"{hooks} must be block indices of the {layers}-block DINOv2")
         self.model = model.eval().requires_grad_(False)
         self.hooks = hooks
         self.augment = augment
@@ -187,8 +189,26 @@ class AdversarialLoss(nn.Module):
     def state_dict(self, *args, **kwargs):  # the frozen DINOv2 is not state
         return {k: v for k, v in super().state_dict(*args, **kwargs).items() if not k.startswith("features.")}
 
-    def load_state_dict(self, state_dict, strict: bool = True):
-        return super().load_state_dict(state_dict, strict=False)
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """The discriminator's state as :meth:`state_dict` gives it (heads, penalty schedule), loaded strictly: a
+        missing, foreign or reshaped tensor is refused naming it. Only the frozen DINOv2 (``features.*``), which is
+        not state and stays as built, may be absent."""
+        want = self.state_dict()
+        missing = sorted(set(want) - set(state_dict))
+        extra = sorted(set(state_dict) - set(want))
+        reshaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+                    if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+        if strict and (missing or extra or reshaped):
+            found = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+                     ((missing, "missing"), (extra, "unexpected"), (reshaped, "of another shape")) if keys]
+            raise STDInputError("resume", f"the checkpoint's discriminator does not match this run's: "
+                                          f"{'; '.join(found)}. Resume with the options it was trained with "
+                                          "(dino, dino_hooks), or start a new --output")
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        left = [k for k in result.missing_keys if not k.startswith("features.")]
+        if strict and (left or result.unexpected_keys):  # the key check above makes this unreachable
+            raise RuntimeError(f"discriminator state: {left[:3]} missing, {result.unexpected_keys[:3]} unexpected")
+        return result
 
     @staticmethod
     def asymmetric_real_level(s: int, generator: torch.Generator | None = None) -> int:
@@ -250,10 +270,9 @@ def tiny_dino(layers: int = 2):
 
 
 def load_dino(dino: str):
-    """DINOv2 from a local folder or Hub id (safetensors only), every weight loaded (missing ones are refused)."""
+    """DINOv2 from a local folder or Hub id (safetensors only), loaded strictly: a missing, foreign or reshaped weight
+    is refused naming it."""
     from transformers import Dinov2Model
-
-    from comfyui_std.core.errors import STDInputError
 
     try:
         model, info = Dinov2Model.from_pretrained(dino, use_safetensors=True, output_loading_info=True)
@@ -261,9 +280,11 @@ def load_dino(dino: str):
         raise STDInputError("dino", f"could not load DINOv2 from '{dino}' ({str(err).splitlines()[0]}); give a local "
                                     "folder with config.json + model.safetensors, or run once online for "
                                     "facebook/dinov2-small") from None
-    if info.get("missing_keys") or info.get("mismatched_keys"):
-        bad = list(info.get("missing_keys") or []) + [str(m) for m in info.get("mismatched_keys") or []]
-        raise STDInputError("dino", f"'{dino}' lacks {len(bad)} DINOv2 weights (e.g. {bad[0]})")
+    kinds = {"missing_keys": "weights it lacks", "unexpected_keys": "tensors a DINOv2 has no place for",
+             "mismatched_keys": "tensors of another shape", "error_msgs": "tensors that could not be loaded"}
+    found = [f"{len(info[k])} {what} (e.g. {sorted(map(str, info[k]))[0]})" for k, what in kinds.items() if info.get(k)]
+    if found:
+        raise STDInputError("dino", f"'{dino}' is not a complete DINOv2 model: {'; '.join(found)}")
     return model
 
 

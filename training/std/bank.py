@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from comfyui_std.core.errors import check_range
+from training.common.state import atomic_file
 
 INDEX_FILE = "bank.json"
 
@@ -114,11 +115,10 @@ class TrajectoryBank:
                                     f"{need / 2**20:.0f} MiB; free disk space, lower bank_size or move output")
         self.counter += 1
         name = f"shard-{self.counter:09d}.safetensors"
-        tmp = self.root / (name + ".tmp")
         half = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()).contiguous()
                 for k, v in tensors.items()}
-        save_file(half, str(tmp))
-        os.replace(tmp, self.root / name)
+        with atomic_file(self.root / name) as tmp:
+            save_file(half, str(tmp))
         return name
 
     def _remove_file(self, name: str) -> None:
@@ -190,9 +190,8 @@ class TrajectoryBank:
                     os.link(self.root / e.file, dst)
                 except OSError:
                     shutil.copy2(self.root / e.file, dst)
-        tmp = folder / (INDEX_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.state_dict(), indent=1))
-        os.replace(tmp, folder / INDEX_FILE)
+        with atomic_file(folder / INDEX_FILE) as tmp:
+            tmp.write_text(json.dumps(self.state_dict(), indent=1))
 
     def load_from(self, folder: str | os.PathLike) -> None:
         """Restore a bank saved by :meth:`save_to` (replacing the current contents)."""

@@ -28,13 +28,15 @@ from comfyui_std.core.plan import check_nfe, std_plan
 from comfyui_std.core.sampling import sample_std
 from comfyui_std.core.schedules import KDenoiser
 from comfyui_std.core.style_blocks import PRESET_NAMES
-from std_hf.base import cast_floats, encode_prompts, load_base, time_ids, unet_kwargs
+from std_hf.base import encode_prompts, load_base, time_ids, unet_kwargs
 from std_hf.lora import lora_layers, merge_layers, read_lora
 from training.common.config import CommonConfig, method_options, option, validate_common
 from training.common.data import (BucketSampler, assign_buckets, cache_key, load_pixels, scan_folder)
 from training.common.ema import ema_copy, ema_update, swapped
 from training.common.export import combine, export_layers, export_lora
 from training.common.lora import adapter_layers, adapter_params, add_lora
+from training.common.precision import cast_frozen, vae_dtype
+from training.common.state import atomic_file
 from training.std.bank import OfflineTrajectories, TrajectoryBank
 from training.std.trajectory import (LAST_INDEX, S_WINDOWS, DDIMGrid, add_noise, cfg_lcm, draw_target_index, jump,
                                      pseudo_huber, start_index, window_size, x0_eps)
@@ -183,7 +185,11 @@ class STDMethod:
         log.info("data: %d item(s) in %d bucket(s) %s", len(self.items), len(set(self.buckets)),
                  ", ".join(f"{w}x{h}" for h, w in sorted(set(self.buckets))))
         self.sampler = BucketSampler(self.buckets, cfg.batch_size, cfg.seed, self.trainer.rank, self.trainer.world)
-        base = load_base(cfg.base, torch.float32, cfg.tokenizer or None, seed=cfg.seed)
+        self.vae_dtype = vae_dtype(cfg)
+        # the frozen weights are read in the dtype they train in (under bf16 half the host RAM of fp32, see
+        # training/README); a style LoRA is merged in fp32, so then everything is read in fp32 and cast after
+        read = torch.float32 if cfg.style_lora else self.trainer.weight_dtype
+        base = load_base(cfg.base, read, cfg.tokenizer or None, seed=cfg.seed, vae_dtype=self.vae_dtype)
         for r in base.reports:
             log.info("base %s: %s", base.name, r.line())
         self.style_layers = {}
@@ -193,8 +199,8 @@ class STDMethod:
                 models["text_encoder_2"] = base.text_encoders[1]
             for path in cfg.style_lora:
                 sd, meta = read_lora(path, "style_lora")
-                layers = lora_layers(base.unet, base.text_encoders, sd, meta, f"style_lora: {Path(path).name}",
-                                     cfg.style_lora_scale)
+                layers = lora_layers(base.unet, base.text_encoders, sd, meta, "style_lora", cfg.style_lora_scale,
+                                     name=Path(path).name, base_label=base.name)
                 merge_layers(models, layers)
                 self.style_layers = combine(self.style_layers, layers)
                 n_text = sum(1 for m, _ in layers if m != "unet")
@@ -220,8 +226,7 @@ class STDMethod:
                  exclude_motion_proj=cfg.video)
         if cfg.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
-        self.vae_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.vae_dtype]
-        self._cast(base, self.trainer.weight_dtype)
+        cast_frozen(base, self.trainer.weight_dtype)
         base.to(device, vae_dtype=self.vae_dtype)
         if self.style_ref is not None:
             self.style_ref.encoder.to(device)
@@ -269,12 +274,6 @@ class STDMethod:
         log.info("previews show training images (%d item(s); hold-out needs %d or --preview-images)", len(items),
                  4 * n)
         return items, items[-n:]
-
-    @staticmethod
-    def _cast(base, dtype: torch.dtype) -> None:
-        """Frozen weights to the preset's dtype; the LoRA (and so its optimiser state) stays fp32."""
-        for module in [base.unet, *base.text_encoders]:
-            cast_floats(module, dtype, skip=".lora_")
 
     def item_key(self, index: int) -> str:
         """A training item's name relative to the data folder (stable across machines; the offline bank's key)."""
@@ -450,9 +449,8 @@ class STDMethod:
             out["mean" + tag] = mean.float().cpu().contiguous()
             if std is not None:
                 out["std" + tag] = std.float().cpu().contiguous()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(out, str(tmp))
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            save_file(out, str(tmp))
 
     def decode(self, latents: torch.Tensor, frames: list[int] | None = None) -> torch.Tensor:
         """Latents -> pixels; clips [B,C,F,h,w] decode the given frames (the discriminator is per frame)."""
