@@ -23,8 +23,8 @@ from comfy_api.latest import io
 
 from ..core.errors import STDInputError
 from ..core.style_blocks import (PRESET_NAMES, IPAdapterWeights, architecture_for_context_dim, check_adapter_fits,
-                                 comfy_patch_key, image_prompt_tokens, ip_layer_order, parse_ip_adapter, selects,
-                                 target_blocks)
+                                 comfy_patch_key, image_prompt_tokens, ip_layer_order, nest_ip_adapter,
+                                 parse_ip_adapter, selects, target_blocks)
 from .common import CATEGORY_LOADERS, CATEGORY_STYLE, user_errors
 
 log = logging.getLogger("comfyui_std")
@@ -60,14 +60,8 @@ def load_ip_adapter_file(name: str) -> dict:
         sd = comfy.utils.load_torch_file(path, safe_load=True)
     except Exception as err:  # safetensors/pickle raise many types for corrupt files
         raise ValueError(f"ipadapter_file: could not read '{name}' ({type(err).__name__}: {err})") from None
-    out: dict = {"image_proj": {}, "ip_adapter": {}}
-    for k, v in (sd or {}).items():
-        if isinstance(v, dict) and k in out:
-            out[k].update(v)
-        elif "." in k and k.split(".", 1)[0] in out:
-            head, rest = k.split(".", 1)
-            out[head][rest] = v
     try:
+        out = nest_ip_adapter(sd or {})
         parse_ip_adapter(out)
     except STDInputError as err:
         raise ValueError(f"ipadapter_file: '{name}': {str(err).split(': ', 1)[1]}") from None
