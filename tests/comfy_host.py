@@ -79,6 +79,9 @@ def boot(base: Path) -> SimpleNamespace:
     import folder_paths
     import nodes
 
+    # Packs that create their model folders at import (AnimateDiff-Evolved: models_dir/animatediff_models) must
+    # create them here, not in the ComfyUI tree.
+    folder_paths.models_dir = str(base / "models")
     for sub in ("checkpoints", "loras", "ipadapter", "clip_vision", "animatediff_models", "controlnet"):
         d = base / "models" / sub
         d.mkdir(parents=True, exist_ok=True)
