@@ -1,11 +1,13 @@
 """Boot the real ComfyUI host in-process on CPU and build the tiny SD1.5 checkpoint it detects.
 
-Used by the real-host tests; they are skipped unless COMFYUI_PATH points at a ComfyUI checkout (pinned 0.3.64).
+Used by the real-host tests; they are skipped unless COMFYUI_PATH points at a ComfyUI checkout (0.3.48, 0.3.64 and
+0.33.0 are tested; what differs between them for the harness is in the "hosts" section below).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.abc
 import importlib.machinery
 import json
 import os
@@ -19,6 +21,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui-std"
+REAL_HOST_REASON = ("real-host test: set COMFYUI_PATH to a ComfyUI checkout (tested: 0.3.48, 0.3.64, 0.33.0) "
+                    "to run it")
 
 
 def comfyui_path() -> str | None:
@@ -26,19 +30,62 @@ def comfyui_path() -> str | None:
     return path if path and Path(path, "nodes.py").is_file() else None
 
 
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Creates any ``torchvision.*`` / ``torchaudio.*`` module on demand as an empty package.
+
+    PyPI's torchvision and torchaudio wheels are CUDA builds that do not import with the CPU torch used here; ComfyUI
+    only needs the names to import (0.3.x: ``torchvision``; from 0.8: ``torchaudio`` in comfy/sd.py; later
+    ``torchvision.ops``, ``torchaudio.functional``, ``torchvision.transforms.functional``). Attribute access on a stub
+    gives another stub, so ``from torchaudio.functional import resample`` imports; calling one raises."""
+
+    ROOTS = ("torchvision", "torchaudio")
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in self.ROOTS:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _StubModule(spec.name)
+
+    def exec_module(self, module):
+        module.__path__ = []
+
+
+class _StubModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _StubAttr(f"{self.__name__}.{name}")
+
+
+class _StubAttr:
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, name):
+        return _StubAttr(f"{self._name}.{name}")
+
+    def __call__(self, *a, **k):
+        raise RuntimeError(f"{self._name} is a test stub (no torchvision/torchaudio build for this CPU torch)")
+
+    def __mro_entries__(self, bases):
+        return (object,)
+
+
 def _stub_torchvision():
-    """PyPI's torchvision wheels are CUDA builds that do not import with CPU torch; ComfyUI only needs the name."""
-    try:
-        import torchvision  # noqa: F401
-        return
-    except Exception:
-        pass
-    for name in ("torchvision", "torchvision.models", "torchvision.transforms"):
-        mod = types.ModuleType(name)
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        if name == "torchvision":
-            mod.__path__ = []
-        sys.modules[name] = mod
+    """Install the stub finder for torchvision/torchaudio unless the real packages import."""
+    for root in _StubFinder.ROOTS:
+        if root in sys.modules and not isinstance(sys.modules[root], _StubModule):
+            continue
+        try:
+            __import__(root)
+            continue
+        except Exception:
+            for name in [n for n in sys.modules if n == root or n.startswith(root + ".")]:
+                del sys.modules[name]
+        if not any(isinstance(f, _StubFinder) for f in sys.meta_path):
+            sys.meta_path.insert(0, _StubFinder())
 
 
 def tree_snapshot(root: str | None = None) -> dict[str, tuple[int, int]]:
@@ -92,6 +139,7 @@ def boot(base: Path) -> SimpleNamespace:
         setter(str(base / sub))
     (base / "user").mkdir(parents=True, exist_ok=True)
     folder_paths.set_user_directory(str(base / "user"))
+    unthrottle_progress()
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     # Install the pack as a user would: a clone under custom_nodes/ (a symlink to this checkout).
     custom = base / "custom_nodes"
@@ -224,13 +272,109 @@ def execute(prompt: dict, *, server: FakeServer | None = None, on_step=None):
     ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt("p", prompt, None))
     if not ok:
         raise AssertionError(f"prompt invalid: {err} {node_errors}")
-    ex = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    ex = new_executor(server)
     comfy.utils.set_progress_bar_global_hook(progress_hook(server, on_step))
     try:
         ex.execute(prompt, "p", {"client_id": server.client_id}, outputs)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     return ex, server
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The hosts: what differs between the ComfyUI versions the tests run on (0.3.48, 0.3.64, 0.33), in one place.
+
+
+def comfyui_version() -> tuple[int, ...]:
+    """The version of the ComfyUI tree at COMFYUI_PATH, from its ``comfyui_version.py``."""
+    text = Path(comfyui_path(), "comfyui_version.py").read_text()
+    value = text.split("__version__", 1)[1].split("=", 1)[1].strip().split()[0].strip("\"'")
+    return tuple(int(p) for p in value.split(".")[:3])
+
+
+#: from this version ComfyUI refuses a V3 dropdown value outside its options itself, before the node runs
+#: (upstream commit 0be8a76c); earlier hosts pass it to the node, which answers with the pack's message
+CHOICES_VALIDATED_FROM = (0, 8, 0)
+
+
+def choice_refusal(name: str, value, options, pack_message: str) -> str:
+    """What a client reads when a dropdown that is not a file list gets ``value``: ComfyUI's own "Value not in
+    list" (which names the input, the value and the options) where the host validates dropdowns, else the pack's
+    message. (Dropdowns of files are always left to the pack: see comfyui_std/nodes/comfy_compat.py.)"""
+    if comfyui_version() >= CHOICES_VALIDATED_FROM:
+        return f'"details": "{name}: {value!r} not in {list(options)!r}"'
+    return pack_message
+
+
+def unthrottle_progress() -> None:
+    """Newer ComfyUI (0.2x) sends a progress update only every 100 ms and 0.5 % unless it is the first, the last or
+    carries a preview; the tests count every step, so the throttle is set to nothing where it exists."""
+    import comfy.utils
+
+    for name in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT"):
+        if hasattr(comfy.utils, name):
+            setattr(comfy.utils, name, 0)
+
+
+def new_executor(server):
+    """A ``PromptExecutor`` with the classic cache. From 0.19 the executor reads ``cache_args["ram"]`` on every run,
+    so the argument is passed wherever its signature takes it."""
+    import inspect
+
+    import execution
+
+    kwargs = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        kwargs["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}
+    return execution.PromptExecutor(server, **kwargs)
+
+
+def cached_outputs(executor, node_id: str):
+    """The outputs a finished run left in the executor's cache for ``node_id`` (a list per output slot).
+
+    Up to 0.3.64 the cache is synchronous and stores the outputs list; from 0.18 ``get`` is a coroutine and entries
+    are ``CacheEntry(ui, outputs)``."""
+    import inspect
+
+    entry = executor.caches.outputs.get(node_id)
+    if inspect.isawaitable(entry):
+        entry = asyncio.run(entry)
+    return entry.outputs if hasattr(entry, "outputs") else entry
+
+
+class preview_method:
+    """Context manager: latent previews of ``method`` for the prompts run inside it. From 0.5 every prompt resets
+    ``args.preview_method`` to ``latent_preview.default_preview_method``, so both are set (and restored)."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def __enter__(self):
+        import latent_preview
+        from comfy.cli_args import args
+
+        self.saved = (args.preview_method, getattr(latent_preview, "default_preview_method", None))
+        args.preview_method = self.method
+        if hasattr(latent_preview, "default_preview_method"):
+            latent_preview.default_preview_method = self.method
+        return self
+
+    def __exit__(self, *exc):
+        import latent_preview
+        from comfy.cli_args import args
+
+        args.preview_method = self.saved[0]
+        if hasattr(latent_preview, "default_preview_method"):
+            latent_preview.default_preview_method = self.saved[1]
+        return False
+
+
+def run_node(cls, *args, **kwargs):
+    """Run a node class directly and return its outputs tuple: V3 nodes through ``execute(...).result``, old-style
+    nodes (0.3.48's core ``LoadVideo`` and friends) through their ``FUNCTION``."""
+    if getattr(cls, "FUNCTION", None) and not hasattr(cls, "define_schema"):
+        return getattr(cls(), cls.FUNCTION)(*args, **kwargs)
+    return cls.execute(*args, **kwargs).result
 
 
 def copy_input(src: Path, input_dir: Path, name: str | None = None) -> str:

@@ -19,7 +19,6 @@ sys.path.insert(0, str(TESTS))
 
 import comfy_host  # noqa: E402
 
-REAL_HOST_REASON = ("real-host test: set COMFYUI_PATH to a ComfyUI checkout (pinned 0.3.64, commit a125cd84) to run it")
 NO_SKIP = os.environ.get("STD_NO_SKIP", "") not in ("", "0")
 _TREE = {}
 
@@ -44,7 +43,8 @@ def pytest_terminal_summary(terminalreporter):
                             and (r.when == "call" or key != "passed"))
                    for key in ("passed", "failed", "skipped")}
     terminalreporter.write_line(f"bad-input cases: {len(passed)} passed, {len(failed)} failed")
-    terminalreporter.write_line("real-host tests: " + ", ".join(f"{v} {k}" for k, v in host_counts.items()))
+    where = f" (ComfyUI {'.'.join(map(str, comfy_host.comfyui_version()))})" if comfy_host.comfyui_path() else ""
+    terminalreporter.write_line(f"real-host tests{where}: " + ", ".join(f"{v} {k}" for k, v in host_counts.items()))
     if _TREE:
         changed = comfy_host.tree_changes(_TREE)
         if changed:
@@ -59,7 +59,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def host(tmp_path_factory):
     if not comfy_host.comfyui_path():
-        pytest.skip(REAL_HOST_REASON)
+        pytest.skip(comfy_host.REAL_HOST_REASON)
     _TREE.update(comfy_host.tree_snapshot())
     host = comfy_host.boot(tmp_path_factory.mktemp("comfy"))
     assert host.loaded, "the pack failed to load in ComfyUI (see log)"

@@ -276,7 +276,7 @@ class Session:
 
         self.host, self.base, self.M = host, Path(base), host.M
         self.server = comfy_host.FakeServer()
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+        self.executor = comfy_host.new_executor(self.server)
         self.files: dict[str, str] = {}
         self.runs = 0
         self.built: dict[str, dict] = {}
@@ -351,7 +351,7 @@ class Session:
         import comfy.model_management
         import execution
 
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+        self.executor = comfy_host.new_executor(self.server)
         self._tiny = None
         comfy.model_management.unload_all_models()
         gc.collect()
@@ -359,10 +359,7 @@ class Session:
 
 def call(M, node_id: str, **kwargs):
     """Call a node directly (V1: FUNCTION, V3: execute) and return its outputs tuple."""
-    cls = M[node_id]
-    if hasattr(cls, "FUNCTION"):
-        return getattr(cls(), cls.FUNCTION)(**kwargs)
-    return cls.execute(**kwargs).result
+    return comfy_host.run_node(M[node_id], **kwargs)
 
 
 def link_to(prompt: dict, node_id: str, name: str, source: list) -> dict:
@@ -430,12 +427,12 @@ def prepare_files(s: Session) -> None:
 def workflows_round_trip(s: Session) -> dict:
     """Every interop UI workflow converts back to its API twin (the frontend's graphToPrompt, with the peers'
     node definitions)."""
-    from tools.workflow_format import ui_to_api
+    from tools.workflow_format import dynamic_form, ui_to_api
 
     out = {}
     for api_file in interop_workflows():
         ui = json.loads((UI_DIR / api_file.name).read_text())
-        api = json.loads(api_file.read_text())
+        api = dynamic_form(json.loads(api_file.read_text()), s.host.nodes)
         got = ui_to_api(ui, s.host.nodes)
         out[api_file.stem] = {"equal": got == api,
                               "differences": sorted(k for k in set(got) | set(api) if got.get(k) != api.get(k))}

@@ -139,10 +139,26 @@ def test_api_workflow_executes(host, tiny_ckpt, host_files, workflow):
 
 @pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda p: p.stem)
 def test_ui_workflow_converts_to_its_api_twin(host, workflow):
-    from tools.workflow_format import ui_to_api
+    """The UI file queues what its API twin says, in this host's layout (0.33's frontend queues core Save Video's
+    nested codec as ``format.codec``; 0.3.x as a top-level ``codec``)."""
+    from tools.workflow_format import dynamic_form, ui_to_api
 
     ui = json.loads((REPO / "example_workflows" / workflow.name).read_text())
-    assert ui_to_api(ui, host.nodes) == json.loads(workflow.read_text())
+    assert ui_to_api(ui, host.nodes) == dynamic_form(json.loads(workflow.read_text()), host.nodes)
+
+
+def test_core_save_video_runs_in_both_prompt_layouts(host, tiny_ckpt, host_files):
+    """std_video_core_video ends in core Save Video: queued as the 0.33 frontend writes it (``format.codec``) and as
+    the API twin ships (top-level ``codec``), it runs on this host and saves the video (a converter that dropped
+    the nested codec, or a host that no longer takes the older layout, fails here)."""
+    from tools.workflow_format import dynamic_form
+
+    shipped = comfy_host.prepare_workflow(API_DIR / "std_video_core_video.json", tiny_ckpt, host_files)
+    for prompt in (shipped, dynamic_form(shipped, host.nodes)):
+        ex, server = comfy_host.execute(prompt)
+        assert ex.success, [d for e, d in server.events if e == "execution_error"]
+        saved = ex.history_result["outputs"]["11"]["images"]
+        assert saved and (host.base / "output" / saved[0]["subfolder"] / saved[0]["filename"]).is_file()
 
 
 def test_interrupt_stops_sampling(host, tiny_ckpt, host_files):
@@ -249,16 +265,12 @@ def test_unsupported_models_and_latents(host, tiny_models):
 
 
 def test_latent_previews_are_sent_each_step(host, tiny_ckpt, host_files):
-    from comfy.cli_args import LatentPreviewMethod, args
+    from comfy.cli_args import LatentPreviewMethod
 
     prompt = comfy_host.prepare_workflow(API_DIR / "std_image_stylize.json", tiny_ckpt, host_files)
     prompt["7"]["inputs"]["seed"] = 4321
-    old = args.preview_method
-    args.preview_method = LatentPreviewMethod.Latent2RGB
-    try:
+    with comfy_host.preview_method(LatentPreviewMethod.Latent2RGB):
         ex, server = comfy_host.execute(prompt)
-    finally:
-        args.preview_method = old
     assert ex.success
     previews = [d["preview"] for e, d in server.events if e == "progress" and d["node"] == "7"]
     assert previews == [True, True, True]

@@ -165,7 +165,7 @@ def test_controlnet_workflow_runs_through_the_executor(host, tiny_ckpt, host_fil
     assert ex2.success
     # the Canny-edge control changes STD Stylize's latent (compared in latent space: the tiny random VAE decodes
     # every latent to the same flat image)
-    a, b = (e.caches.outputs.get("7")[0][0]["samples"] for e in (ex, ex2))
+    a, b = (comfy_host.cached_outputs(e, "7")[0][0]["samples"] for e in (ex, ex2))
     assert (a - b).abs().mean() > 1e-3
 
 

@@ -62,16 +62,80 @@ def test_save_video_refuses_audio_in_a_gif(host, host_files):
 
 def test_core_video_in_and_out(host, host_files):
     with torch.inference_mode():
-        core = host.M["LoadVideo"].execute(CLIP).result[0]  # core Load Video: a VideoFromFile
+        core = comfy_host.run_node(host.M["LoadVideo"], CLIP)[0]  # core Load Video: a VideoFromFile
         from_core = _load(host, "", 16, 0, 1, 8.0, "crop", source=core).result
         direct = _load(host, CLIP, 16, 0, 1, 8.0, "crop").result
         assert torch.equal(from_core[0], direct[0]) and from_core[1:5] == direct[1:5]
         assert torch.equal(from_core[5]["waveform"], direct[5]["waveform"])
         # an in-memory VIDEO (core Create Video from images + audio) is read through a temporary file
-        made = host.M["CreateVideo"].execute(direct[0][:6], 8.0, direct[5]).result[0]
+        made = comfy_host.run_node(host.M["CreateVideo"], direct[0][:6], 8.0, direct[5])[0]
         again = _load(host, "", 0, 0, 1, 0.0, "none", source=made).result
         assert again[0].shape == (6, 64, 64, 3) and again[2] == 8.0 and again[5] is not None
     assert not list((host.base / "temp").glob("std_source_*"))  # the temporary copy is gone
+
+
+def test_video_nodes_read_path_and_source_whatever_the_video_dropdown_holds(host, tiny_ckpt, host_files):
+    """A prompt whose ``video`` is '' (what the dropdown holds when input/ has no video) and whose ``path`` names a
+    clip in a subfolder of input/, or whose ``source`` is a core VIDEO, validates and runs through ComfyUI's own
+    validator and executor (from ComfyUI 0.8 the validator refused '' before the node ran)."""
+    import shutil
+
+    sub = host.base / "input" / "clips"
+    sub.mkdir(exist_ok=True)
+    shutil.copy(host.base / "input" / CLIP, sub / "in_a_folder.mp4")
+    load = {"video": "", "frame_load_cap": 5, "skip_first_frames": 0, "select_every_nth": 1, "force_rate": 0.0,
+            "resize": "crop"}
+    by_path = {"1": {"class_type": "STDLoadVideo", "inputs": {**load, "path": "clips/in_a_folder.mp4"}},
+               "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    ex, server = comfy_host.execute(by_path)
+    assert ex.success, [d for e, d in server.events if e == "execution_error"]
+    assert "5 frames at 12 fps" in ex.history_result["outputs"]["1"]["text"][0]
+    prompt = comfy_host.prepare_workflow(API_DIR / "std_video_file.json", tiny_ckpt, host_files)
+    node = next(k for k, v in prompt.items() if v["class_type"] == "STDStylizeVideoFile")
+    prompt["90"] = {"class_type": "LoadVideo", "inputs": {"file": CLIP}}
+    prompt[node]["inputs"].update(video="", path="", source=["90", 0], frame_load_cap=4)
+    ex, server = comfy_host.execute(prompt)
+    assert ex.success, [d for e, d in server.events if e == "execution_error"]
+    assert "4 frames at" in ex.history_result["outputs"][node]["text"][0]
+    # an empty dropdown with neither path nor source still gets the pack's own answer when the node runs
+    empty = {"1": {"class_type": "STDLoadVideo", "inputs": {**load, "path": ""}},
+             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    assert "video: choose a file from ComfyUI's input folder" in comfy_host.client_message(empty)
+
+
+def test_a_trimmed_core_video_gives_exactly_its_frames_and_audio(host, host_files):
+    """A core VIDEO trimmed to 0.5 s from 1.0 s of the 2 s, 12 fps clip (ComfyUI's Trim Video / Video Slice, from
+    0.14) gives its 6 frames and 0.5 s of audio from 1.0 s on, as ComfyUI's own ``get_components`` reads it; the
+    pack read the whole file (24 frames) before. Hosts without trim windows have no trimmed VIDEO: there the whole
+    file is the video, and the window helper says so."""
+    import inspect
+
+    from comfy_api.latest import InputImpl
+
+    from comfyui_std.nodes.comfy_compat import trim_window
+
+    with torch.inference_mode():
+        core = comfy_host.run_node(host.M["LoadVideo"], CLIP)[0]
+        if "start_time" not in inspect.signature(InputImpl.VideoFromFile).parameters:
+            assert trim_window(core) == (0.0, 0.0)
+            assert _load(host, "", 0, 0, 1, 0.0, "none", source=core).result[1] == 24
+            return
+        trimmed = comfy_host.run_node(host.M["Video Slice"], core, 1.0, 0.5, False)[0]
+        assert trim_window(trimmed) == (1.0, 0.5)
+        frames, count, fps, *_, audio = _load(host, "", 0, 0, 1, 0.0, "none", source=trimmed).result
+        reference = trimmed.get_components()
+    assert count == 6 == reference.images.shape[0] and fps == 12.0
+    # the same frames: each frame of the clip is one picture at its own brightness (a step of about 0.011 a frame);
+    # ComfyUI decodes to float with another chroma filter, so frames are compared by their mean level
+    assert (frames.mean((1, 2, 3)) - reference.images.mean((1, 2, 3))).abs().max() < 0.004
+    whole = _load(host, CLIP, 0, 0, 1, 0.0, "none").result[0]
+    assert torch.equal(frames, whole[12:18])  # 1.0 s to 1.5 s at 12 fps
+    expected = read_audio(host.base / "input" / CLIP, 1.0, 0.5)
+    assert torch.equal(audio["waveform"][0], expected.waveform)
+    assert abs(audio["waveform"].shape[-1] - reference.audio["waveform"].shape[-1]) <= 1024  # one AAC frame
+    # the selection counts from the window's start: skip 2, cap 3 -> frames 14..16 of the clip
+    picked = _load(host, "", 3, 2, 1, 0.0, "none", source=trimmed).result[0]
+    assert torch.equal(picked, whole[14:17])
 
 
 class _RecordingVAE:
@@ -178,12 +242,14 @@ def bad_videos(host, host_files):
     (dict(video="../secret.mp4"), "video: '../secret.mp4' is not a file in ComfyUI's input folder"),
     (dict(video="nope.mp4"), "video: 'nope.mp4' does not exist"),
     (dict(frames_per_batch=4, overlap=4), "overlap: got 4, allowed range is [0, 3]"),
-    (dict(format="avi"), "format: got 'avi', choose one of source, mp4, webm"),
+    (dict(format="avi"), lambda: comfy_host.choice_refusal("format", "avi", ["source", "mp4", "webm"],
+                                                           "format: got 'avi', choose one of source, mp4, webm")),
     (dict(filename_prefix="../../elsewhere"), "filename_prefix: '../../elsewhere' must be a name inside the output"),
     (dict(skip_first_frames=500), "no frames left from 'std_content.mp4'"),
 ], ids=["zero-length", "corrupt", "audio-only", "traversal", "missing", "overlap", "format", "prefix", "no-frames"])
 def test_stylize_video_file_bad_input(host, tiny_ckpt, host_files, bad_videos, inputs, expected):
     message = comfy_host.client_message(_bad_file_prompt(host, tiny_ckpt, host_files, **inputs))
+    expected = expected() if callable(expected) else expected  # host-dependent: see comfy_host.choice_refusal
     assert expected in message and str(host.base) not in message
     assert not list((host.base / "output" / "STD").glob(".*partial"))
 

@@ -32,8 +32,7 @@ REFUSAL = "the model's noise schedule was replaced"
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     if not comfy_host.comfyui_path():
-        pytest.skip("real-host test: set COMFYUI_PATH to a ComfyUI checkout (pinned 0.3.64, commit a125cd84) to "
-                    "run it")
+        pytest.skip(comfy_host.REAL_HOST_REASON)
     peers = peers_host.peers_path()
     missing = peers_host.missing_peers(peers)
     if missing:

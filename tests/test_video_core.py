@@ -168,3 +168,27 @@ def test_a_folder_of_16_bit_frames_keeps_its_levels(tmp_path):
         Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / f"f{i}.png")
     frames, info = load_video(tmp_path)
     assert info.frame_count == 3 and abs(float(frames.mean()) - 0.5) < 0.01
+
+
+def test_a_trim_window_keeps_the_frames_whose_timestamps_lie_in_it(clip, tmp_path):
+    """``window=(start, duration)`` reads what a trimmed ComfyUI VIDEO holds: the frames in [start, start + duration)
+    (seeking there first), the selection counted from its start, and the audio start moved with it. A reader that
+    ignored the window would hand out frame 0 on."""
+    from comfyui_std.core.video import open_video
+
+    with open_video(clip, window=(2.0, 0.5)) as reader:  # 12 fps: frames 24..29
+        frames = reader.read_all()
+        assert frame_ids(frames) == list(range(24, 30))
+        assert reader.info.start_time == 2.0 and reader.info.frame_estimate == 6
+    with open_video(clip, 2, 1, 2, window=(1.0, 0.0)) as reader:  # to the end; skip 1, every 2nd, cap 2
+        assert frame_ids(reader.read_all()) == [13, 15]
+        assert abs(reader.info.start_time - (1.0 + 1 / 12)) < 1e-9
+    with pytest.raises(STDInputError, match="window start"):
+        open_video(clip, window=(-1.0, 1.0))
+    with pytest.raises(STDInputError, match="no frames left"):
+        open_video(clip, window=(30.0, 1.0))  # past the end of a 5 s clip
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    Image.new("RGB", (16, 16)).save(folder / "0.png")
+    with pytest.raises(STDInputError, match="a trim window applies to video files"):
+        open_video(folder, window=(1.0, 0.0))

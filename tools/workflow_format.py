@@ -13,6 +13,11 @@ The ``interop_*`` workflows use nodes of VideoHelperSuite, AnimateDiff-Evolved a
 (a folder holding those three packs) boots ComfyUI with them too (tests/peers_host.py); without it those
 workflows are skipped with a note.
 
+Dynamic dropdowns (ComfyUI 0.33's ``COMFY_DYNAMICCOMBO_V3``, e.g. core Save Video's ``format`` with its nested
+``codec``): the chosen option's own inputs follow the dropdown's value in ``widgets_values`` and are queued under
+dotted names (``format.codec``). :func:`dynamic_form` writes a prompt of the older layout (``format`` + a top-level
+``codec``, what 0.3.x queues and 0.33 still accepts) the way the 0.33 frontend queues it, so both can be compared.
+
 Two frontend conventions of other packs are followed: VideoHelperSuite's nodes (``VHS_*``) save their widgets as a
 name -> value object instead of a list, and a combo whose ``formats`` option maps the chosen value to a list of
 ``[name, type, options]`` (VHS Video Combine's ``format``) adds those widgets to the node, and to the prompt.
@@ -24,6 +29,8 @@ import json
 from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+#: a dropdown whose chosen option brings inputs of its own (ComfyUI >= 0.33)
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 REPO = Path(__file__).resolve().parents[1]
 #: node types whose frontend extension stores widgets_values as {widget name: value} (VideoHelperSuite's)
 KV_WIDGET_PREFIXES = ("VHS_",)
@@ -50,6 +57,11 @@ def _inputs_in_order(info: dict):
         spec = info["input"].get(section, {})
         for name in info.get("input_order", {}).get(section, list(spec)):
             entry = spec[name]
+            if isinstance(entry[0], str) and entry[0] == DYNAMIC_COMBO:
+                opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+                if not opts.get("hidden"):  # a hidden one only takes prompts of the older layout
+                    yield name, DYNAMIC_COMBO, opts
+                continue
             typ = entry[0]
             opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
             if isinstance(typ, (list, tuple)):
@@ -64,6 +76,37 @@ def _extra_widget_values(name: str, typ: str, opts: dict) -> int:
     if typ == "COMBO" and (opts.get("image_upload") or opts.get("video_upload")):
         return 1
     return 0
+
+
+def dynamic_children(opts: dict, value) -> list[tuple[str, str, dict]]:
+    """(name, type, options) of the inputs that a dynamic dropdown's chosen ``value`` brings, in order."""
+    option = next((o for o in opts.get("options", []) if isinstance(o, dict) and o.get("key") == value), None)
+    if option is None:
+        return []
+    return list(_inputs_in_order({"input": option.get("inputs", {})}))
+
+
+def dynamic_form(prompt: dict, nodes_module) -> dict:
+    """``prompt`` with each dynamic dropdown's nested inputs under their dotted names (``format.codec``), as the
+    frontend of a host with dynamic dropdowns queues it: an input given at the top level in the older layout
+    (``codec``) moves under its dropdown. Nodes without dynamic dropdowns are unchanged."""
+    out = json.loads(json.dumps(prompt))
+
+    def move(inputs, name, opts, prefix):
+        for child, typ, child_opts in dynamic_children(opts, inputs.get(prefix + name)):
+            dotted = f"{prefix}{name}.{child}"
+            if dotted not in inputs and child in inputs:
+                inputs[dotted] = inputs.pop(child)
+            if typ == DYNAMIC_COMBO:
+                move(inputs, child, child_opts, f"{prefix}{name}.")
+
+    for node in out.values():
+        if node["class_type"] not in nodes_module.NODE_CLASS_MAPPINGS:
+            continue
+        for name, typ, opts in _inputs_in_order(node_info(nodes_module, node["class_type"])):
+            if typ == DYNAMIC_COMBO and name in node["inputs"]:
+                move(node["inputs"], name, opts, "")
+    return out
 
 
 def format_widgets(opts: dict, value) -> list:
@@ -103,21 +146,29 @@ def ui_to_api(ui: dict, nodes_module) -> dict:
             continue
         values = list(node.get("widgets_values", []))
         inputs = {}
-        for name, typ, opts in _inputs_in_order(info):
-            if name in linked:
-                link = links[linked[name]]
-                inputs[name] = [str(link[1]), link[2]]
-                if typ in WIDGET_TYPES:  # a widget converted to an input still holds its value slot
-                    values = values[1 + _extra_widget_values(name, typ, opts):]
-                continue
-            if typ not in WIDGET_TYPES:
-                continue
-            if not values:
-                continue
-            inputs[name] = values.pop(0)
-            del values[:_extra_widget_values(name, typ, opts)]
+        _positional_inputs(list(_inputs_in_order(info)), values, inputs, linked, links, "")
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+def _positional_inputs(specs, values: list, inputs: dict, linked: dict, links: dict, prefix: str) -> None:
+    """Fill ``inputs`` from a node's positional ``widgets_values`` (consumed from ``values``); a dynamic dropdown's
+    chosen option brings its own widgets right after it, queued as ``dropdown.child``."""
+    for name, typ, opts in specs:
+        key = prefix + name
+        if key in linked:
+            link = links[linked[key]]
+            inputs[key] = [str(link[1]), link[2]]
+            if typ in WIDGET_TYPES:  # a widget converted to an input still holds its value slot
+                del values[:1 + _extra_widget_values(name, typ, opts)]
+            continue
+        if (typ not in WIDGET_TYPES and typ != DYNAMIC_COMBO) or not values:
+            continue
+        inputs[key] = values.pop(0)
+        if typ == DYNAMIC_COMBO:
+            _positional_inputs(dynamic_children(opts, inputs[key]), values, inputs, linked, links, key + ".")
+            continue
+        del values[:_extra_widget_values(name, typ, opts)]
 
 
 def api_to_ui(prompt: dict, nodes_module) -> dict:
@@ -165,6 +216,9 @@ def api_to_ui(prompt: dict, nodes_module) -> dict:
                     widgets.extend(["fixed"] * _extra_widget_values(name, typ, opts))
                     keyed[name] = opts.get("default")
                 inputs.append(entry)
+            elif typ == DYNAMIC_COMBO and name in node["inputs"]:
+                widgets.extend(_dynamic_widget_values(node["inputs"], name, opts, ""))
+                keyed[name] = value
             elif typ in WIDGET_TYPES and name in node["inputs"]:
                 widgets.append(value)
                 keyed[name] = value
@@ -185,6 +239,23 @@ def api_to_ui(prompt: dict, nodes_module) -> dict:
     return {"last_node_id": max(int(n) for n in ids), "last_link_id": len(links), "nodes": nodes,
             "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
             "version": 0.4}
+
+
+def _dynamic_widget_values(inputs: dict, name: str, opts: dict, prefix: str) -> list:
+    """A dynamic dropdown's value followed by its chosen option's widget values (dotted names first, then the older
+    top-level layout)."""
+    value = inputs[prefix + name]
+    out = [value]
+    for child, typ, child_opts in dynamic_children(opts, value):
+        dotted = f"{prefix}{name}.{child}"
+        source = dotted if dotted in inputs else child
+        if source not in inputs:
+            continue
+        if typ == DYNAMIC_COMBO:
+            out.extend(_dynamic_widget_values({**inputs, dotted: inputs[source]}, child, child_opts, f"{prefix}{name}."))
+        elif typ in WIDGET_TYPES:
+            out.append(inputs[source])
+    return out
 
 
 THUMB_SIZE = (640, 400)

@@ -172,6 +172,27 @@ def _estimate(frames: int | None, src_fps: float, cap, skip, nth, rate) -> int |
     return min(frames, cap) if cap else frames
 
 
+def _in_window(frames: int | None, fps: float, window: tuple[float, float]) -> int | None:
+    """Frames of a constant-rate source of ``frames`` frames that lie in the trim ``window`` (start, duration)."""
+    start, duration = window
+    if frames is None or (not start and not duration):
+        return frames
+    first = min(frames, math.ceil(start * fps - 1e-6))
+    end = frames if not duration else min(frames, math.ceil((start + duration) * fps - 1e-6))
+    return max(0, end - first)
+
+
+def check_window(window) -> tuple[float, float]:
+    """A trim window ``(start, duration)`` in seconds (duration 0: to the end), checked."""
+    if window is None:
+        return 0.0, 0.0
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise STDInputError("window", f"expected (start, duration) in seconds, got {window!r}")
+    start = check_range("window start", window[0], 0.0, 1e7)
+    duration = check_range("window duration", window[1], 0.0, 1e7)
+    return float(start), float(duration)
+
+
 def _probe(path: Path):
     """(packet count, variable frame rate?) of the first video stream, from its packets alone (no decoding)."""
     import av
@@ -202,8 +223,9 @@ class VideoReader:
     """
 
     def __init__(self, path: Path, cap: int, skip: int, nth: int, rate: float, resize: str, folder_fps: float,
-                 probe: bool):
+                 probe: bool, window: tuple[float, float] = (0.0, 0.0)):
         self.path, self.resize = path, resize
+        self._window = window
         self.frame_count = 0
         self.decoded_frames = 0
         self._notices = notices = []
@@ -219,6 +241,7 @@ class VideoReader:
                 raise STDInputError("video", f"'{path.name}' is not a supported video "
                                              f"({', '.join(VIDEO_EXTENSIONS)})")
             src_fps, has_audio, audio_codec, source_frames, variable = self._open_file(probe)
+            source_frames = _in_window(source_frames, src_fps, window)
             container = path.suffix.lower().lstrip(".")
             if variable and not rate:
                 rate = src_fps
@@ -246,7 +269,7 @@ class VideoReader:
                                                     f"{FPS_RANGE[1]:g} fps a video can be saved at; keep fewer frames "
                                                     "with frame_load_cap or set force_rate")
         self.info = StreamInfo(path, base / nth, src_fps, self._source_size[0], self._source_size[1], w, h,
-                               skip / base, source_frames, _estimate(source_frames, src_fps, cap, skip, nth, rate),
+                               window[0] + skip / base, source_frames, _estimate(source_frames, src_fps, cap, skip, nth, rate),
                                _estimate(source_frames, src_fps, 0, skip, nth, rate), variable, has_audio, audio_codec, container, tuple(notices))
 
     # Sources -----------------------------------------------------------------------------------------------------
@@ -290,9 +313,22 @@ class VideoReader:
             container = av.open(str(self.path))
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            start, duration = self._window
+            # A trimmed source keeps the frames whose pts lie in [start, start + duration), as ComfyUI's own
+            # VideoFromFile reads its trim window (pts compared in the stream's time base; duration 0: to the end).
+            tb = stream.time_base
+            start_pts = int(start / tb) if tb else 0
+            end_pts = int((start + duration) / tb) if tb and duration else None
+            if start_pts > 0:
+                container.seek(start_pts, stream=stream)
             for frame in container.decode(stream):
                 self.decoded_frames += 1
-                t = float(frame.pts * stream.time_base) if frame.pts is not None and stream.time_base else None
+                if frame.pts is not None and tb:
+                    if frame.pts < start_pts:
+                        continue
+                    if end_pts is not None and frame.pts >= end_pts:
+                        return
+                t = float(frame.pts * tb) - start if frame.pts is not None and tb else None
                 if t is None:
                     t = (self.decoded_frames - 1) / src_fps
                 n = self._sel.offer(t)
@@ -391,7 +427,7 @@ class VideoReader:
 
 def open_video(path, frame_load_cap: int = 0, skip_first_frames: int = 0, select_every_nth: int = 1,
                force_rate: float = 0.0, resize: str = "none", folder_fps: float = 8.0, *,
-               probe: bool = True) -> VideoReader:
+               probe: bool = True, window: tuple[float, float] | None = None) -> VideoReader:
     """Open a video file or a folder of frames for streaming, with :func:`load_video`'s frame selection.
 
     Args:
@@ -400,16 +436,22 @@ def open_video(path, frame_load_cap: int = 0, skip_first_frames: int = 0, select
         probe: count the file's frames from its packets first (no decoding; gives :attr:`StreamInfo.frame_estimate`
             for progress bars) and detect a variable frame rate, which is then resampled by timestamps to the
             average rate unless ``force_rate`` is set (a notice in :attr:`StreamInfo.notices` says so).
+        window: ``(start, duration)`` in seconds: read only the frames of a file whose timestamps lie in that span
+            (duration 0: to the end), as a trimmed ComfyUI VIDEO is; the selection then counts from its start, and
+            :attr:`StreamInfo.start_time` (where the audio starts) includes it. Video files only.
 
     Raises:
         STDInputError: the path is missing or not a video, the file cannot be decoded or has no video stream, or
             the selection keeps no frame.
     """
     cap, skip, nth, rate = check_selection(frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize)
+    window = check_window(window)
     path = Path(path)
     if not path.exists():
         raise STDInputError("video", f"'{path.name}' does not exist")
-    return VideoReader(path, cap, skip, nth, rate, resize, folder_fps, probe)
+    if path.is_dir() and window != (0.0, 0.0):
+        raise STDInputError("window", f"'{path.name}' is a folder of frames; a trim window applies to video files")
+    return VideoReader(path, cap, skip, nth, rate, resize, folder_fps, probe, window)
 
 
 def load_video(path, frame_load_cap: int = 0, skip_first_frames: int = 0, select_every_nth: int = 1,

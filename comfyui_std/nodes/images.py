@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from ..core.images import MISMATCH_MODES, SORT_ORDERS, load_image_folder
 from ..core.video import RESIZE_MODES
+from .comfy_compat import OWN_CHECK
 from .common import CATEGORY_LOADERS, input_file, user_errors
 
 log = logging.getLogger("comfyui_std")
@@ -51,6 +52,11 @@ class STDLoadImageFolder(io.ComfyNode):
                      io.Int.Output(display_name="count"),
                      io.String.Output(display_name="names", tooltip="The file names, one per line, in order.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, folder):
+        """ComfyUI leaves ``folder`` to this node, which checks it when it runs (see comfy_compat)."""
+        return OWN_CHECK
 
     @classmethod
     def fingerprint_inputs(cls, folder, image_load_cap=0, skip_first_images=0, sort="natural", resize="crop",

@@ -11,6 +11,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core.lora import lora_module_names, peft_alpha_from_metadata, std_metadata, to_kohya
+from .comfy_compat import OWN_CHECK
 from .common import CATEGORY_LOADERS
 
 log = logging.getLogger("comfyui_std")
@@ -86,6 +87,11 @@ class STDLoraLoader(io.ComfyNode):
                      io.Int.Output(display_name="t_init",
                                    tooltip="For SiD-LSG one-step LoRAs: the generator's t_init (625 when unknown).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, lora_name):
+        """ComfyUI leaves ``lora_name`` to this node, which checks it when it runs (see comfy_compat)."""
+        return OWN_CHECK
 
     @classmethod
     def execute(cls, model, lora_name, strength=1.0) -> io.NodeOutput:

@@ -25,6 +25,7 @@ from ..core.errors import STDInputError
 from ..core.style_blocks import (PRESET_NAMES, IPAdapterWeights, architecture_for_context_dim, check_adapter_fits,
                                  comfy_patch_key, image_prompt_tokens, ip_layer_order, nest_ip_adapter,
                                  parse_ip_adapter, selects, target_blocks)
+from .comfy_compat import OWN_CHECK
 from .common import CATEGORY_LOADERS, CATEGORY_STYLE, user_errors
 
 log = logging.getLogger("comfyui_std")
@@ -203,6 +204,11 @@ class STDIPAdapterLoader(io.ComfyNode):
                                    tooltip="An IP-Adapter in models/ipadapter (.safetensors or .bin).")],
             outputs=[IPAdapterType.Output(display_name="IPADAPTER")],
         )
+
+    @classmethod
+    def validate_inputs(cls, ipadapter_file):
+        """ComfyUI leaves ``ipadapter_file`` to this node, which checks it when it runs (see comfy_compat)."""
+        return OWN_CHECK
 
     @classmethod
     @user_errors

@@ -19,6 +19,7 @@ from ..core import check_range
 from ..core.audio import read_audio
 from ..core.stream import output_format, stylize_video_file
 from ..core.video import FPS_RANGE, RESIZE_MODES, SAVE_FORMATS, VIDEO_EXTENSIONS, chunk_ranges, open_video, save_video
+from .comfy_compat import OWN_CHECK, trim_window
 from .comfy_glue import sample_std_chunks, sample_std_latents
 from .common import (CATEGORY_VIDEO, conditioning_inputs, input_file, plan_input, prepare_run, run_inputs,
                      stylize_inputs, user_errors, user_path)
@@ -78,9 +79,10 @@ def _optional_source_inputs() -> list:
 def _opened(video, path, source, *selection, probe: bool = True):
     """The core reader over the chosen source: a core VIDEO (spilled to the temp folder when it lives in memory),
     a typed path, or a file of the input folder."""
-    spilled = None
+    spilled, window = None, None
     try:
         if source is not None:
+            window = trim_window(source)
             where = None if isinstance(source, InputImpl.VideoFromComponents) else source.get_stream_source()
             if isinstance(where, (str, os.PathLike)):
                 file = Path(where)
@@ -94,7 +96,7 @@ def _opened(video, path, source, *selection, probe: bool = True):
                 file = spilled
         else:
             file = _resolve(video, path)
-        with open_video(file, *selection, probe=probe) as reader:
+        with open_video(file, *selection, probe=probe, window=window) as reader:
             yield reader
     finally:
         if spilled is not None:
@@ -125,6 +127,12 @@ class STDLoadVideo(io.ComfyNode):
                      io.Audio.Output(display_name="audio",
                                      tooltip="The audio of the kept span (None when the source has none).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, video):
+        """ComfyUI leaves ``video`` to this node, which checks it when it runs (``path`` or ``source`` may replace
+        it, so an empty input folder is no error; see comfy_compat)."""
+        return OWN_CHECK
 
     @classmethod
     def fingerprint_inputs(cls, video, frame_load_cap=0, skip_first_frames=0, select_every_nth=1, force_rate=0.0,
@@ -289,6 +297,12 @@ class STDStylizeVideoFile(io.ComfyNode):
             outputs=[io.Video.Output(display_name="video", tooltip="The stylized file as a core VIDEO.")],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, video):
+        """ComfyUI leaves ``video`` to this node, which checks it when it runs (``path`` or ``source`` may replace
+        it, so an empty input folder is no error; see comfy_compat)."""
+        return OWN_CHECK
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs):
