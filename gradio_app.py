@@ -19,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local, offline-c
 import gradio as gr  # noqa: E402
 
 from comfyui_std.core import PLANS, STDInputError  # noqa: E402
-from comfyui_std.core.pipeline import NOISE_MODES  # noqa: E402
+from comfyui_std.core.noise import NOISE_MODES  # noqa: E402
 from comfyui_std.core.style_blocks import PRESET_NAMES  # noqa: E402
 from std_app.handlers import Limits, StyleApp  # noqa: E402
 from std_app.models import NO_LORA  # noqa: E402

@@ -89,15 +89,15 @@ def in_memory_child(argv: list[str]) -> None:
     ap.add_argument("--nfe", type=int)
     ap.add_argument("--fpb", type=int)
     a = ap.parse_args(argv)
+    from comfyui_std.core.chunks import Chunking
     from comfyui_std.core.video import load_video, save_video
-    from std_app.engine import StyleSettings
     from std_app.media import fit_size, resize_frames
     from std_app.startup import load_engine, tiny_options
 
     engine = load_engine(tiny_options("sd15", Path(a.root)))
     frames, info = load_video(a.clip)
     frames = resize_frames(frames, fit_size(info.width, info.height, a.size, engine.vae_scale))
-    result = engine.run(frames, settings(a.nfe), frames_per_batch=a.fpb, progress_bar=False)
+    result = engine.run(frames, settings(a.nfe), progress_bar=False, chunking=Chunking(a.fpb))
     save_video(result.frames, a.out, info.fps)
 
 
@@ -110,6 +110,7 @@ def settings(nfe: int):
 def throughput(root: Path, clip: Path, work: Path, args) -> float:
     import torch
 
+    from comfyui_std.core.chunks import Chunking
     from comfyui_std.core.video import load_video, save_video
     from std_app.media import fit_size, resize_frames
     from std_app.startup import load_engine, tiny_options
@@ -118,12 +119,12 @@ def throughput(root: Path, clip: Path, work: Path, args) -> float:
     s = settings(args.nfe)
 
     def streamed():
-        return engine.run_video_file(clip, work / "stream.mp4", s, size=args.size, frames_per_batch=args.fpb).frames
+        return engine.run_video_file(clip, work / "stream.mp4", s, size=args.size, chunking=Chunking(args.fpb)).frames
 
     def in_memory():
         frames, info = load_video(clip)
         frames = resize_frames(frames, fit_size(info.width, info.height, args.size, engine.vae_scale))
-        result = engine.run(frames, s, frames_per_batch=args.fpb, progress_bar=False)
+        result = engine.run(frames, s, progress_bar=False, chunking=Chunking(args.fpb))
         save_video(result.frames, work / "memory.mp4", info.fps)
         return result.frames.shape[0]
 

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from comfyui_std.core import PLANS, STDInputError
-from comfyui_std.core.pipeline import NOISE_MODES
+from comfyui_std.core.chunks import Chunking
+from comfyui_std.core.noise import NOISE_MODES
 from comfyui_std.core.style_blocks import PRESET_NAMES
 from comfyui_std.core.stream import output_format
 from comfyui_std.core.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, check_selection
@@ -186,8 +187,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_range("lora_scale", args.lora_scale, 0.0, 2.0)
         if args.size is not None and args.size != 0:
             check_range("size", args.size, 8, 16384, kind=int)
-        fpb = check_range("frames_per_batch", args.frames_per_batch, 1, 4096, kind=int)
-        check_range("overlap", args.overlap, 0, fpb - 1, kind=int)
+        args.chunking = Chunking(args.frames_per_batch, args.overlap, args.noise)
         check_selection(args.frame_load_cap, args.skip_first_frames, args.select_every_nth, args.force_rate, "none")
     except STDInputError as err:
         raise UsageError(str(err)) from None
@@ -283,7 +283,7 @@ class Stylizer:
         fmt = "mp4" if job.source.is_dir() else None
         result = self.engine.run_video_file(
             job.source, job.output, self.settings["v2v"], self.style_image, size=self.size,
-            frames_per_batch=a.frames_per_batch, overlap=a.overlap, noise=a.noise, frame_load_cap=a.frame_load_cap,
+            chunking=a.chunking, frame_load_cap=a.frame_load_cap,
             skip_first_frames=a.skip_first_frames, select_every_nth=a.select_every_nth, force_rate=a.force_rate,
             tiled_vae=a.tiled_vae, audio=not a.no_audio, fmt=fmt, record={"app": "std_app.batch"},
             progress=progress)

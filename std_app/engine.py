@@ -2,7 +2,7 @@
 
 The pipeline is only a container: the content is VAE-encoded, noised at the first sigma of the STD plan
 (:func:`comfyui_std.core.std_plan`, explicit timesteps, not diffusers' strength arithmetic) and denoised by
-:func:`comfyui_std.core.pipeline.stylize_latents` (the STD sampler, shared noise and chunking the ComfyUI video node
+:func:`comfyui_std.core.stylize.stylize_latents` (the STD sampler, shared noise and chunking the ComfyUI video node
 uses) with a :class:`~comfyui_std.core.KDenoiser` around the UNet and classifier-free guidance. The style reference
 goes through diffusers' IP-Adapter with the shared style-block preset (:func:`diffusers_ip_scale`).
 """
@@ -18,13 +18,12 @@ from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 import dataclasses
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
 import torch
 
 from comfyui_std.core import DiscreteSchedule, KDenoiser, STDInputError, STDPlan, check_range, std_plan
 from comfyui_std.core.plan import check_gamma, check_nfe, check_start_strength, origin_grid
-from comfyui_std.core.pipeline import check_noise_mode, std_chunk_runner, stylize_latents
+from comfyui_std.core.chunks import Chunking
+from comfyui_std.core.stylize import std_chunk_runner, stylize_latents
 from comfyui_std.core.stream import StreamReport, stylize_video_file
 from comfyui_std.core.images import image_to_float
 from comfyui_std.core.style_blocks import PRESET_NAMES, diffusers_ip_scale
@@ -326,28 +325,26 @@ class STDEngine:
             channels = int(self.pipe.unet.config.in_channels)
             latents = torch.zeros(batch, channels, height // self.vae_scale, width // self.vae_scale,
                                   device=self.device)
-            out = stylize_latents(self.denoiser(branches, 1.0), latents, sigmas, settings.seed, noise="per_frame",
-                                  schedule=self.schedule, disable=False)
+            out = stylize_latents(self.denoiser(branches, 1.0), latents, sigmas, settings.seed,
+                                  Chunking(None, noise="per_frame"), schedule=self.schedule, disable=False)
             images = self.decode(out, batch)
             seconds = time.perf_counter() - start
         return RunResult(images, plan, seconds, settings, entry)
 
     def run(self, frames: torch.Tensor, settings: StyleSettings, style_image=None, *, teacher_steps: int | None = None,
-            frames_per_batch: int | None = None, overlap: int = 0, noise: str = "shared",
-            progress_bar: bool = True) -> RunResult:
+            chunking: Chunking = Chunking(None), progress_bar: bool = True) -> RunResult:
         """Stylize frames [N, H, W, 3] (an image is N = 1) with STD, or with the teacher when ``teacher_steps``.
 
         The teacher is the base model without the LoRA, run for ``teacher_steps`` DDIM steps from the same start
-        timestep (see :func:`teacher_plan`). Frames are sampled in chunks of ``frames_per_batch`` with the shared
-        video path of the core.
+        timestep (see :func:`teacher_plan`). Frames are sampled in the chunks of ``chunking`` (default: all at once,
+        shared noise) with the shared video path of the core.
         """
         settings = settings.validated()
-        check_noise_mode(noise)
         entry = self.catalog.get(settings.lora)
         plan = app_plan(settings.nfe, settings.start_strength, settings.plan)
         if teacher_steps is not None:
             plan = teacher_plan(plan, teacher_steps)
-        batch = frames_per_batch or frames.shape[0]
+        batch = chunking.batch(frames.shape[0])
         with self._lock:
             start = time.perf_counter()
             self.use_lora(entry, settings.lora_scale)
@@ -356,8 +353,7 @@ class STDEngine:
                 branches = self.branches(settings, frames.shape[1], frames.shape[2], style_image)
                 latents = self.encode(frames, batch)
                 out = stylize_latents(self.denoiser(branches, settings.cfg), latents, self.sigmas(plan),
-                                      settings.seed, gamma=settings.gamma, noise=noise,
-                                      frames_per_batch=frames_per_batch, overlap=overlap, schedule=self.schedule,
+                                      settings.seed, chunking, gamma=settings.gamma, schedule=self.schedule,
                                       disable=not progress_bar)
                 images = self.decode(out, batch)
             if self.device.type == "cuda":
@@ -380,13 +376,13 @@ class STDEngine:
             vae.enable_tiling() if before else vae.disable_tiling()
 
     def run_video_file(self, source, output, settings: StyleSettings, style_image=None, *, size: int | None = None,
-                       frames_per_batch: int = 16, overlap: int = 0, noise: str = "shared", frame_load_cap: int = 0,
+                       chunking: Chunking = Chunking(), frame_load_cap: int = 0,
                        skip_first_frames: int = 0, select_every_nth: int = 1, force_rate: float = 0.0,
                        max_frames: int = MAX_VIDEO_FRAMES, tiled_vae: bool = False, audio: bool = True,
                        fmt: str | None = None, record: dict | None = None, progress=None) -> VideoRunResult:
         """Stylize a video file into ``output`` chunk by chunk (:func:`comfyui_std.core.stream.stylize_video_file`):
-        memory follows ``frames_per_batch``, not the clip length, and the frames equal :meth:`run` on the same
-        frames with the same settings (the VAE runs in blocks of ``frames_per_batch`` in both).
+        memory follows ``chunking.frames_per_batch``, not the clip length, and the frames equal :meth:`run` on the
+        same frames with the same settings (the VAE runs in blocks of ``frames_per_batch`` in both).
 
         Args:
             source: a video file (mp4, webm, mov, mkv, avi, gif) or a folder of frames.
@@ -395,7 +391,7 @@ class STDEngine:
             settings, style_image: as :meth:`run`.
             size: long side of the output in pixels (aspect kept, sides multiples of the VAE's 8); None keeps the
                 source size (snapped to multiples of 8).
-            frames_per_batch, overlap, noise: the chunking and noise policy (as the ComfyUI video node).
+            chunking: frames per chunk, overlap and noise policy (as the ComfyUI video node).
             frame_load_cap, skip_first_frames, select_every_nth, force_rate: the frame selection of
                 :func:`~comfyui_std.core.video.load_video`; ``frame_load_cap`` 0 means up to ``max_frames``.
             max_frames: the most frames stylized (longer clips are cut, with a notice).
@@ -405,11 +401,11 @@ class STDEngine:
             progress: ``progress(frames_done, frames_total_or_None)`` after every chunk.
         """
         settings = settings.validated()
-        check_noise_mode(noise)
+        if chunking.frames_per_batch is None:
+            raise STDInputError("frames_per_batch", "a video file is stylized in chunks: set frames_per_batch")
+        frames_per_batch = chunking.frames_per_batch
         max_frames = check_range("max_frames", max_frames, 1, MAX_VIDEO_FRAMES, kind=int)
         cap = check_range("frame_load_cap", frame_load_cap, 0, max_frames, kind=int) or max_frames
-        frames_per_batch = check_range("frames_per_batch", frames_per_batch, 1, 4096, kind=int)
-        overlap = check_range("overlap", overlap, 0, frames_per_batch - 1, kind=int)
         if size is not None:
             size = check_range("size", size, self.vae_scale, 16384, kind=int)
         entry = self.catalog.get(settings.lora)
@@ -423,8 +419,7 @@ class STDEngine:
             if not frame_load_cap and (info.selectable_frames or 0) > max_frames:
                 notices.append(f"Only the first {max_frames} frames of '{info.path.name}' are stylized (the limit).")
             rec = {"app": "std_app", "settings": settings.as_dict(), "plan": plan_record(plan),
-                   "size": f"{width}x{height}", "fps": info.fps, "frames_per_batch": frames_per_batch,
-                   "overlap": overlap, "noise": noise, "base_model": self.base_label,
+                   "size": f"{width}x{height}", "fps": info.fps, **chunking.as_dict(), "base_model": self.base_label,
                    "lora": entry.name if entry else None, "source": info.path.name,
                    "style": f"{settings.style_preset} x{settings.style_weight:g}" if style_image is not None else None,
                    **(record or {})}
@@ -434,11 +429,10 @@ class STDEngine:
                 with self.vae_tiling(tiled_vae):
                     branches = self.branches(settings, height, width, style_image)
                     run_chunk = std_chunk_runner(self.denoiser(branches, settings.cfg), self.sigmas(plan),
-                                                 settings.seed, gamma=settings.gamma, noise=noise,
+                                                 settings.seed, chunking.noise, gamma=settings.gamma,
                                                  schedule=self.schedule, disable=True)
                     report: StreamReport = stylize_video_file(
-                        reader, output, seed=settings.seed, noise=noise, frames_per_batch=frames_per_batch,
-                        overlap=overlap, vae_batch=frames_per_batch, audio=audio, fmt=fmt, progress=progress,
+                        reader, output, seed=settings.seed, chunking=chunking, vae_batch=frames_per_batch, audio=audio, fmt=fmt, progress=progress,
                         encode=lambda f: self.encode(resize_frames(f, (width, height)), frames_per_batch),
                         run_chunk=run_chunk, decode=lambda z: self.decode(z, frames_per_batch),
                         metadata={"comment": json.dumps(rec, sort_keys=True)})

@@ -27,6 +27,7 @@ import gradio as gr
 import torch
 
 from comfyui_std.core import STDInputError, check_range
+from comfyui_std.core.chunks import Chunking
 from comfyui_std.core.errors import redact_paths
 from comfyui_std.core.video import open_video
 
@@ -309,8 +310,7 @@ class StyleApp:
         settings, notices = self.settings(prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
                                           seed, randomize_seed, plan, style_preset, style_weight, lora_scale)
         size = self.output_size(output_size)
-        frames_per_batch = check_range("frames_per_batch", frames_per_batch, 1, 4096, kind=int)
-        overlap = check_range("overlap", overlap, 0, frames_per_batch - 1, kind=int)
+        chunking = Chunking(frames_per_batch, overlap, noise)
         cap = check_range("frame_load_cap", frame_load_cap, 0, self.limits.max_frames, kind=int)
         style_image, style_notices = self.style_image(style)
         notices += style_notices
@@ -326,8 +326,7 @@ class StyleApp:
         stem = self._stem("video", settings.seed)
         with self.video_errors(path):
             result = self.engine.run_video_file(
-                path, stem.with_suffix(".mp4"), settings, style_image, size=size, frames_per_batch=frames_per_batch,
-                overlap=overlap, noise=noise, frame_load_cap=cap, select_every_nth=select_every_nth,
+                path, stem.with_suffix(".mp4"), settings, style_image, size=size, chunking=chunking, frame_load_cap=cap, select_every_nth=select_every_nth,
                 max_frames=self.limits.max_frames, fmt="mp4", progress=chunk_done)
         notices += [n for n in result.notices if n not in notices]
         for notice in result.notices:

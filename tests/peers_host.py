@@ -272,8 +272,6 @@ class Session:
     """The booted host, the test files and one PromptExecutor (ComfyUI's cache keeps loaded models between runs)."""
 
     def __init__(self, host, base: Path):
-        import execution
-
         self.host, self.base, self.M = host, Path(base), host.M
         self.server = comfy_host.FakeServer()
         self.executor = comfy_host.new_executor(self.server)
@@ -349,8 +347,6 @@ class Session:
     def release(self):
         """Drop cached models between scenario groups (ADE's checkpoint is large)."""
         import comfy.model_management
-        import execution
-
         self.executor = comfy_host.new_executor(self.server)
         self._tiny = None
         comfy.model_management.unload_all_models()

@@ -6,7 +6,7 @@ Real-host tests: they skip unless COMFYUI_PATH points at a ComfyUI checkout (see
 import pytest
 import torch
 
-from comfyui_std.core.pipeline import start_noise
+from comfyui_std.core.noise import start_noise
 from std_app import tiny
 from std_app.engine import StyleSettings
 from std_app.startup import ModelOptions, load_engine

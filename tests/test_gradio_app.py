@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 import gradio_app
 from app_server import serve
+from comfyui_std.core.chunks import Chunking
 from comfyui_std.core import STDInputError, std_plan
 from comfyui_std.core.video import load_video, save_video
 from std_app import tiny
@@ -462,10 +463,10 @@ def test_banner_names_what_is_loaded(app):
 def test_static_clip_stays_identical_with_shared_noise(app):
     frames = torch.rand(1, 32, 32, 3).repeat(5, 1, 1, 1)
     s = StyleSettings(prompt="x", nfe=2, gamma=0.5, lora="std_tiny_v2v_eta0.75")
-    shared = app.engine.run(frames, s, frames_per_batch=3, overlap=1).frames
+    shared = app.engine.run(frames, s, chunking=Chunking(3, 1)).frames
     # equal up to float rounding (batched CPU kernels are not bit-exact across batch entries)
     assert max((shared[0] - f).abs().max().item() for f in shared[1:]) < 1e-5
-    per_frame = app.engine.run(frames, s, frames_per_batch=3, overlap=1, noise="per_frame").frames
+    per_frame = app.engine.run(frames, s, chunking=Chunking(3, 1, "per_frame")).frames
     assert (per_frame[0] - per_frame[1]).abs().max().item() > 1e-3
 
 
@@ -492,7 +493,7 @@ def test_half_precision_keeps_the_vae_in_float32(tiny_root):
     assert (engine.pipe.unet.dtype, engine.pipe.vae.dtype) == (torch.bfloat16, torch.float32)
     style = Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 50, 3), dtype=np.uint8))
     out = engine.run(torch.rand(2, 32, 32, 3), StyleSettings(nfe=2, gamma=0.3, lora="std_tiny_v2v_eta0.75"), style,
-                     frames_per_batch=1).frames
+                     chunking=Chunking(1)).frames
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 

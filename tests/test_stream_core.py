@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from comfyui_std.core.chunks import Chunking
 from comfyui_std.core import DiscreteSchedule, KDenoiser, STDInputError, std_plan
 from comfyui_std.core.audio import AudioFile, AudioTrack, read_audio
-from comfyui_std.core.pipeline import StartNoise, start_noise, std_chunk_runner, stylize_chunks, stylize_latents
+from comfyui_std.core.noise import StartNoise, start_noise
+from comfyui_std.core.stylize import std_chunk_runner, stylize_chunks, stylize_latents
 from comfyui_std.core.stream import stream_stylize, stylize_video_file
-from comfyui_std.core.video import VideoWriter, chunk_ranges, load_video, open_video, save_video
+from comfyui_std.core.chunks import chunk_ranges
+from comfyui_std.core.video import VideoWriter, load_video, open_video, save_video
 from media_files import (dominant_frequency, frame_ids, write_audio_only, write_clip, write_unknown_codec)
 
 
@@ -79,8 +82,8 @@ def chunk_fn(s, e, latents, noise):
 
 def in_memory(frames, noise, fpb, overlap, vae_batch, seed=3):
     latents = torch.cat([encode(frames[i:i + vae_batch]) for i in range(0, len(frames), vae_batch)])
-    out = stylize_chunks(latents, seed, lambda s, e, n: chunk_fn(s, e, latents[s:e], n), noise=noise,
-                         frames_per_batch=fpb, overlap=overlap)
+    out = stylize_chunks(latents, seed, lambda s, e, n: chunk_fn(s, e, latents[s:e], n),
+                         chunking=Chunking(fpb, overlap, noise))
     return torch.cat([decode(out[i:i + vae_batch]) for i in range(0, len(out), vae_batch)])
 
 
@@ -106,8 +109,8 @@ def test_streamed_equals_in_memory(noise, n, fpb, overlap, vae_batch):
         return chunk_fn(s, e, latents, chunk_noise)
 
     result = stream_stylize(pieces(frames, [2, 5, 1]), encode=encode, run_chunk=run, decode=decode,
-                            write=written.append, seed=3, noise=noise, frames_per_batch=fpb, overlap=overlap,
-                            vae_batch=vae_batch)
+                            write=written.append, seed=3,
+                            vae_batch=vae_batch, chunking=Chunking(fpb, overlap, noise))
     assert seen == chunk_ranges(n, fpb, overlap) and result.chunks == len(seen) and result.frames == n
     assert torch.equal(torch.cat(written), in_memory(frames, noise, fpb, overlap, vae_batch or fpb))
 
@@ -120,15 +123,14 @@ def test_streamed_core_sampler_equals_stylize_latents(gamma, noise):
                          0.2 * x.mean(0, keepdim=True), schedule)
     sigmas = std_plan(4, 0.75).sigmas(schedule)
     latents = torch.randn(11, 4, 3, 5, generator=torch.Generator().manual_seed(0))
-    ref = stylize_latents(denoiser, latents, sigmas, 9, gamma=gamma, noise=noise, frames_per_batch=4, overlap=1,
-                          schedule=schedule, disable=True)
+    ref = stylize_latents(denoiser, latents, sigmas, 9, gamma=gamma,
+                          schedule=schedule, disable=True, chunking=Chunking(4, 1, noise))
     run = std_chunk_runner(denoiser, sigmas, 9, gamma=gamma, noise=noise, schedule=schedule, disable=True)
     out = []
     # the latents are the "frames" here: identity VAE through a lookup of the frame index
     frames = torch.arange(11, dtype=torch.float32).view(11, 1, 1, 1).expand(11, 1, 1, 3)
     stream_stylize(pieces(frames, [3]), encode=lambda f: latents[f[:, 0, 0, 0].long()],
-                   run_chunk=run, decode=lambda z: z, write=out.append, seed=9, noise=noise, frames_per_batch=4,
-                   overlap=1)
+                   run_chunk=run, decode=lambda z: z, write=out.append, seed=9, chunking=Chunking(4, 1, noise))
     assert torch.equal(torch.cat(out), ref)
 
 
@@ -149,7 +151,7 @@ def test_reads_a_bounded_number_of_frames_ahead():
         return latents
 
     stream_stylize(source(), encode=encode, run_chunk=run, decode=decode, write=lambda f: None, seed=0,
-                   noise="per_frame", frames_per_batch=fpb, overlap=overlap, vae_batch=vae_batch)
+                   vae_batch=vae_batch, chunking=Chunking(fpb, overlap, "per_frame"))
     group = StartNoise((4, 2, 2), 0, "per_frame").group
     assert max(ahead) <= max(fpb - overlap, 2 * group) + vae_batch
     assert len(ahead) == len(chunk_ranges(n, fpb, overlap))
@@ -158,8 +160,8 @@ def test_reads_a_bounded_number_of_frames_ahead():
 def test_progress_per_chunk_reaches_the_total():
     calls = []
     frames = torch.rand(10, 2, 2, 3)
-    stream_stylize([frames], encode=encode, run_chunk=chunk_fn, decode=decode, write=lambda f: None, seed=0,
-                   frames_per_batch=4, overlap=1, total=99, progress=lambda d, t: calls.append((d, t)))
+    stream_stylize([frames], encode=encode, run_chunk=chunk_fn, decode=decode, write=lambda f: None, seed=0, total=99,
+                   progress=lambda d, t: calls.append((d, t)), chunking=Chunking(4, 1))
     assert calls[-1] == (10, 10) and len(calls) == len(chunk_ranges(10, 4, 1))
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:])) and calls[0][1] == 99
 
@@ -286,7 +288,7 @@ def test_writer_is_atomic(tmp_path):
 def test_stylize_video_file_keeps_fps_container_and_audio(tmp_path, clip):
     with open_video(clip, frame_load_cap=10) as reader:
         report = stylize_video_file(reader, tmp_path / "s.mp4", encode=encode, run_chunk=chunk_fn, decode=decode,
-                                    seed=0, frames_per_batch=4, overlap=1)
+                                    seed=0, chunking=Chunking(4, 1))
     assert (report.frames, report.fps, report.audio, report.chunks) == (10, 12, "copied (aac)", 3)
     video, codec, samples, rate = _streams(tmp_path / "s.mp4")
     assert video == 10 and codec == "aac" and abs(samples / rate - 10 / 12) < 0.05
@@ -327,7 +329,7 @@ def test_one_frame_video(tmp_path):
     src = write_clip(tmp_path / "one.mp4", frames=1)
     with open_video(src) as reader:
         report = stylize_video_file(reader, tmp_path / "out.mp4", encode=encode, run_chunk=chunk_fn, decode=decode,
-                                    seed=0, frames_per_batch=16, overlap=4)
+                                    seed=0, chunking=Chunking(16, 4))
     assert report.frames == 1 and _streams(tmp_path / "out.mp4")[:2] == (1, "aac")
 
 
@@ -338,7 +340,7 @@ def test_variable_frame_rate_is_resampled_with_a_notice(tmp_path):
     with open_video(src) as reader:
         assert reader.info.variable_rate
         report = stylize_video_file(reader, tmp_path / "out.mp4", encode=encode, run_chunk=chunk_fn, decode=decode,
-                                    seed=0, frames_per_batch=4)
+                                    seed=0, chunking=Chunking(4))
     assert any("variable frame rate" in n and "vfr.mp4" in n for n in report.notices)
     frames, info = load_video(tmp_path / "out.mp4")
     # constant rate at the average: the duration (and so the audio sync) is kept
@@ -380,7 +382,7 @@ def test_a_failure_mid_stream_leaves_nothing(tmp_path, clip):
     with pytest.raises(STDInputError, match="simulated"):
         with open_video(clip) as reader:
             stylize_video_file(reader, out, encode=encode, run_chunk=chunk_fn, decode=failing_decode, seed=0,
-                               frames_per_batch=4)
+                               chunking=Chunking(4))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import comfyui_std.core.stream as stream
+from comfyui_std.core.chunks import Chunking
 from comfyui_std.core import STDInputError
 from comfyui_std.core.video import VideoWriter, load_video
 from media_files import write_clip
@@ -55,11 +56,11 @@ def settings(**kw):
 def test_streamed_video_equals_the_in_memory_run(engine, clip, tmp_path, captured, noise, gamma, fpb, overlap):
     s = settings(gamma=gamma)
     calls = []
-    result = engine.run_video_file(clip, tmp_path / "out.mp4", s, size=48, frames_per_batch=fpb, overlap=overlap,
-                                   noise=noise, progress=lambda done, total: calls.append((done, total)))
+    result = engine.run_video_file(clip, tmp_path / "out.mp4", s, size=48, progress=lambda done,
+                                   total: calls.append((done, total)), chunking=Chunking(fpb, overlap, noise))
     frames, info = load_video(clip)
     frames = resize_frames(frames, fit_size(info.width, info.height, 48, engine.vae_scale))
-    reference = engine.run(frames, s, frames_per_batch=fpb, overlap=overlap, noise=noise, progress_bar=False)
+    reference = engine.run(frames, s, progress_bar=False, chunking=Chunking(fpb, overlap, noise))
     assert torch.equal(torch.cat(captured), reference.frames)
     assert (result.frames, result.fps, result.width, result.height) == (12, 12, 48, 32)
     assert result.audio == "copied (aac)" and result.chunks == len(calls)
@@ -75,7 +76,7 @@ def test_streamed_video_equals_the_in_memory_run(engine, clip, tmp_path, capture
 
 def test_two_fresh_runs_are_identical(engine, clip, tmp_path, captured):
     for name in ("a.mp4", "b.mp4"):
-        engine.run_video_file(clip, tmp_path / name, settings(), frames_per_batch=4, noise="per_frame")
+        engine.run_video_file(clip, tmp_path / name, settings(), chunking=Chunking(4, 0, "per_frame"))
     assert torch.equal(torch.cat(captured[:len(captured) // 2]), torch.cat(captured[len(captured) // 2:]))
 
 
@@ -90,22 +91,22 @@ def test_tiled_vae_takes_effect_and_stays_equal(engine, tmp_path, captured):
     """The tiny VAE tiles frames above 64 px: tiled output differs from untiled, and streamed tiled == in-memory
     tiled."""
     src = write_clip(tmp_path / "big.mp4", frames=3, fps=8, size=(96, 96), audio=None)
-    engine.run_video_file(src, tmp_path / "tiled.mp4", settings(), frames_per_batch=3, tiled_vae=True)
+    engine.run_video_file(src, tmp_path / "tiled.mp4", settings(), tiled_vae=True, chunking=Chunking(3))
     tiled = torch.cat(captured)
     captured.clear()
-    engine.run_video_file(src, tmp_path / "plain.mp4", settings(), frames_per_batch=3)
+    engine.run_video_file(src, tmp_path / "plain.mp4", settings(), chunking=Chunking(3))
     assert not torch.equal(tiled, torch.cat(captured))
     assert not engine.pipe.vae.use_tiling  # restored
     frames = load_video(src)[0]
     with engine.vae_tiling(True):
-        reference = engine.run(frames, settings(), frames_per_batch=3, progress_bar=False)
+        reference = engine.run(frames, settings(), progress_bar=False, chunking=Chunking(3))
     assert torch.equal(tiled, reference.frames)
 
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(frame_load_cap=50, max_frames=10), "frame_load_cap"), (dict(overlap=4, frames_per_batch=4), "overlap"),
-    (dict(size=2), "size"), (dict(noise="random"), "noise")])
+    (dict(frame_load_cap=50, max_frames=10), "frame_load_cap"), (dict(size=2), "size"),
+    (dict(chunking=Chunking(None)), "a video file is stylized in chunks")])
 def test_bad_video_arguments(engine, clip, tmp_path, kwargs, match):
     with pytest.raises(STDInputError, match=match):
         engine.run_video_file(clip, tmp_path / "x.mp4", settings(), **kwargs)

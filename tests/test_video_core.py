@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from comfyui_std.core.errors import STDInputError
-from comfyui_std.core.video import blend_chunks, chunk_ranges, load_video, save_video
+from comfyui_std.core.chunks import blend_chunks, chunk_ranges
+from comfyui_std.core.video import load_video, save_video
 
 N = 60
 
@@ -101,8 +102,24 @@ def test_chunks_cover_and_blend():
     assert r[0] == (0, 8) and r[-1][1] == 20 and all(b[0] < a[1] for a, b in zip(r, r[1:]))
     x = torch.arange(20, dtype=torch.float32).view(20, 1)
     assert torch.allclose(blend_chunks(20, r, [x[s:e] for s, e in r]), x)  # consistent chunks blend to themselves
-    with pytest.raises(STDInputError, match="overlap"):
+    with pytest.raises(ValueError, match="cannot share"):  # a caller bug: users' values come through a Chunking
         chunk_ranges(20, 8, overlap=8)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("args, match", [((8, 8), "overlap: got 8, allowed range is \\[0, 7\\]"),
+                                         ((0,), "frames_per_batch"), ((4097,), "frames_per_batch"),
+                                         ((None, 1), "overlap"), ((4, 1, "random"), "noise: got 'random'"),
+                                         (("8",), "frames_per_batch")])
+def test_chunking_is_checked_once_where_it_is_made(args, match):
+    """A Chunking is the one place frames_per_batch (1..MAX_FRAMES_PER_BATCH), overlap and noise are checked."""
+    from comfyui_std.core.chunks import MAX_FRAMES_PER_BATCH, Chunking
+
+    with pytest.raises(STDInputError, match=match):
+        Chunking(*args)
+    c = Chunking(MAX_FRAMES_PER_BATCH, MAX_FRAMES_PER_BATCH - 1, "per_frame")
+    assert c.ranges(5) == [(0, 5)] and c.batch(5) == 5 and Chunking(None).batch(7) == 7
+    assert Chunking(8, 2).ranges(20) == chunk_ranges(20, 8, 2)
 
 
 @pytest.mark.bad_input

@@ -1,19 +1,19 @@
 """Streamed video stylization: decode, encode, stylize, decode and write a clip chunk after chunk, in constant memory.
 
-The in-memory path (:func:`~.pipeline.stylize_chunks`) holds every frame of a clip at once: the frames, their
+The in-memory path (:func:`~.stylize.stylize_chunks`) holds every frame of a clip at once: the frames, their
 latents, the noise and the output. :func:`stream_stylize` runs the same chunk loop on a stream: it reads frames a
 few at a time, VAE-encodes them in blocks, samples each chunk as soon as its frames (and a little read-ahead) are
-there, cross-fades the overlaps with the incremental :class:`~.video.ChunkBlender`, decodes finished frames and hands
+there, cross-fades the overlaps with the incremental :class:`~.chunks.ChunkBlender`, decodes finished frames and hands
 them to a writer, then forgets them. Memory follows ``frames_per_batch`` (plus one VAE block and the read-ahead),
 not the clip length. For the same settings the output is **identical** to the in-memory path that encodes the
-frames in blocks of ``vae_batch``, runs :func:`~.pipeline.stylize_chunks` and decodes in blocks of ``vae_batch``
+frames in blocks of ``vae_batch``, runs :func:`~.stylize.stylize_chunks` and decodes in blocks of ``vae_batch``
 (what the Gradio app's ``STDEngine.run`` does with ``vae_batch = frames_per_batch``):
 
-* the chunks are :func:`~.video.chunk_ranges` of the whole clip although its length is only known at the end: the
+* the chunks are :meth:`~.chunks.Chunking.ranges` of the whole clip although its length is only known at the end: the
   loop reads ``max(step, 2 * noise group)`` frames past each chunk before sampling it, which is enough to know
   whether the next chunk is the last one (the last chunk is pulled back to a full ``frames_per_batch`` and so
   overlaps its predecessor more);
-* the start noise is :class:`~.pipeline.StartNoise`: the values of :func:`~.pipeline.start_noise` for the whole
+* the start noise is :class:`~.noise.StartNoise`: the values of :func:`~.noise.start_noise` for the whole
   clip (one ``torch.randn`` draw with ``noise="per_frame"``), drawn a few frames at a time;
 * the per-step noise (gamma > 0) restarts from the seed for every chunk in both paths;
 * the VAE sees the same blocks of ``vae_batch`` frames, aligned at frame 0, when encoding and when decoding.
@@ -24,9 +24,9 @@ ComfyUI node (ComfyUI's VAE + ``comfy.sample.sample_custom``) share this loop:
 * ``encode(frames [b, H, W, 3] float 0..1) -> latents [b, C, h, w]`` (tiled VAE encoding goes here);
 * ``run_chunk(start, end, latents, noise) -> stylized latents [end - start, C, h, w]``: ``latents`` are the chunk's
   clean latents, ``noise`` its start noise (add ``sigmas[0] * noise`` and sample); e.g.
-  :func:`~.pipeline.std_chunk_runner`, or a closure around ``comfy.sample.sample_custom(model, noise, cfg, sampler,
+  :func:`~.stylize.std_chunk_runner`, or a closure around ``comfy.sample.sample_custom(model, noise, cfg, sampler,
   sigmas, positive, negative, latents, ...)`` with the chunk's rows of per-frame masks/hints
-  (:func:`~.pipeline.frames_of`);
+  (:func:`~.stylize.frames_of`);
 * ``decode(latents [b, C, h, w]) -> frames [b, H, W, 3] float 0..1``;
 * ``write(frames)``, e.g. :meth:`~.video.VideoWriter.write`.
 
@@ -45,8 +45,9 @@ import torch
 
 from .audio import AudioFile
 from .errors import STDInputError, check_range
-from .pipeline import StartNoise, check_noise_mode
-from .video import ChunkBlender, VideoReader, VideoWriter, chunk_ranges
+from .chunks import ChunkBlender, Chunking
+from .noise import StartNoise
+from .video import VideoReader, VideoWriter
 
 #: the container a stylized video is written in, by source container ("folder": a folder of frames)
 OUTPUT_FORMATS = {"mp4": "mp4", "mov": "mov", "mkv": "mkv", "webm": "webm", "avi": "avi", "gif": "gif",
@@ -114,18 +115,15 @@ class _Window:
 
 
 def stream_stylize(frames: Iterable[torch.Tensor], *, encode: Callable, run_chunk: Callable, decode: Callable,
-                   write: Callable, seed: int, noise: str = "shared", frames_per_batch: int = 16, overlap: int = 0,
-                   vae_batch: int | None = None, total: int | None = None,
-                   progress: Progress | None = None) -> StreamResult:
+                   write: Callable, seed: int, chunking: Chunking = Chunking(), vae_batch: int | None = None,
+                   total: int | None = None, progress: Progress | None = None) -> StreamResult:
     """Stylize a stream of frames chunk by chunk and hand the results to ``write`` in order (see the module doc).
 
     Args:
         frames: frame batches ``[n, H, W, 3]`` in 0..1, any ``n`` (e.g. ``reader.chunks(vae_batch)``).
         encode, run_chunk, decode, write: the front end's callables (module doc).
         seed: seed of the start noise (and, inside ``run_chunk``, of the per-step noise).
-        noise: ``"shared"`` or ``"per_frame"``, as :func:`~.pipeline.stylize_chunks`.
-        frames_per_batch: frames sampled together.
-        overlap: frames shared by consecutive chunks, cross-faded.
+        chunking: frames sampled together, their overlap and the noise policy (``frames_per_batch`` must be set).
         vae_batch: frames per ``encode`` / ``decode`` call (default ``frames_per_batch``).
         total: the expected frame count for ``progress`` until the real one is known (e.g.
             ``reader.info.frame_estimate``), or None.
@@ -135,9 +133,9 @@ def stream_stylize(frames: Iterable[torch.Tensor], *, encode: Callable, run_chun
     Returns:
         :class:`StreamResult` (frames written, chunks sampled).
     """
-    check_noise_mode(noise)
-    fpb = check_range("frames_per_batch", frames_per_batch, 1, 100_000, kind=int)
-    overlap = check_range("overlap", overlap, 0, fpb - 1, kind=int)
+    if chunking.frames_per_batch is None:
+        raise ValueError("a streamed clip needs chunks of a set frames_per_batch")
+    fpb, overlap = chunking.frames_per_batch, chunking.overlap
     vae_batch = check_range("vae_batch", vae_batch or fpb, 1, 100_000, kind=int)
     step = fpb - overlap
     source = _blocks(frames, vae_batch)
@@ -153,7 +151,7 @@ def stream_stylize(frames: Iterable[torch.Tensor], *, encode: Callable, run_chun
         if not isinstance(z, torch.Tensor) or z.ndim != 4 or z.shape[0] != block.shape[0]:
             raise ValueError(f"encode returned {getattr(z, 'shape', type(z))} for {block.shape[0]} frames")
         if state["noise"] is None:
-            state["noise"] = StartNoise(z.shape[1:], seed, noise, z.dtype)
+            state["noise"] = StartNoise(z.shape[1:], seed, chunking.noise, z.dtype)
         latents.append(z)
 
     def ensure(n: int) -> None:
@@ -183,7 +181,7 @@ def stream_stylize(frames: Iterable[torch.Tensor], *, encode: Callable, run_chun
         if not state["eof"]:
             (s, e), nxt = (p, p + fpb), p + step
         else:
-            ranges = chunk_ranges(n, fpb, overlap)
+            ranges = chunking.ranges(n)
             (s, e), nxt = ranges[i], (ranges[i + 1][0] if i + 1 < len(ranges) else None)
         chunk_noise = state["noise"].frames(s, e, n if state["eof"] else None)
         out = run_chunk(s, e, latents.get(s, e), chunk_noise)
@@ -224,8 +222,7 @@ def output_format(container: str) -> str:
 
 
 def stylize_video_file(reader: VideoReader, output, *, encode: Callable, run_chunk: Callable, decode: Callable,
-                       seed: int, noise: str = "shared", frames_per_batch: int = 16, overlap: int = 0,
-                       vae_batch: int | None = None, audio=True, fmt: str | None = None, quality: int = 23,
+                       seed: int, chunking: Chunking = Chunking(), vae_batch: int | None = None, audio=True, fmt: str | None = None, quality: int = 23,
                        metadata: dict | None = None, progress: Progress | None = None) -> StreamReport:
     """Stylize an opened video into ``output`` with :func:`stream_stylize`, at the source's frame rate, with audio.
 
@@ -233,7 +230,7 @@ def stylize_video_file(reader: VideoReader, output, *, encode: Callable, run_chu
         reader: the source, from :func:`~.video.open_video` (its frame selection, resize and rate apply).
         output: the file to write (written to a temporary name and renamed when complete; on any error nothing is
             left behind and an existing ``output`` is untouched).
-        encode, run_chunk, decode, seed, noise, frames_per_batch, overlap, vae_batch, progress: as
+        encode, run_chunk, decode, seed, chunking, vae_batch, progress: as
             :func:`stream_stylize`.
         audio: True keeps the source's audio (from ``reader.info.start_time``, cut where the video ends; copied or
             re-encoded, see :mod:`.audio`), False drops it, or an :class:`~.audio.AudioTrack` to mux instead.
@@ -255,12 +252,11 @@ def stylize_video_file(reader: VideoReader, output, *, encode: Callable, run_chu
             track = None
     else:
         track = audio or None
-    vae_batch = vae_batch or frames_per_batch
+    vae_batch = vae_batch or chunking.frames_per_batch
     start = time.perf_counter()
     with VideoWriter(output, info.fps, fmt, quality=quality, audio=track, metadata=metadata) as writer:
         result = stream_stylize(reader.chunks(vae_batch), encode=encode, run_chunk=run_chunk, decode=decode,
-                                write=writer.write, seed=seed, noise=noise, frames_per_batch=frames_per_batch,
-                                overlap=overlap, vae_batch=vae_batch, total=info.frame_estimate, progress=progress)
+                                write=writer.write, seed=seed, chunking=chunking, vae_batch=vae_batch, total=info.frame_estimate, progress=progress)
     h, w = writer.size
     return StreamReport(Path(output), result.frames, info.fps, w, h, result.chunks, writer.audio_description,
                         time.perf_counter() - start, notices)

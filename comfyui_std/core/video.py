@@ -1,4 +1,4 @@
-"""Video input/output and chunking for video style transfer (torch + PyAV; no ComfyUI, no diffusers).
+"""Video input and output for video style transfer (torch + PyAV; no ComfyUI, no diffusers).
 
 * :func:`open_video` opens a video file (mp4, webm, mov, mkv, avi, gif) or a folder of frames as a stream
   (:class:`VideoReader`): frames are decoded as they are read, with a frame cap decoding stops early, and only the
@@ -6,9 +6,8 @@
 * :class:`VideoWriter` writes frames incrementally as mp4/mov/mkv/avi (h264), webm (vp9), gif or animated webp, with
   an optional audio track (:mod:`.audio`), to a temporary file that is renamed only when complete;
   :func:`save_video` writes an IMAGE-style batch ``[T, H, W, 3]`` (float 0..1) through it.
-* :func:`chunk_ranges` / :class:`ChunkBlender` (:func:`blend_chunks`) split a long clip into overlapping chunks and
-  cross-fade the overlaps, so peak memory follows the chunk size and no seam shows (:mod:`.stream` runs the whole
-  stylization this way).
+
+Cutting a clip into overlapping chunks is :mod:`.chunks`; the streamed stylization is :mod:`.stream`.
 """
 
 from __future__ import annotations
@@ -668,70 +667,3 @@ def save_video(frames: torch.Tensor, path, fps: float, fmt: str | None = None, q
     with VideoWriter(path, fps, fmt, quality=quality, audio=audio) as writer:
         writer.write(arr)
     return path
-
-
-def chunk_ranges(num_frames: int, frames_per_batch: int, overlap: int = 0) -> list[tuple[int, int]]:
-    """[start, end) ranges covering ``num_frames`` in chunks of ``frames_per_batch`` sharing ``overlap`` frames."""
-    num_frames = check_range("frames", num_frames, 1, 10_000_000, kind=int)
-    fpb = check_range("frames_per_batch", frames_per_batch, 1, 100_000, kind=int)
-    overlap = check_range("overlap", overlap, 0, max(0, fpb - 1), kind=int)
-    if num_frames <= fpb:
-        return [(0, num_frames)]
-    step = fpb - overlap
-    ranges, start = [], 0
-    while True:
-        end = min(start + fpb, num_frames)
-        ranges.append((max(0, end - fpb), end))
-        if end == num_frames:
-            return ranges
-        start += step
-
-
-class ChunkBlender:
-    """Cross-fade consecutive overlapping chunks as they arrive, handing back each frame once it is final.
-
-    Chunks come in the order of :func:`chunk_ranges`. :meth:`push` blends a chunk's leading frames (the ones it
-    shares with earlier chunks) into the frames still pending with linear ramps, copies the rest, and returns the
-    frames before ``next_start`` (the start of the next chunk, which cannot touch them); the last push (no
-    ``next_start``) returns everything left. Only the overlap is ever held back, so a streamed clip needs memory
-    for one chunk, not for the whole clip, and the result is exactly :func:`blend_chunks`.
-    """
-
-    def __init__(self):
-        self.pending: torch.Tensor | None = None  # frames [self.start, self.end) not handed out yet
-        self.start = 0
-        self.end = 0
-
-    def push(self, start: int, end: int, chunk: torch.Tensor, next_start: int | None = None) -> torch.Tensor:
-        if start < self.start or start > self.end or end - start != chunk.shape[0] or end < self.end:
-            raise ValueError(f"chunk [{start}, {end}) does not continue the frames [{self.start}, {self.end})")
-        ov = self.end - start
-        if self.pending is None:
-            buf = chunk.clone()
-        else:
-            buf = torch.empty((end - self.start, *chunk.shape[1:]), dtype=chunk.dtype)
-            buf[: self.end - self.start] = self.pending
-            if ov:
-                w = torch.linspace(0, 1, ov + 2)[1:-1].to(chunk.dtype).view((ov,) + (1,) * (chunk.ndim - 1))
-                lo = start - self.start
-                buf[lo:lo + ov] = buf[lo:lo + ov] * (1 - w) + chunk[:ov] * w
-            buf[self.end - self.start:] = chunk[ov:]
-        self.end = end
-        cut = (end if next_start is None else next_start) - self.start
-        done, self.pending = buf[:cut], buf[cut:]
-        self.start += cut
-        return done
-
-
-def blend_chunks(num_frames: int, ranges, chunks) -> torch.Tensor:
-    """Cross-fade overlapping chunk outputs (frame axis 0) with linear ramps; non-overlapping frames are copied.
-
-    ``ranges`` come from :func:`chunk_ranges` (consecutive), ``chunks`` are the outputs for them, in order.
-    """
-    blender, parts = ChunkBlender(), []
-    for i, ((s, e), chunk) in enumerate(zip(ranges, chunks)):
-        parts.append(blender.push(s, e, chunk, ranges[i + 1][0] if i + 1 < len(ranges) else None))
-    out = torch.cat(parts)
-    if out.shape[0] != num_frames:
-        raise ValueError(f"the chunks cover {out.shape[0]} frames, expected {num_frames}")
-    return out

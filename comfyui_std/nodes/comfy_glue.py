@@ -2,7 +2,7 @@
 
 Only imported inside ComfyUI (it imports ``comfy``). The nodes sample through ComfyUI's own stack
 (``comfy.sample.sample_custom``: CFG guider, model patches, inpainting masks, ControlNets, previews, interrupts)
-with the core's STD sampler, start noise, step noise and chunk loop (:mod:`comfyui_std.core.pipeline`).
+with the core's STD sampler, start noise, step noise and chunk loop (:mod:`comfyui_std.core.noise`, :mod:`comfyui_std.core.stylize`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import latent_preview
 import torch
 
 from ..core import STDInputError, sample_std
-from ..core.pipeline import check_noise_mode, frames_of, step_noise_sampler, stylize_chunks
+from ..core.chunks import Chunking
+from ..core.noise import check_noise_mode, step_noise_sampler
+from ..core.stylize import frames_of, stylize_chunks
 
 
 def _with_interrupt(callback):
@@ -162,8 +164,7 @@ def sample_std_latents(model, positive, negative, latents, chunk_noise, sigmas, 
 
 
 def sample_std_chunks(model, positive, negative, latent: dict, samples, sigmas, seed: int, gamma: float, cfg: float,
-                      *, noise: str = "per_frame", frames_per_batch: int | None = None, overlap: int = 0,
-                      batch_index=None) -> dict:
+                      chunking: Chunking = Chunking(None, noise="per_frame"), *, batch_index=None) -> dict:
     """Stylize ``samples`` through ComfyUI's sampling stack, chunk by chunk with the core's noise and cross-fades.
 
     The latent's ``noise_mask`` (SetLatentNoiseMask; inpainting) and ControlNet hints are sliced per chunk with
@@ -177,10 +178,9 @@ def sample_std_chunks(model, positive, negative, latent: dict, samples, sigmas, 
     def run_chunk(s, e, chunk_noise):
         whole = (s, e) == (0, n)
         return sample_std_latents(model, positive, negative, samples[s:e], chunk_noise, sigmas, seed, gamma, cfg,
-                                  noise, s, e, mask=mask if whole else frames_of(mask, s, e), whole=whole)
+                                  chunking.noise, s, e, mask=mask if whole else frames_of(mask, s, e), whole=whole)
 
-    result = stylize_chunks(samples, seed, run_chunk, noise=noise, frames_per_batch=frames_per_batch, overlap=overlap,
-                            batch_index=batch_index)
+    result = stylize_chunks(samples, seed, run_chunk, chunking, batch_index=batch_index)
     out = latent.copy()
     out["samples"] = result
     return out

@@ -16,7 +16,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core import PLANS, STDInputError, std_plan
+from ..core.chunks import MAX_FRAMES_PER_BATCH
 from ..core.errors import redact_paths
+from ..core.noise import NOISE_MODES
 from ..core.plan import check_nfe, check_start_strength
 from .comfy_glue import check_latent, check_model_sampling
 
@@ -81,6 +83,20 @@ def conditioning_inputs(model_tip: str) -> list:
         io.Model.Input("model", tooltip=model_tip),
         io.Conditioning.Input("positive", tooltip="Prompt describing the target style."),
         io.Conditioning.Input("negative", tooltip="Negative prompt (used when cfg > 1)."),
+    ]
+
+
+def chunking_inputs() -> list:
+    """frames_per_batch, overlap, noise: how a video node cuts a clip into chunks (a core ``Chunking``)."""
+    return [
+        io.Int.Input("frames_per_batch", default=16, min=1, max=MAX_FRAMES_PER_BATCH,
+                     tooltip="Frames sampled together; bounds peak memory."),
+        io.Int.Input("overlap", default=0, min=0, max=MAX_FRAMES_PER_BATCH - 1,
+                     tooltip="Frames shared by consecutive chunks, cross-faded to hide seams "
+                             "(must be below frames_per_batch)."),
+        io.Combo.Input("noise", options=list(NOISE_MODES), default="shared",
+                       tooltip="shared: every frame gets the same noise, so static regions stay identical "
+                               "(temporally consistent); per_frame: independent noise per frame."),
     ]
 
 

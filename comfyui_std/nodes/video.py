@@ -13,15 +13,14 @@ import folder_paths
 import torch
 from comfy_api.latest import InputImpl, io, ui
 
-from ..core.pipeline import NOISE_MODES, check_noise_mode
+from ..core.chunks import Chunking
 from ..core.plan import check_gamma
-from ..core import check_range
 from ..core.audio import read_audio
 from ..core.stream import output_format, stylize_video_file
-from ..core.video import FPS_RANGE, RESIZE_MODES, SAVE_FORMATS, VIDEO_EXTENSIONS, chunk_ranges, open_video, save_video
+from ..core.video import FPS_RANGE, RESIZE_MODES, SAVE_FORMATS, VIDEO_EXTENSIONS, open_video, save_video
 from .comfy_compat import OWN_CHECK, trim_window
 from .comfy_glue import sample_std_chunks, sample_std_latents
-from .common import (CATEGORY_VIDEO, conditioning_inputs, input_file, plan_input, prepare_run, run_inputs,
+from .common import (CATEGORY_VIDEO, chunking_inputs, conditioning_inputs, input_file, plan_input, prepare_run, run_inputs,
                      stylize_inputs, user_errors, user_path)
 
 log = logging.getLogger("comfyui_std")
@@ -177,14 +176,7 @@ class STDStylizeVideo(io.ComfyNode):
             inputs=[
                 *stylize_inputs("Model with the STD LoRA (and optionally a motion module).",
                                 "The VAE-encoded frames, one batch entry per frame."),
-                io.Int.Input("frames_per_batch", default=16, min=1, max=4096,
-                             tooltip="Frames sampled together; bounds peak memory."),
-                io.Int.Input("overlap", default=0, min=0, max=4095,
-                             tooltip="Frames shared by consecutive chunks, cross-faded to hide seams "
-                                     "(must be below frames_per_batch)."),
-                io.Combo.Input("noise", options=list(NOISE_MODES), default="shared",
-                               tooltip="shared: every frame gets the same noise, so static regions stay identical "
-                                       "(temporally consistent); per_frame: independent noise per frame."),
+                *chunking_inputs(),
                 plan_input(),
             ],
             outputs=[io.Latent.Output(tooltip="Stylized frames; decode with the same VAE.")],
@@ -194,11 +186,10 @@ class STDStylizeVideo(io.ComfyNode):
     @user_errors
     def execute(cls, model, positive, negative, latent_image, seed, nfe=8, start_strength=0.75, gamma=0.0, cfg=6.0,
                 frames_per_batch=16, overlap=0, noise="shared", plan="official") -> io.NodeOutput:
-        gamma, noise = check_gamma(gamma), check_noise_mode(noise)
+        gamma, chunking = check_gamma(gamma), Chunking(frames_per_batch, overlap, noise)
         p, sigmas, samples = prepare_run(model, nfe, start_strength, plan, latent_image)
-        chunks = len(chunk_ranges(samples.shape[0], frames_per_batch, overlap))
-        out = sample_std_chunks(model, positive, negative, latent_image, samples, sigmas, seed, gamma, cfg,
-                                noise=noise, frames_per_batch=frames_per_batch, overlap=overlap)
+        chunks = len(chunking.ranges(samples.shape[0]))
+        out = sample_std_chunks(model, positive, negative, latent_image, samples, sigmas, seed, gamma, cfg, chunking)
         text = p.describe() + f"; {samples.shape[0]} frames in {chunks} chunk(s)"
         log.info(text)
         return io.NodeOutput(out, ui={"text": [text]})
@@ -277,13 +268,7 @@ class STDStylizeVideoFile(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The model's VAE (encodes and decodes each chunk)."),
                 *_source_inputs(),
                 *run_inputs(),
-                io.Int.Input("frames_per_batch", default=16, min=1, max=4096,
-                             tooltip="Frames sampled together; bounds peak memory."),
-                io.Int.Input("overlap", default=0, min=0, max=4095,
-                             tooltip="Frames shared by consecutive chunks, cross-faded (below frames_per_batch)."),
-                io.Combo.Input("noise", options=list(NOISE_MODES), default="shared",
-                               tooltip="shared: every frame gets the same noise (temporally consistent); "
-                                       "per_frame: independent noise per frame."),
+                *chunking_inputs(),
                 *_selection_inputs(),
                 io.Boolean.Input("tiled_vae", default=False,
                                  tooltip="Encode and decode in tiles (large frames on a small GPU)."),
@@ -316,18 +301,16 @@ class STDStylizeVideoFile(io.ComfyNode):
                 select_every_nth=1, force_rate=0.0, resize="crop", tiled_vae=False, keep_audio=True,
                 filename_prefix="STD/stylized", format="source", plan="official", path="",
                 source=None) -> io.NodeOutput:
-        gamma, noise = check_gamma(gamma), check_noise_mode(noise)
+        gamma, chunking = check_gamma(gamma), Chunking(frames_per_batch, overlap, noise)  # before any decoding
         if format not in FILE_FORMATS:
             raise ValueError(f"format: got {format!r}, choose one of {', '.join(FILE_FORMATS)}")
         p, sigmas, _ = prepare_run(model, nfe, start_strength, plan)
-        frames_per_batch = check_range("frames_per_batch", frames_per_batch, 1, 4096, kind=int)
-        check_range("overlap", overlap, 0, frames_per_batch - 1, kind=int)  # before anything is decoded
         encode = (lambda f: vae.encode_tiled(f[..., :3])) if tiled_vae else (lambda f: vae.encode(f[..., :3]))
         decode = (lambda z: vae.decode_tiled(z)) if tiled_vae else (lambda z: vae.decode(z))
 
         def run_chunk(s, e, latents, chunk_noise):
             return sample_std_latents(model, positive, negative, latents, chunk_noise, sigmas, seed, gamma, cfg,
-                                      noise, s, e)
+                                      chunking.noise, s, e)
 
         with _opened(video, path, source, frame_load_cap, skip_first_frames, select_every_nth, force_rate,
                      resize, 8.0) as reader:
@@ -336,8 +319,8 @@ class STDStylizeVideoFile(io.ComfyNode):
             out, file, subfolder = _output_file(filename_prefix, fmt, info.width, info.height)
             report = stylize_video_file(
                 reader, out, encode=lambda f: encode(f).float(), run_chunk=run_chunk,
-                decode=lambda z: decode(z)[..., :3].float().cpu(), seed=seed, noise=noise,
-                frames_per_batch=frames_per_batch, overlap=overlap, audio=bool(keep_audio), fmt=fmt)
+                decode=lambda z: decode(z)[..., :3].float().cpu(), seed=seed, chunking=chunking,
+                audio=bool(keep_audio), fmt=fmt)
         text = (p.describe() + f"; {report.frames} frames at {report.fps:g} fps in {report.chunks} chunk(s), "
                 f"{report.width}x{report.height}, audio: {report.audio}")
         log.info(text)

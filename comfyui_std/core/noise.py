@@ -1,39 +1,24 @@
-"""Stylize a batch of clean latents with STD: the noise policy and the chunk loop every front end shares.
-
-An image is a batch of one; a video is a batch of frames, cut into chunks of ``frames_per_batch`` that share
-``overlap`` frames, each chunk sampled as one batch, overlaps cross-faded (:mod:`.video`). The ComfyUI nodes, the
-Gradio app and the trainer's previews all run :func:`stylize_chunks`, so the same seed gives the same noise in every
-front end:
+"""The noise policy every front end shares: the start noise of a run and the per-step noise of the STD step.
 
 * the start noise (:func:`start_noise`) is ComfyUI's ``prepare_noise``: ``torch.randn`` on the CPU from a
   generator seeded with ``seed``, in the latent's dtype, one draw per ``batch_index`` entry when the latent carries
   one; with ``noise = "shared"`` it is drawn for one frame and repeated for every frame, so static regions of a
   video stay identical from frame to frame;
+* a streamed clip (:mod:`.stream`) draws the same start noise a few frames at a time (:class:`StartNoise`), so
+  streamed and in-memory outputs are identical;
 * with gamma > 0 the per-step noise of the STD step (:func:`step_noise_sampler`) is drawn from a generator seeded
   with ``seed`` on the latent's device, once for one frame and repeated (shared) or for the whole chunk
-  (per_frame), restarting for every chunk;
-* a streamed clip (:mod:`.stream`) draws the same start noise a few frames at a time (:class:`StartNoise`) and runs
-  the same chunk function (:func:`std_chunk_runner`), so streamed and in-memory outputs are identical;
-* per-frame tensors that travel with a chunk (inpainting masks, ControlNet hints) are sliced with
-  :func:`frame_rows`, ComfyUI's broadcast rule: frame ``i`` of an ``n``-frame batch uses row ``i % k`` of a ``k``-row
-  tensor, a single row serves every frame.
-
-Pure torch: :func:`stylize_latents` runs the core sampler on any k-diffusion denoiser
-``model(x, sigma, **extra_args) -> x0`` (e.g. a :class:`~.schedules.KDenoiser` around a diffusers UNet with
-classifier-free guidance); the ComfyUI nodes hand :func:`stylize_chunks` a chunk function that samples through
-ComfyUI's own stack.
+  (per_frame), restarting for every chunk.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
 from .errors import STDInputError
-from .sampling import default_noise_sampler, sample_std
-from .video import blend_chunks, chunk_ranges
+from .sampling import default_noise_sampler
 
 NOISE_MODES = ("shared", "per_frame")
 
@@ -150,87 +135,3 @@ def step_noise_sampler(x: torch.Tensor, seed: int | None, noise: str = "shared")
         one = default_noise_sampler(x[:1], seed)
         return lambda sigma, sigma_next: one(sigma, sigma_next).expand_as(x)
     return default_noise_sampler(x, seed)
-
-
-def frame_rows(start: int, end: int, rows: int) -> torch.Tensor | None:
-    """Rows of a per-frame tensor with ``rows`` rows that frames ``[start, end)`` use (None: the one row serves all)."""
-    if rows == 1:
-        return None
-    return torch.arange(start, end) % rows
-
-
-def frames_of(tensor: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
-    """The part of a per-frame tensor (mask, hint) for frames ``[start, end)`` (see :func:`frame_rows`)."""
-    if tensor is None:
-        return None
-    rows = frame_rows(start, end, tensor.shape[0])
-    return tensor if rows is None else tensor[rows.to(tensor.device)]
-
-
-def stylize_chunks(latents: torch.Tensor, seed: int, run_chunk: Callable[[int, int, torch.Tensor], torch.Tensor], *,
-                   noise: str = "shared", frames_per_batch: int | None = None, overlap: int = 0,
-                   batch_index=None) -> torch.Tensor:
-    """The chunk loop: draw the start noise for every frame, sample each chunk, cross-fade the overlaps.
-
-    Args:
-        latents: clean latents ``[N, C, H, W]``.
-        seed: seed of the start noise.
-        run_chunk: ``run_chunk(start, end, noise) -> stylized latents [end - start, C, H, W]`` for the frames
-            ``[start, end)``; ``noise`` is their start noise (add it at the first sigma).
-        noise: ``"shared"`` (one noise for every frame) or ``"per_frame"``.
-        frames_per_batch: frames sampled together (``None`` = all at once).
-        overlap: frames shared by consecutive chunks, cross-faded.
-        batch_index: ComfyUI's per-entry noise indices (per_frame only).
-
-    Returns:
-        The stylized latents ``[N, C, H, W]``, float32 on the CPU.
-    """
-    if latents.ndim != 4 or latents.shape[0] < 1:
-        raise STDInputError("latents", f"expected a batch of latents [frames, channels, height, width], got shape "
-                                       f"{list(latents.shape)}")
-    n = latents.shape[0]
-    ranges = chunk_ranges(n, frames_per_batch or n, overlap)
-    full_noise = start_noise(latents, seed, noise, batch_index)
-    return blend_chunks(n, ranges, (run_chunk(s, e, full_noise[s:e].contiguous()).float().cpu() for s, e in ranges))
-
-
-def stylize_latents(denoiser, latents: torch.Tensor, sigmas: torch.Tensor, seed: int, *, gamma: float = 0.0,
-                    noise: str = "shared", frames_per_batch: int | None = None, overlap: int = 0, schedule=None,
-                    extra_args: dict | None = None, callback=None, disable: bool | None = None) -> torch.Tensor:
-    """Noise clean latents to ``sigmas[0]`` and run the core STD sampler chunk by chunk (:func:`stylize_chunks`).
-
-    Args:
-        denoiser: ``model(x, sigma, **extra_args) -> x0`` in VE coordinates (k-diffusion form).
-        latents: clean latents ``[N, C, H, W]`` (VAE latents times the VAE's scaling factor).
-        sigmas: descending noise levels, normally ``plan.sigmas(schedule)``.
-        seed: seed of the start noise and, with gamma > 0, of the per-step noise.
-        gamma: per-step stochasticity of the STD step (0 = deterministic).
-        noise, frames_per_batch, overlap: as :func:`stylize_chunks`.
-        schedule: the model's schedule (``sigma(t)`` / ``timestep(sigma)``), needed when gamma > 0.
-        callback: called once per sampler step of every chunk (k-diffusion callback dict).
-
-    Returns:
-        The stylized latents ``[N, C, H, W]``, float32 on the CPU.
-    """
-    run = std_chunk_runner(denoiser, sigmas, seed, gamma=gamma, noise=noise, schedule=schedule,
-                           extra_args=extra_args, callback=callback, disable=disable)
-    return stylize_chunks(latents, seed, lambda s, e, chunk_noise: run(s, e, latents[s:e], chunk_noise), noise=noise,
-                          frames_per_batch=frames_per_batch, overlap=overlap)
-
-
-def std_chunk_runner(denoiser, sigmas: torch.Tensor, seed: int, *, gamma: float = 0.0, noise: str = "shared",
-                     schedule=None, extra_args: dict | None = None, callback=None, disable: bool | None = None):
-    """The chunk function of :func:`stylize_latents`: ``run_chunk(start, end, latents, noise) -> stylized latents``
-    noises a chunk's clean latents to ``sigmas[0]`` with its start noise and runs the core STD sampler on them (the
-    per-step noise, gamma > 0, restarts from ``seed`` for every chunk). :func:`~.stream.stream_stylize` takes it
-    as is; :func:`stylize_chunks` with the chunk's rows of the latents."""
-    check_noise_mode(noise)
-
-    def run_chunk(s, e, latents, chunk_noise):
-        sig = sigmas.to(latents.device)
-        x = latents + sig[0].to(latents.dtype) * chunk_noise.to(latents.device, latents.dtype)
-        noise_sampler = step_noise_sampler(x, seed, noise) if gamma > 0 else None
-        return sample_std(denoiser, x, sig, extra_args=extra_args, callback=callback, disable=disable,
-                          noise_sampler=noise_sampler, gamma=gamma, schedule=schedule)
-
-    return run_chunk

@@ -1,10 +1,12 @@
-"""The shared stylize loop (comfyui_std.core.pipeline): noise conventions, chunking, shared noise."""
+"""The shared stylize loop (comfyui_std.core.stylize, .noise, .chunks): noise conventions, chunking, shared noise."""
 
 import pytest
 import torch
 
+from comfyui_std.core.chunks import Chunking
 from comfyui_std.core import DiscreteSchedule, KDenoiser, STDInputError, sample_std, std_plan
-from comfyui_std.core.pipeline import start_noise, stylize_latents
+from comfyui_std.core.noise import start_noise
+from comfyui_std.core.stylize import stylize_latents
 
 
 def toy_eps(x, t):
@@ -32,7 +34,7 @@ def test_start_noise_follows_comfyui_prepare_noise():
 def test_one_chunk_is_sample_std_on_the_noised_latent(setup):
     denoiser, schedule, sigmas = setup
     latents = torch.randn(2, 4, 8, 8)
-    out = stylize_latents(denoiser, latents, sigmas, 7, noise="per_frame", disable=True)
+    out = stylize_latents(denoiser, latents, sigmas, 7, disable=True, chunking=Chunking(None, 0, "per_frame"))
     x = latents + sigmas[0] * start_noise(latents, 7, "per_frame")
     assert torch.allclose(out, sample_std(denoiser, x, sigmas, disable=True, schedule=schedule), atol=1e-6)
 
@@ -41,11 +43,11 @@ def test_one_chunk_is_sample_std_on_the_noised_latent(setup):
 def test_static_frames_stay_identical_with_shared_noise_across_chunks(setup, gamma):
     denoiser, schedule, sigmas = setup
     latents = torch.randn(1, 4, 8, 8).repeat(7, 1, 1, 1)
-    out = stylize_latents(denoiser, latents, sigmas, 3, gamma=gamma, frames_per_batch=3, overlap=1,
-                          schedule=schedule, disable=True)
+    out = stylize_latents(denoiser, latents, sigmas, 3, gamma=gamma,
+                          schedule=schedule, disable=True, chunking=Chunking(3, 1))
     assert all(torch.equal(out[0], f) for f in out[1:])
-    per_frame = stylize_latents(denoiser, latents, sigmas, 3, gamma=gamma, noise="per_frame", frames_per_batch=3,
-                                overlap=1, schedule=schedule, disable=True)
+    per_frame = stylize_latents(denoiser, latents, sigmas, 3, gamma=gamma, schedule=schedule, disable=True,
+                                chunking=Chunking(3, 1, "per_frame"))
     assert not torch.equal(per_frame[0], per_frame[1])
 
 
@@ -54,7 +56,7 @@ def test_chunks_are_sampled_independently_and_cross_faded():
     denoiser = KDenoiser(lambda x, t: toy_eps(x, t) + 0.3 * x.mean(0, keepdim=True), DiscreteSchedule())
     sigmas = std_plan(4, 0.75).sigmas(DiscreteSchedule())
     latents = torch.randn(5, 4, 8, 8)
-    out = stylize_latents(denoiser, latents, sigmas, 1, frames_per_batch=3, overlap=1, disable=True)
+    out = stylize_latents(denoiser, latents, sigmas, 1, disable=True, chunking=Chunking(3, 1))
     first = stylize_latents(denoiser, latents[:3], sigmas, 1, disable=True)   # chunk (0, 3) alone
     second = stylize_latents(denoiser, latents[2:], sigmas, 1, disable=True)  # chunk (2, 5) alone
     assert torch.allclose(out[:2], first[:2], atol=1e-6) and torch.allclose(out[3:], second[1:], atol=1e-6)
@@ -65,8 +67,8 @@ def test_chunks_are_sampled_independently_and_cross_faded():
 def test_bad_inputs_are_refused(setup):
     denoiser, _, sigmas = setup
     with pytest.raises(STDInputError, match="noise: got 'random'"):
-        stylize_latents(denoiser, torch.zeros(1, 4, 8, 8), sigmas, 0, noise="random")
+        stylize_latents(denoiser, torch.zeros(1, 4, 8, 8), sigmas, 0, chunking=Chunking(None, 0, "random"))
     with pytest.raises(STDInputError, match="latents: expected a batch"):
         stylize_latents(denoiser, torch.zeros(4, 8, 8), sigmas, 0)
     with pytest.raises(STDInputError, match="overlap"):
-        stylize_latents(denoiser, torch.zeros(4, 4, 8, 8), sigmas, 0, frames_per_batch=2, overlap=2)
+        stylize_latents(denoiser, torch.zeros(4, 4, 8, 8), sigmas, 0, chunking=Chunking(2, 2))
