@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from comfyui_std.core import DiscreteSchedule, KDenoiser, STDInputError, STDPlan, check_range, std_plan
-from comfyui_std.core.plan import check_gamma, check_nfe, check_start_strength, origin_grid
+from comfyui_std.core.plan import check_gamma, check_nfe, check_start_strength, teacher_plan
 from comfyui_std.core.chunks import Chunking
 from comfyui_std.core.stylize import std_chunk_runner, stylize_latents
 from comfyui_std.core.stream import StreamReport, stylize_video_file
@@ -44,15 +44,6 @@ MAX_VIDEO_FRAMES = 100_000
 def app_plan(nfe, start_strength, plan: str = "official") -> STDPlan:
     """The STD plan the app runs: the core plan, the one the ComfyUI nodes compute for the same settings."""
     return std_plan(check_nfe(nfe), check_start_strength(start_strength), plan or "official")
-
-
-def teacher_plan(student: STDPlan, steps) -> STDPlan:
-    """The teacher's many-step plan from the student's start timestep: ``steps`` points of the 50-step DDIM grid at
-    or below it (the grid the STD teacher trajectories use), spaced evenly."""
-    below = [t for t in reversed(origin_grid()) if t <= student.start_timestep]
-    steps = check_range("teacher_steps", steps, 1, len(below), kind=int)
-    idx = torch.floor(torch.arange(steps, dtype=torch.float64) * (len(below) / steps)).long().tolist()
-    return STDPlan(tuple(below[i] for i in idx), steps, student.start_strength, "teacher")
 
 
 def resolve_start_strength(entry: LoraEntry | None, start_strength, snap: bool) -> tuple[float, str | None]:
@@ -336,14 +327,14 @@ class STDEngine:
         """Stylize frames [N, H, W, 3] (an image is N = 1) with STD, or with the teacher when ``teacher_steps``.
 
         The teacher is the base model without the LoRA, run for ``teacher_steps`` DDIM steps from the same start
-        timestep (see :func:`teacher_plan`). Frames are sampled in the chunks of ``chunking`` (default: all at once,
-        shared noise) with the shared video path of the core.
+        timestep (:func:`comfyui_std.core.plan.teacher_plan`). Frames are sampled in the chunks of ``chunking``
+        (default: all at once, shared noise) with the shared video path of the core.
         """
         settings = settings.validated()
         entry = self.catalog.get(settings.lora)
         plan = app_plan(settings.nfe, settings.start_strength, settings.plan)
         if teacher_steps is not None:
-            plan = teacher_plan(plan, teacher_steps)
+            plan = teacher_plan(plan.start_timestep, teacher_steps, plan.start_strength)
         batch = chunking.batch(frames.shape[0])
         with self._lock:
             start = time.perf_counter()

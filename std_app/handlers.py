@@ -29,9 +29,10 @@ import torch
 from comfyui_std.core import STDInputError, check_range
 from comfyui_std.core.chunks import Chunking
 from comfyui_std.core.errors import redact_paths
+from comfyui_std.core.plan import teacher_plan
 from comfyui_std.core.video import open_video
 
-from .engine import RunResult, STDEngine, StyleSettings, app_plan, resolve_start_strength, teacher_plan
+from .engine import RunResult, STDEngine, StyleSettings, app_plan, resolve_start_strength
 from .media import (MIN_SOURCE_SIDE, checked_upload, fit_size, frame_to_image, image_to_frames, payload_path,
                     plan_record, read_image, received_files, save_png, scrub, size_notices)
 
@@ -349,7 +350,8 @@ class StyleApp:
         timestep and noise. Returns (teacher image, STD image, info, seed)."""
         settings, notices = self.settings(prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
                                           seed, randomize_seed, plan, style_preset, style_weight, lora_scale)
-        teacher_plan(app_plan(settings.nfe, settings.start_strength, settings.plan), teacher_steps)
+        student = app_plan(settings.nfe, settings.start_strength, settings.plan)
+        teacher_plan(student.start_timestep, teacher_steps, student.start_strength)  # checked before any work
         frames, more = self.content_frames(content, output_size)
         style_image, style_notices = self.style_image(style)
         notices += more + style_notices

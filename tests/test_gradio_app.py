@@ -25,7 +25,8 @@ from comfyui_std.core.chunks import Chunking
 from comfyui_std.core import STDInputError, std_plan
 from comfyui_std.core.video import load_video, save_video
 from std_app import tiny
-from std_app.engine import StyleSettings, resolve_start_strength, teacher_plan
+from comfyui_std.core.plan import teacher_plan
+from std_app.engine import StyleSettings, resolve_start_strength
 from std_app.handlers import StyleApp
 from std_app.models import LoraEntry, resolve
 from std_app.startup import ModelOptions, load_engine, tiny_options
@@ -497,12 +498,30 @@ def test_half_precision_keeps_the_vae_in_float32(tiny_root):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
+def test_the_compare_tab_and_the_trainer_previews_run_one_teacher_plan(app):
+    """The app's Compare tab (the engine's teacher run) and the trainer's preview grids visit the same teacher
+    timesteps from the same start: both come from core.plan.teacher_plan. (They used to differ in 10 of 20 levels
+    for 20 steps from grid index 38: floor spacing in the app, rounded linspace in the trainer.)"""
+    from types import SimpleNamespace
+
+    from training.std.method import STDMethod
+
+    settings = StyleSettings(nfe=4, start_strength=0.75, plan="trained_start", cfg=1.0)
+    teacher = app.engine.run(torch.rand(1, 32, 32, 3), settings, teacher_steps=20, progress_bar=False).plan
+    trainer = STDMethod.preview_plan(SimpleNamespace(cfg=SimpleNamespace(start_strength=0.75,
+                                                                         preview_teacher_nfe=20)), None)
+    assert teacher.start_timestep == trainer.start_timestep == 779  # grid index 38
+    assert teacher.timesteps == trainer.timesteps == teacher_plan(779, 20).timesteps
+    student = STDMethod.preview_plan(SimpleNamespace(cfg=SimpleNamespace(start_strength=0.75)), 4)
+    assert student.timesteps == std_plan(4, 0.75, "trained_start").timesteps
+
+
 def test_teacher_plan_and_eta_resolution():
-    t = teacher_plan(std_plan(8, 0.75), 20)
+    t = teacher_plan(std_plan(8, 0.75).start_timestep, 20)
     assert t.start_timestep == 739 and len(t.timesteps) == 20 and all(x % 20 == 19 for x in t.timesteps)
     assert list(t.timesteps) == sorted(set(t.timesteps), reverse=True)
     with pytest.raises(STDInputError, match=r"teacher_steps: got 40, allowed range is \[1, 37\]"):
-        teacher_plan(std_plan(8, 0.75), 40)
+        teacher_plan(std_plan(8, 0.75).start_timestep, 40)
     entry = LoraEntry("std_x_eta0.75", Path("std_x_eta0.75.safetensors"), 0.75, "i2i")
     assert resolve_start_strength(None, 0.6, True) == (0.6, None)
     assert resolve_start_strength(entry, 0.75, True) == (0.75, None)

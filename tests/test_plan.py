@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 from diffusers import StableDiffusionXLImg2ImgPipeline, TCDScheduler
 
-from comfyui_std.core import STDInputError, max_nfe, official_inference_steps, std_plan, trained_start_index
+from comfyui_std.core import STDInputError, max_nfe, official_inference_steps, origin_grid, std_plan, trained_start_index
 from comfyui_std.core.schedules import DiscreteSchedule
 
 ETAS = (0.65, 0.75, 0.85, 0.95)
@@ -98,3 +98,18 @@ def test_max_nfe_is_reachable_and_tight():
 def test_official_inference_steps_full_strength():
     assert official_inference_steps(4, 1.0) == 4
     assert std_plan(4, 1.0).timesteps == (999, 759, 499, 259)
+
+
+def test_teacher_plan_from_a_start_timestep():
+    """Floor spacing from the start, the start itself first; refuses a start off the grid and too many steps."""
+    from comfyui_std.core.plan import teacher_plan
+
+    t = teacher_plan(779, 20)
+    assert t.timesteps[0] == 779 and len(t.timesteps) == 20 and t.plan == "teacher"
+    below = [g for g in reversed(origin_grid()) if g <= 779]
+    assert list(t.timesteps) == [below[(k * 39) // 20] for k in range(20)]
+    assert teacher_plan(779, 39).timesteps == tuple(below)  # every level
+    with pytest.raises(STDInputError, match="not a level"):
+        teacher_plan(780, 4)
+    with pytest.raises(STDInputError, match=r"teacher_steps: got 40, allowed range is \[1, 39\]"):
+        teacher_plan(779, 40)

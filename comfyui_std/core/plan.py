@@ -15,7 +15,8 @@ a partially noised input at start strength eta (η). Two plans are offered:
     η 0.65/0.75/0.85/0.95), and spaces ``nfe`` steps evenly on the grid below it, TCD-style.
 
 The same function serves the ComfyUI nodes, the Gradio app and the trainer, so the same settings give the same
-timesteps everywhere.
+timesteps everywhere. The *teacher's* many-step plan from a student's start (:func:`teacher_plan`) is one function
+too: the app's Compare tab and the trainer's preview grids visit the same teacher timesteps.
 """
 
 from __future__ import annotations
@@ -147,3 +148,23 @@ def std_plan(nfe: int, start_strength: float, plan: str = "official", origin_ste
     idx = torch.floor(torch.arange(nfe, dtype=torch.float64) * ((n0 + 1) / nfe)).long().tolist()
     ts = tuple(grid[n0 - i] for i in idx)
     return STDPlan(ts, nfe, eta, plan, None)
+
+
+def teacher_plan(start_timestep: int, steps: int, start_strength: float = 1.0, origin_steps: int = ORIGIN_STEPS,
+                 num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> STDPlan:
+    """The teacher's many-step DDIM plan from a student's start timestep: ``steps`` levels of the 50-step grid at or
+    below ``start_timestep``, the first one the start itself, spaced like the ``trained_start`` plan spaces the
+    student's steps (level ``k`` is the ``floor(k * m / steps)``-th of the ``m`` grid levels counted down from the
+    start). The base model without the LoRA runs it with gamma 0 (DDIM) as the reference a student is distilled
+    towards: the app's Compare tab and the trainer's preview grids both use it.
+
+    Raises:
+        STDInputError: ``start_timestep`` is not a grid level, or ``steps`` is outside ``1..m``.
+    """
+    grid = origin_grid(origin_steps, num_train_timesteps)
+    if start_timestep not in grid:
+        raise STDInputError("start_timestep", f"{start_timestep} is not a level of the {origin_steps}-step grid")
+    below = [t for t in reversed(grid) if t <= start_timestep]
+    steps = check_range("teacher_steps", steps, 1, len(below), kind=int)
+    idx = torch.floor(torch.arange(steps, dtype=torch.float64) * (len(below) / steps)).long().tolist()
+    return STDPlan(tuple(below[i] for i in idx), steps, start_strength, "teacher")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from comfyui_std.core.errors import STDInputError, check_range
-from comfyui_std.core.plan import check_nfe, std_plan
+from comfyui_std.core.plan import STDPlan, check_nfe, std_plan, teacher_plan
 from comfyui_std.core.sampling import sample_std
 from comfyui_std.core.schedules import KDenoiser
 from comfyui_std.core.style_blocks import PRESET_NAMES
@@ -573,6 +573,14 @@ class STDMethod:
         yield "discriminator", d_loss, d_logs
 
     # -- previews and export ---------------------------------------------------------------------------------
+    def preview_plan(self, nfe: int | None) -> STDPlan:
+        """The timesteps a preview column visits: the student's ``trained_start`` plan at ``nfe``, or (``None``) the
+        teacher's ``preview_teacher_nfe`` DDIM steps from the same start, the plan the app's Compare tab runs."""
+        student = std_plan(nfe or 1, self.cfg.start_strength, "trained_start")
+        if nfe is not None:
+            return student
+        return teacher_plan(student.start_timestep, self.cfg.preview_teacher_nfe, self.cfg.start_strength)
+
     @torch.no_grad()
     def _sample(self, z0, ctx, nfe: int | None, w: float, gen_seed: int) -> torch.Tensor:
         schedule = self.base.schedule
@@ -586,14 +594,7 @@ class STDMethod:
                 out = out_u + (1 + w) * (out - out_u)
             return out
 
-        if nfe is None:  # teacher: preview_teacher_nfe levels of the grid from n0 (DDIM, gamma 0)
-            steps = min(self.cfg.preview_teacher_nfe, self.n0)
-            idx = torch.linspace(self.n0, 0, steps + 1)[:-1].round().long()
-            ts = self.grid.timesteps[idx]
-            sigmas = torch.cat([schedule.sigma(ts), torch.zeros(1)])
-        else:
-            sigmas = std_plan(nfe, self.cfg.start_strength, "trained_start").sigmas(schedule)
-        sigmas = sigmas.to(z0.device)
+        sigmas = self.preview_plan(nfe).sigmas(schedule).to(z0.device)
         g = torch.Generator().manual_seed(gen_seed)
         x = z0 + sigmas[0] * torch.randn(z0.shape, generator=g).to(z0.device)
         denoiser = KDenoiser(eps_fn, schedule)
