@@ -524,8 +524,6 @@ def load_base(spec, dtype: torch.dtype = torch.float32, tokenizer: str | None = 
                                          "or a base config, not both")
     vae_dtype = vae_dtype or dtype
     if ref is None:
-        from .tiny import tiny_base
-
         return tiny_base("sd15", seed)
     if ref.path is None:
         return load_diffusers_folder(hub_snapshot(ref.repo_id), dtype, check_only, vae_dtype)
@@ -547,6 +545,21 @@ def load_base(spec, dtype: torch.dtype = torch.float32, tokenizer: str | None = 
 # Text conditioning
 
 @torch.no_grad()
+def tiny_base(arch: str = "sd15", seed: int = 0, shape=None) -> Base:
+    """The trainers' ``tiny`` base: :func:`std_hf.tiny.tiny_components` as a :class:`Base` (byte tokenizer)."""
+    import tempfile
+
+    from .tiny import APP, tiny_components, tokenizers, write_tokenizer
+
+    shape = shape or APP
+    parts = tiny_components(arch, seed, shape)
+    encs = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if arch == "sdxl" else [])
+    with tempfile.TemporaryDirectory(prefix="std-tok-") as folder:  # the tokenizers read their files into memory
+        toks = tokenizers(write_tokenizer(folder), arch)
+    return Base(parts["unet"], parts["vae"], encs, toks, arch, DiscreteSchedule(), "tiny",
+                float(parts["vae"].config.scaling_factor), 0.0, [], "tiny", dict(SD_SCHEDULER))
+
+
 def encode_prompts(base: Base, captions: list[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
     """prompt_embeds [B,77,C], pooled [B,P] (discriminator condition; SDXL text_embeds) and SDXL time_ids [B,6]."""
     device = next(base.text_encoders[0].parameters()).device

@@ -314,11 +314,6 @@ def clip_config(sd: dict[str, torch.Tensor], prefix: str) -> dict:
     return cfg
 
 
-def clip_key_map(model_keys, prefix: str) -> dict[str, str]:
-    """transformers CLIP text keys are the file's keys under ``prefix`` (the projection, if any, is not used)."""
-    return {k: prefix + k for k in model_keys}
-
-
 def open_clip_config(sd: dict[str, torch.Tensor], prefix: str = SDXL_TEXT_2) -> dict:
     """A ``CLIPTextConfig`` for SDXL's OpenCLIP ViT-bigG text tower (OpenCLIP keys under ``prefix``)."""
     tok = _need(sd, prefix + "token_embedding.weight", "text_encoder_2")

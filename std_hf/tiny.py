@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,17 +143,3 @@ def tokenizers(folder: Path, arch: str):
     if arch == "sdxl":
         toks.append(CLIPTokenizer.from_pretrained(str(folder), model_max_length=77, pad_token="!"))
     return toks
-
-
-def tiny_base(arch: str = "sd15", seed: int = 0, shape: TinyShape = APP):
-    """The trainers' ``tiny`` base: :func:`tiny_components` as a :class:`std_hf.base.Base` (byte tokenizer)."""
-    from comfyui_std.core.schedules import DiscreteSchedule
-
-    from .base import SD_SCHEDULER, Base
-
-    parts = tiny_components(arch, seed, shape)
-    encs = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if arch == "sdxl" else [])
-    with tempfile.TemporaryDirectory(prefix="std-tok-") as folder:  # the tokenizers read their files into memory
-        toks = tokenizers(write_tokenizer(folder), arch)
-    return Base(parts["unet"], parts["vae"], encs, toks, arch, DiscreteSchedule(), "tiny",
-                float(parts["vae"].config.scaling_factor), 0.0, [], "tiny", dict(SD_SCHEDULER))

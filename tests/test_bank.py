@@ -7,8 +7,9 @@ import torch
 
 from comfyui_std.core.errors import STDInputError
 from training.std.bank import BankDiskFullError, TrajectoryBank
-from training.std.trajectory import (DDIMGrid, add_noise, cfg_lcm, draw_target_index, jump, pseudo_huber,
-                                     start_index, target_bounds, window_size, x0_eps)
+from comfyui_std.core.vp import add_noise, x0_eps
+from training.std.trajectory import (DDIMGrid, cfg_lcm, draw_target_index, jump, pseudo_huber, start_index,
+                                     target_bounds, window_size)
 
 
 def _ctx(i):

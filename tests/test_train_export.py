@@ -64,7 +64,8 @@ def test_atomic_folder_replaces_a_folder_whole_or_not_at_all(tmp_path, strict_um
 
 
 def test_the_tiny_base_leaves_no_temporary_folder(tmp_path, monkeypatch):
-    from std_hf.tiny import tiny_base, tokenizers, write_tokenizer
+    from std_hf.base import tiny_base
+    from std_hf.tiny import tokenizers, write_tokenizer
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()

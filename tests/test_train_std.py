@@ -548,7 +548,8 @@ def test_two_processes_train_distinct_data_with_synchronised_gradients(data, tmp
 def test_offline_bank_build_is_resumable_exact_with_k_draws(data, trajectories, tmp_path, capsys):
     from training.bank import main as bank_cli
     from training.std.bank import OfflineTrajectories
-    from training.std.trajectory import cfg_lcm, jump, x0_eps
+    from comfyui_std.core.vp import x0_eps
+    from training.std.trajectory import cfg_lcm, jump
 
     shards = sorted(trajectories.glob("traj-*.safetensors"))
     assert len(shards) == 2 * 5  # 2 draws for each of the 5 images (none held out for previews)

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from .errors import STDInputError, check_range
-from .video import IMAGE_EXTENSIONS, RESIZE_MODES, resize_frame
+from .frames import RESIZE_MODES, fit, snap_frame
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 SORT_ORDERS = ("name", "natural", "modified")
 MISMATCH_MODES = ("refuse", "crop to first", "stretch to first")
@@ -113,21 +115,6 @@ class FolderInfo:
         return text
 
 
-def _fit(frame: np.ndarray, size: tuple[int, int], how: str) -> np.ndarray:
-    """Fit an image to (height, width): scale to cover and center-crop, or stretch."""
-    h, w = size
-    t = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]
-    if how == "crop to first":
-        scale = max(h / frame.shape[0], w / frame.shape[1])
-        sh, sw = max(h, round(frame.shape[0] * scale)), max(w, round(frame.shape[1] * scale))
-        t = torch.nn.functional.interpolate(t, size=(sh, sw), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (sh - h) // 2, (sw - w) // 2
-        t = t[..., top:top + h, left:left + w]
-    else:
-        t = torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-    return t[0].permute(1, 2, 0).clamp(0, 1).numpy()
-
-
 def load_image_folder(folder, image_load_cap: int = 0, skip_first_images: int = 0, sort: str = "natural",
                       resize: str = "none", mismatch: str = "refuse") -> tuple[torch.Tensor, torch.Tensor, FolderInfo]:
     """Read the images of ``folder`` (not recursive) as one batch ``[N, H, W, 3]`` float32 in 0..1, with their
@@ -184,9 +171,9 @@ def load_image_folder(folder, image_load_cap: int = 0, skip_first_images: int = 
                 raise STDInputError("folder", f"'{path.name}' is {arr.shape[1]}x{arr.shape[0]} but the first image "
                                               f"is {size[1]}x{size[0]}; choose mismatch 'crop to first' or 'stretch "
                                               "to first' to fit it")
-            arr = _fit(arr, size, mismatch)
+            arr = fit(arr, size, mismatch)
             adjusted.append(path.name)
         frames.append(arr)
-    batch = torch.stack([torch.from_numpy(np.ascontiguousarray(resize_frame(arr, resize))) for arr in frames])
+    batch = torch.stack([torch.from_numpy(np.ascontiguousarray(snap_frame(arr, resize))) for arr in frames])
     info = FolderInfo([p.name for p in chosen], len(files), batch.shape[2], batch.shape[1], adjusted)
     return batch[..., :3].contiguous(), batch[..., 3].contiguous(), info

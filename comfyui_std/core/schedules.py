@@ -12,24 +12,15 @@ object as their ``schedule``.
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
 from .errors import STDInputError
+from .vp import PREDICTION_TYPES, per_sample
 
 #: beta schedules by their diffusers name. ComfyUI calls ``scaled_linear`` "linear" and ``linear`` "sqrt_linear".
 BETA_SCHEDULES = ("scaled_linear", "linear")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-class SigmaSchedule(Protocol):
-    """What a sampler needs from a schedule (ComfyUI's ``model_sampling`` objects satisfy it too)."""
-
-    def sigma(self, timestep: torch.Tensor) -> torch.Tensor: ...
-
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor: ...
 
 
 def make_betas(beta_schedule: str = "scaled_linear", num_train_timesteps: int = 1000,
@@ -101,29 +92,15 @@ class DiscreteSchedule:
         dists = sigma.float().log().reshape(-1)[None, :] - self.log_sigmas[:, None]
         return dists.abs().argmin(dim=0).view(sigma.shape)
 
-    def alpha_cumprod(self, timestep) -> torch.Tensor:
-        return self.alphas_cumprod[torch.as_tensor(timestep).long()]
-
     # Coordinate changes -------------------------------------------------------------------------------------------
     @staticmethod
     def ve_to_vp(x: torch.Tensor, sigma) -> torch.Tensor:
         """``x_VP = x_VE / sqrt(1 + sigma^2)``."""
-        return x / (1.0 + _bcast(sigma, x) ** 2) ** 0.5
-
-    @staticmethod
-    def vp_to_ve(x: torch.Tensor, sigma) -> torch.Tensor:
-        return x * (1.0 + _bcast(sigma, x) ** 2) ** 0.5
+        return x / (1.0 + per_sample(sigma, x) ** 2) ** 0.5
 
     def denoised(self, model_output: torch.Tensor, x_ve: torch.Tensor, sigma) -> torch.Tensor:
         """x0 from a network output under this schedule's parameterisation (VE input coordinates)."""
         return denoised_from_output(model_output, x_ve, sigma, self.prediction_type)
-
-
-def _bcast(sigma, like: torch.Tensor) -> torch.Tensor:
-    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
-    if sigma.ndim == 0:
-        return sigma
-    return sigma.reshape(sigma.shape[0], *([1] * (like.ndim - 1)))
 
 
 def denoised_from_output(model_output: torch.Tensor, x_ve: torch.Tensor, sigma, prediction_type: str = "epsilon") -> torch.Tensor:
@@ -132,7 +109,7 @@ def denoised_from_output(model_output: torch.Tensor, x_ve: torch.Tensor, sigma, 
     ``epsilon``: x0 = x - sigma * eps. ``v_prediction`` (v = alpha*eps - s*x0 in VP form):
     x0 = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) * v. ``sample``: x0 = output.
     """
-    s = _bcast(sigma, x_ve)
+    s = per_sample(sigma, x_ve)
     if prediction_type == "epsilon":
         return x_ve - s * model_output
     if prediction_type == "v_prediction":
@@ -165,13 +142,3 @@ class KDenoiser(torch.nn.Module):
         t = self.schedule.timestep(sigma.cpu()).to(x.device)
         out = self.fn(self.schedule.ve_to_vp(x, sigma), t, **kwargs)
         return self.schedule.denoised(out, x, sigma)
-
-
-def add_noise_ve(latent: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Partially noise a clean latent to level ``sigma`` in VE coordinates (ComfyUI's EPS.noise_scaling)."""
-    return latent + noise * float(sigma)
-
-
-def sigma_to_vp_scale(sigma: float) -> float:
-    """``sqrt(abar)`` for a VE sigma: multiply a VE state by this to get the VP state."""
-    return 1.0 / math.sqrt(1.0 + float(sigma) ** 2)

@@ -24,10 +24,10 @@ import torch
 
 from .audio import AudioFile, check_audio_track, open_audio_mux
 from .errors import STDInputError, check_range, redact_paths
+from .frames import RESIZE_MODES, snap_frame
+from .images import IMAGE_EXTENSIONS, image_to_float
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-RESIZE_MODES = ("none", "crop", "pad", "stretch")
 SAVE_FORMATS = ("mp4", "webm", "webp", "gif")
 #: frame rates the loader reports and the saver writes (one range, so a loaded clip can always be saved again)
 FPS_RANGE = (0.01, 1000.0)
@@ -50,38 +50,6 @@ class VideoInfo:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _snap(size: int, mode: str) -> int:
-    if mode == "pad":
-        return int(math.ceil(size / 8) * 8)
-    if mode == "stretch":
-        return max(8, int(round(size / 8) * 8))
-    return max(8, (size // 8) * 8)
-
-
-def resize_frame(frame: np.ndarray, mode: str) -> np.ndarray:
-    """Make both sides a multiple of 8: center ``crop``, edge-replicate ``pad``, or ``stretch`` (bilinear).
-
-    ``frame`` is ``[H, W, C]``, uint8 (0..255) or float (0..1); the result has its dtype."""
-    if mode == "none":
-        return frame
-    h, w = frame.shape[:2]
-    th, tw = _snap(h, mode), _snap(w, mode)
-    if (th, tw) == (h, w):
-        return frame
-    if mode == "crop":
-        if h < 8 or w < 8:
-            raise STDInputError("resize", f"frames of {w}x{h} are smaller than 8 pixels; use pad or stretch")
-        top, left = (h - th) // 2, (w - tw) // 2
-        return frame[top:top + th, left:left + tw]
-    if mode == "pad":
-        return np.pad(frame, ((0, th - h), (0, tw - w), (0, 0)), mode="edge")
-    t = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
-    t = torch.nn.functional.interpolate(t, size=(th, tw), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
-    if frame.dtype == np.uint8:
-        return t.round().clamp(0, 255).to(torch.uint8).numpy()
-    return t.clamp(0, 1).numpy().astype(frame.dtype)
 
 
 def check_selection(frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize):
@@ -332,7 +300,7 @@ class VideoReader:
                     t = (self.decoded_frames - 1) / src_fps
                 n = self._sel.offer(t)
                 if n:
-                    img = resize_frame(frame.to_ndarray(format="rgb24"), self.resize)
+                    img = snap_frame(frame.to_ndarray(format="rgb24"), self.resize)
                     for _ in range(n):
                         yield img
                 if self._sel.done:
@@ -350,7 +318,6 @@ class VideoReader:
     def _folder_frames(self, src_fps: float):
         from PIL import Image, UnidentifiedImageError
 
-        from .images import image_to_float  # images.py builds on this module
         first_size = None
         self._folder_size = (0, 0)
         for i, f in enumerate(self._files):
@@ -372,7 +339,7 @@ class VideoReader:
                     raise STDInputError("video", f"frame '{f.name}' is {arr.shape[1]}x{arr.shape[0]} but the first "
                                                  f"frame is {first_size[1]}x{first_size[0]}; all frames must share "
                                                  f"one size")
-                arr = resize_frame(arr, self.resize)
+                arr = snap_frame(arr, self.resize)
                 for _ in range(n):
                     yield arr
             if self._sel.done:

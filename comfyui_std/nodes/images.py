@@ -9,7 +9,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core.images import MISMATCH_MODES, SORT_ORDERS, load_image_folder
-from ..core.video import RESIZE_MODES
+from ..core.frames import RESIZE_MODES
 from .comfy_compat import OWN_CHECK
 from .common import CATEGORY_LOADERS, input_file, user_errors
 

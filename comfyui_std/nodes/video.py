@@ -17,7 +17,8 @@ from ..core.chunks import Chunking
 from ..core.plan import check_gamma
 from ..core.audio import read_audio
 from ..core.stream import output_format, stylize_video_file
-from ..core.video import FPS_RANGE, RESIZE_MODES, SAVE_FORMATS, VIDEO_EXTENSIONS, open_video, save_video
+from ..core.frames import RESIZE_MODES
+from ..core.video import FPS_RANGE, SAVE_FORMATS, VIDEO_EXTENSIONS, open_video, save_video
 from .comfy_compat import OWN_CHECK, trim_window
 from .comfy_glue import sample_std_chunks, sample_std_latents
 from .common import (CATEGORY_VIDEO, chunking_inputs, conditioning_inputs, input_file, plan_input, prepare_run, run_inputs,

@@ -44,10 +44,9 @@ def _os_message(err: OSError) -> str:
 def user_error(err: BaseException) -> str | None:
     """The message for an error that is the user's to fix (exit 2), or None for anything else (a bug)."""
     from comfyui_std.core.errors import STDInputError
-    from training.common.data import DataError
-    from training.std.bank import BankDiskFullError
+    from training.common.errors import TrainingUserError
 
-    if isinstance(err, (STDInputError, DataError, BankDiskFullError)):
+    if isinstance(err, (STDInputError, TrainingUserError)):
         return str(err)
     if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS:
         return _os_message(err)

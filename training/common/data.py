@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from comfyui_std.core.images import image_to_float
-from comfyui_std.core.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, load_video, open_video
+from comfyui_std.core.frames import cover_size, resize
+from comfyui_std.core.images import IMAGE_EXTENSIONS, image_to_float
+from comfyui_std.core.video import VIDEO_EXTENSIONS, load_video, open_video
+from training.common.errors import TrainingUserError
 
 log = logging.getLogger("training")
 EXIF_ORIENTATION = 0x0112
@@ -43,8 +44,8 @@ class Item:
     frames: int = 1  # videos: frames in the file
 
 
-class DataError(ValueError):
-    pass
+class DataError(TrainingUserError, ValueError):
+    """Training data that cannot be used (missing, unreadable, too small, ...)."""
 
 
 def _probe_video(path: Path) -> tuple[int, int, int]:
@@ -193,10 +194,8 @@ def _cover_crop(img: torch.Tensor, size: tuple[int, int], gen: torch.Generator |
     """[C,H,W] or [F,C,H,W] in 0..1 -> resized to cover ``size`` (h, w), random (or center) crop, optional flip."""
     h, w = img.shape[-2:]
     th, tw = size
-    scale = max(th / h, tw / w)
-    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-    x = img if img.ndim == 4 else img[None]
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    nh, nw = cover_size(h, w, size)
+    x = resize(img if img.ndim == 4 else img[None], (nh, nw))
     if gen is None:
         top, left = (nh - th) // 2, (nw - tw) // 2
     else:

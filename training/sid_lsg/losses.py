@@ -7,27 +7,25 @@ from __future__ import annotations
 
 import torch
 
-
-def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+from comfyui_std.core.vp import guidance, per_sample, x0_eps
 
 
 def guided(eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor, kappa: float) -> torch.Tensor:
     """CFG ``ε_u + κ (ε_c - ε_u)``; κ = 1 is the conditional prediction alone (no unconditional pass needed)."""
     if kappa == 1 or eps_uncond is None:
         return eps_cond
-    return eps_uncond + kappa * (eps_cond - eps_uncond)
+    return guidance(eps_uncond, eps_cond, kappa)
 
 
 def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """Closed-form x̂0 = (x_t - s_t ε̂) / a_t, in float32 (no clipping)."""
-    a, s = _view(alpha_bar.sqrt(), x_t), _view((1 - alpha_bar).sqrt(), x_t)
-    return (x_t.float() - s * eps.float()) / a
+    return x0_eps(eps.float(), x_t.float(), alpha_bar)[0]
 
 
 def generator_input(z: torch.Tensor, alpha_bar_init: torch.Tensor) -> torch.Tensor:
     """The generator's UNet input at t_init: pure noise put through add_noise with x0 = 0, i.e. ``s_init z``."""
-    return _view((1 - alpha_bar_init).sqrt(), z) * z
+    return per_sample((1 - alpha_bar_init).sqrt(), z) * z
+
 
 
 def sample_t(batch: int, t_min: int, t_max: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -52,7 +50,7 @@ def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Te
     with torch.no_grad():
         w = (x_g - y_real).abs().flatten(1).mean(1).clamp(min=w_min)
     diff = y_real - y_fake
-    per = diff * ((y_real - x_g) - alpha * diff) / _view(w, x_g)
+    per = diff * ((y_real - x_g) - alpha * diff) / per_sample(w, x_g)
     return per.flatten(1).sum(1).mean()
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from comfyui_std.core.errors import STDInputError, check_range
+from comfyui_std.core.vp import add_noise
 from std_hf.base import encode_prompts, load_base, unet_kwargs
 from training.common.config import CommonConfig, option, read_text_lines, validate_common
 from training.common.ema import ema_copy, ema_update, swapped
@@ -244,7 +245,7 @@ class SiDMethod:
                 self.use(GEN)
                 x_g = self.generate(z, ctx)
             a = self.acp[t]
-            x_t = a.sqrt().view(-1, 1, 1, 1) * x_g + (1 - a).sqrt().view(-1, 1, 1, 1) * eps
+            x_t = add_noise(x_g.float(), eps.float(), a)  # in float32, as the losses
             self.use(FAKE)
             self.train_only(FAKE)
             loss = fake_score_loss(self.eps(x_t, t, ctx, cfg.kappa1), eps)
@@ -257,7 +258,7 @@ class SiDMethod:
         self.train_only(GEN)  # before the forward, so the generator's weights are in the graph
         x_g = self.generate(z, ctx)
         a = self.acp[t]
-        x_t = a.sqrt().view(-1, 1, 1, 1) * x_g + (1 - a).sqrt().view(-1, 1, 1, 1) * eps
+        x_t = add_noise(x_g.float(), eps.float(), a)  # in float32, as the losses
         self.use(FAKE)
         y_fake = x0_from_eps(x_t, self.eps(x_t, t, ctx, cfg.kappa2), a)
         self.use(None)

@@ -29,12 +29,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from comfyui_std.core.errors import check_range
+from training.common.errors import TrainingUserError
 from training.common.state import atomic_file
 
 INDEX_FILE = "bank.json"
 
 
-class BankDiskFullError(RuntimeError):
+class BankDiskFullError(TrainingUserError, RuntimeError):
     """Not enough free disk space for the trajectory bank."""
 
 

@@ -28,6 +28,7 @@ from comfyui_std.core.plan import STDPlan, check_nfe, std_plan, teacher_plan
 from comfyui_std.core.sampling import sample_std
 from comfyui_std.core.schedules import KDenoiser
 from comfyui_std.core.style_blocks import PRESET_NAMES
+from comfyui_std.core.vp import add_noise, guidance, x0_eps
 from std_hf.base import encode_prompts, load_base, time_ids, unet_kwargs
 from std_hf.lora import lora_layers, merge_layers, read_lora
 from training.common.config import CommonConfig, method_options, option, validate_common
@@ -38,8 +39,8 @@ from training.common.lora import adapter_layers, adapter_params, add_lora
 from training.common.precision import cast_frozen, vae_dtype
 from training.common.state import atomic_file
 from training.std.bank import OfflineTrajectories, TrajectoryBank
-from training.std.trajectory import (LAST_INDEX, S_WINDOWS, DDIMGrid, add_noise, cfg_lcm, draw_target_index, jump,
-                                     pseudo_huber, start_index, window_size, x0_eps)
+from training.std.trajectory import (LAST_INDEX, S_WINDOWS, DDIMGrid, cfg_lcm, draw_target_index, jump,
+                                     pseudo_huber, start_index, window_size)
 
 log = logging.getLogger("training")
 ADAPTER = "student"
@@ -591,7 +592,7 @@ class STDMethod:
             out = self.unet_at(x_vp, t, ctx)
             if nfe is None:  # teacher: CFG (Imagen scale 1 + w)
                 out_u = self.unet_at(x_vp, t, uncond, uncond=True)
-                out = out_u + (1 + w) * (out - out_u)
+                out = guidance(out_u, out, 1 + w)
             return out
 
         sigmas = self.preview_plan(nfe).sigmas(schedule).to(z0.device)

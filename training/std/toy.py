@@ -47,8 +47,9 @@ from comfyui_std.core import DiscreteSchedule, KDenoiser, sample_std, std_plan
 from training.common.ema import ema_copy, ema_update
 from training.common.toy import GMM, Score
 from training.std.bank import TrajectoryBank
-from training.std.trajectory import (LAST_INDEX, DDIMGrid, add_noise, draw_target_index, jump, pseudo_huber,
-                                     start_index, window_size, x0_eps)
+from comfyui_std.core.vp import add_noise, x0_eps
+from training.std.trajectory import (LAST_INDEX, DDIMGrid, draw_target_index, jump, pseudo_huber, start_index,
+                                     window_size)
 
 ETAS = (0.65, 0.75, 0.85, 0.95)
 NFES = (2, 4, 8)

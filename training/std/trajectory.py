@@ -30,6 +30,7 @@ import torch
 from comfyui_std.core.errors import STDInputError, check_range
 from comfyui_std.core.plan import ORIGIN_STEPS, origin_grid, trained_start_index
 from comfyui_std.core.schedules import DiscreteSchedule
+from comfyui_std.core.vp import add_noise, guidance
 
 LAST_INDEX = 1  # trajectories retire once the advanced index reaches this (the last trained state is n = 2)
 S_WINDOWS = ("official", "paper")
@@ -71,39 +72,15 @@ def window_size(start_strength: float, range_rate: float, origin_steps: int = OR
     return max(1, math.ceil(origin_steps * start_strength * range_rate - 1e-9))
 
 
-def _view(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return a.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
-
-
-def add_noise(z0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    return _view(alpha.sqrt(), z0) * z0 + _view((1 - alpha).sqrt(), z0) * noise
-
-
 def jump(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """DDIM jump J(x̂0, ε̂; s) = sqrt(ᾱ_s) x̂0 + sqrt(1 - ᾱ_s) ε̂."""
-    return _view(alpha.sqrt(), x0) * x0 + _view((1 - alpha).sqrt(), x0) * eps
-
-
-def x0_eps(model_output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, prediction_type: str = "epsilon"):
-    """(x̂0, ε̂) from a UNet output at a VP state with ᾱ ``alpha``."""
-    a, s = _view(alpha.sqrt(), x), _view((1 - alpha).sqrt(), x)
-    if prediction_type == "epsilon":
-        eps = model_output
-        return (x - s * eps) / a, eps
-    if prediction_type == "v_prediction":
-        x0 = a * x - s * model_output
-        return x0, s * x + a * model_output
-    if prediction_type == "sample":
-        x0 = model_output
-        return x0, (x - a * x0) / s
-    raise STDInputError("prediction_type", f"got {prediction_type!r}")
+    """DDIM jump J(x̂0, ε̂; s) = sqrt(ᾱ_s) x̂0 + sqrt(1 - ᾱ_s) ε̂ (:func:`comfyui_std.core.vp.add_noise`)."""
+    return add_noise(x0, eps, alpha)
 
 
 def cfg_lcm(cond: tuple[torch.Tensor, torch.Tensor], uncond: tuple[torch.Tensor, torch.Tensor], w: torch.Tensor):
     """LCM-form guidance on (x̂0, ε̂): ``c + w (c - u)`` (Imagen scale 1 + w), one w per sample."""
     (x0c, ec), (x0u, eu) = cond, uncond
-    wv = _view(w, x0c)
-    return x0c + wv * (x0c - x0u), ec + wv * (ec - eu)
+    return guidance(x0u, x0c, 1 + w), guidance(eu, ec, 1 + w)
 
 
 def target_bounds(index: torch.Tensor, window: int, mode: str = "official", gamma: float = 0.7,
