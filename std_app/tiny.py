@@ -28,10 +28,9 @@ def base_name(arch: str) -> str:
 
 
 def build_pipeline(arch: str):
-    """A tiny diffusers pipeline of the given architecture: the trainers' tiny base (:func:`std_hf.tiny.tiny_base`,
+    """A tiny diffusers pipeline of the given architecture: the trainers' tiny base (:func:`std_hf.base.tiny_base`,
     random weights, seed 0) in the container the app loads (:func:`std_hf.base.as_pipeline`)."""
-    from std_hf.base import as_pipeline
-    from std_hf.tiny import tiny_base
+    from std_hf.base import as_pipeline, tiny_base
 
     return as_pipeline(tiny_base(arch, seed=0))
 
