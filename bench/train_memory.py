@@ -2,7 +2,7 @@
 
 Each preset's models are built at full size on the meta device (no weights, no memory): the SD1.5 or SDXL UNet,
 text encoders and VAE from their real configs (``std_hf.configs``), the trained LoRA(s) added exactly as the trainer
-adds them (``training.common.lora.add_lora``, the preset's rank and targets), DINOv2-S and the discriminator heads
+adds them (``training.common.adapters.add_lora``, the preset's rank and targets), DINOv2-S and the discriminator heads
 for the adversarial loss. Then, per preset:
 
 * **frozen weights**: UNet (+ text encoders unless the preset offloads them to the CPU after caching) in the preset's
@@ -81,7 +81,7 @@ def optimizer_bytes(params, eight_bit: bool) -> int:
 
 def account(name: str) -> dict:
     """Bytes per category for one preset (nothing is allocated)."""
-    from training.common.lora import add_lora
+    from training.common.adapters import add_lora
     from training.common.precision import frozen_dtype, vae_dtype
 
     method, arch, budget = PRESETS[name]

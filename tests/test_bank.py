@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfyui_std.core.errors import STDInputError
-from training.std.bank import BankDiskFullError, TrajectoryBank
+from training.std.trajectory_bank import BankDiskFullError, TrajectoryBank
 from comfyui_std.core.vp import add_noise, x0_eps
 from training.std.trajectory import (DDIMGrid, cfg_lcm, draw_target_index, jump, pseudo_huber, start_index,
                                      target_bounds, window_size)

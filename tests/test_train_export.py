@@ -77,7 +77,7 @@ def test_the_tiny_base_leaves_no_temporary_folder(tmp_path, monkeypatch):
 
 
 def test_a_failed_json_or_bank_write_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monkeypatch):
-    import training.std.bank as bank
+    import training.std.trajectory_bank as bank
     from training.common.state import read_json, write_json
 
     path = tmp_path / "state.json"

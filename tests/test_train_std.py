@@ -146,7 +146,7 @@ def test_two_fresh_runs_match_and_a_resumed_run_matches_the_uninterrupted_one(da
 
 
 def test_bank_keys_are_counters_and_a_batch_never_draws_an_entry_twice(tmp_path):
-    from training.std.bank import TrajectoryBank
+    from training.std.trajectory_bank import TrajectoryBank
 
     a, b = (TrajectoryBank(tmp_path / k, capacity=3, rho=1.0, seed=5) for k in "ab")
     for bank in (a, b):
@@ -457,7 +457,7 @@ def test_cli_bad_input_gives_a_clear_error(data, tmp_path, capsys, args, message
 def test_disk_full_for_the_bank_stops_with_a_message(data, tmp_path, monkeypatch, capsys):
     import shutil as _shutil
 
-    import training.std.bank as bank
+    import training.std.trajectory_bank as bank
 
     monkeypatch.setattr(bank.shutil, "disk_usage", lambda p: _shutil._ntuple_diskusage(10, 10, 10))
     assert cli(["--preset", "tiny", "--data", str(data), "--output", str(tmp_path)]) == 2
@@ -547,7 +547,7 @@ def test_two_processes_train_distinct_data_with_synchronised_gradients(data, tmp
 
 def test_offline_bank_build_is_resumable_exact_with_k_draws(data, trajectories, tmp_path, capsys):
     from training.bank import main as bank_cli
-    from training.std.bank import OfflineTrajectories
+    from training.std.offline_bank import OfflineTrajectories
     from comfyui_std.core.vp import x0_eps
     from training.std.trajectory import cfg_lcm, jump
 
@@ -695,7 +695,7 @@ def test_the_lora_init_is_one_fp32_draw_whatever_the_frozen_dtype():
     from std_hf.base import cast_floats
     from std_hf.tiny import make_unet
     from training.common.config import LORA_TARGETS
-    from training.common.lora import add_lora
+    from training.common.adapters import add_lora
 
     fp32, bf16 = make_unet("sd15"), make_unet("sd15")
     cast_floats(bf16, torch.bfloat16)

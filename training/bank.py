@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from comfyui_std.core.errors import STDInputError, check_range
 from training.common.config import method_options, option
 from training.common.state import atomic_file, read_json, write_json
-from training.std.bank import INFO_FILE, TRAJECTORY_OPTIONS, shard_name
+from training.std.offline_bank import INFO_FILE, TRAJECTORY_OPTIONS, shard_name
 from training.std.method import PRESETS, STDConfig
 from training.std.trajectory import LAST_INDEX
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .images import NODES as IMAGE_NODES
-from .lora import NODES as LORA_NODES
+from .lora_loader import NODES as LORA_NODES
 from .onestep import NODES as ONESTEP_NODES
 from .sampling import NODES as SAMPLING_NODES
 from .style import NODES as STYLE_NODES

@@ -27,7 +27,7 @@ from std_hf.base import encode_prompts, load_base, unet_kwargs
 from training.common.config import CommonConfig, option, read_text_lines, validate_common
 from training.common.ema import ema_copy, ema_update, swapped
 from training.common.export import atomic_folder, export_lora
-from training.common.lora import adapter_params, add_lora
+from training.common.adapters import adapter_params, add_lora
 from training.common.precision import cast_frozen, vae_dtype
 from training.sid_lsg.losses import (ema_beta, fake_score_loss, generator_input, guided, sample_t,
                                      sid_generator_loss, x0_from_eps)

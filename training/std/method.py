@@ -35,10 +35,11 @@ from training.common.config import CommonConfig, method_options, option, validat
 from training.common.data import (BucketSampler, assign_buckets, cache_key, load_pixels, scan_folder)
 from training.common.ema import ema_copy, ema_update, swapped
 from training.common.export import combine, export_layers, export_lora
-from training.common.lora import adapter_layers, adapter_params, add_lora
+from training.common.adapters import adapter_layers, adapter_params, add_lora
 from training.common.precision import cast_frozen, vae_dtype
 from training.common.state import atomic_file
-from training.std.bank import OfflineTrajectories, TrajectoryBank
+from training.std.offline_bank import OfflineTrajectories
+from training.std.trajectory_bank import TrajectoryBank
 from training.std.trajectory import (LAST_INDEX, S_WINDOWS, DDIMGrid, cfg_lcm, draw_target_index, jump,
                                      pseudo_huber, start_index, window_size)
 

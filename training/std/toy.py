@@ -12,7 +12,7 @@ teacher's trajectory states, kept in the trajectory bank); CD trains on forward-
 * **Students**: copies of the teacher (the "undistilled base" is the teacher itself sampled with few steps),
   distilled per η ∈ {0.65, 0.75, 0.85, 0.95} with the same steps, batch, learning rate, target and EMA by
 
-  - ``std``: this project's trajectory math and :class:`~training.std.bank.TrajectoryBank` (start at
+  - ``std``: this project's trajectory math and :class:`~training.std.trajectory_bank.TrajectoryBank` (start at
     ``n0 = ceil(50 η)``; with probability ρ continue a bank trajectory one teacher step; official target window);
   - ``cd``: the official code without STD: fresh index ``n ~ U{1, …, n0 - 1}`` and fresh noising every step;
   - ``cd+start``: the same with the start index included, ``n ~ U{1, …, n0}``;
@@ -46,7 +46,7 @@ import torch
 from comfyui_std.core import DiscreteSchedule, KDenoiser, sample_std, std_plan
 from training.common.ema import ema_copy, ema_update
 from training.common.toy import GMM, Score
-from training.std.bank import TrajectoryBank
+from training.std.trajectory_bank import TrajectoryBank
 from comfyui_std.core.vp import add_noise, x0_eps
 from training.std.trajectory import (LAST_INDEX, DDIMGrid, draw_target_index, jump, pseudo_huber, start_index,
                                      window_size)
