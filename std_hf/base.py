@@ -130,18 +130,31 @@ class LatentCodec:
             block = x[s:s + step]
             yield (block if prepare is None else prepare(block.float())).to(param.device, param.dtype)
 
+    def _own_precision(self):
+        """The VAE computes in its own dtype: any autocast of the caller (a trainer's bf16/fp16 forward) is off
+        inside, so an fp32 SDXL VAE never runs in fp16."""
+        return torch.autocast(next(self.vae.parameters()).device.type, enabled=False)
+
+    def _finite(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        if not bool(torch.isfinite(x).all()):
+            dtype = str(next(self.vae.parameters()).dtype).replace("torch.", "")
+            raise STDInputError("vae", f"the VAE gave non-finite {what} (NaN or inf) in {dtype}: run it in fp32 "
+                                       "(SD and SDXL VAEs overflow in fp16), or check the input for NaN")
+        return x
+
     def moments(self, pixels: torch.Tensor, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean, std) of the latent posterior of pixels ``[N, 3, H, W]`` in [-1, 1], shifted and scaled (std is
         None for a deterministic VAE such as TAESD)."""
         means, stds = [], []
-        for x in self._blocks(pixels, batch):
-            out = self.vae.encode(x)
-            dist = getattr(out, "latent_dist", None)
-            if dist is None:  # AutoencoderTiny (TAESD): deterministic
-                means.append((out.latents.float() + self.shift) * self.scale)
-            else:
-                means.append((dist.mean.float() + self.shift) * self.scale)
-                stds.append(dist.std.float() * self.scale)
+        with self._own_precision():
+            for x in self._blocks(pixels, batch):
+                out = self.vae.encode(x)
+                dist = getattr(out, "latent_dist", None)
+                if dist is None:  # AutoencoderTiny (TAESD): deterministic
+                    means.append(self._finite((out.latents.float() + self.shift) * self.scale, "latents"))
+                else:
+                    means.append(self._finite((dist.mean.float() + self.shift) * self.scale, "latents"))
+                    stds.append(dist.std.float() * self.scale)
         return torch.cat(means), (torch.cat(stds) if stds else None)
 
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
@@ -155,9 +168,10 @@ class LatentCodec:
     def decode(self, latents: torch.Tensor, batch: int | None = None, device=None) -> torch.Tensor:
         """Latents -> pixels ``[N, 3, H, W]`` in about [-1, 1], float32."""
         out = []
-        for z in self._blocks(latents, batch, lambda z: z / self.scale - self.shift):
-            x = self.vae.decode(z).sample.float()
-            out.append(x if device is None else x.to(device))
+        with self._own_precision():
+            for z in self._blocks(latents, batch, lambda z: z / self.scale - self.shift):
+                x = self._finite(self.vae.decode(z).sample.float(), "pixels")
+                out.append(x if device is None else x.to(device))
         return torch.cat(out)
 
 

@@ -53,3 +53,22 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     return torch.device(device)
+
+
+def vae_dtype_for(requested: torch.dtype) -> tuple[torch.dtype, str | None]:
+    """The precision a VAE encodes and decodes in, and a notice when it is not the one requested.
+
+    A VAE runs in fp32, or in bf16 when that is asked for; never in fp16: the SDXL VAE overflows there (NaN
+    latents with real weights) and diffusers upcasts SD VAEs (``force_upcast``) for the same reason, so fp16 (and
+    anything else) becomes fp32, with a notice."""
+    if requested in (torch.float32, torch.bfloat16):
+        return requested, None
+    return torch.float32, (f"the VAE runs in fp32, not {str(requested).replace('torch.', '')}: SD and SDXL VAEs "
+                           "overflow in fp16 (NaN latents); use bf16 to halve its memory")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 (CUDA GPUs from Ampere on; the CPU emulates it)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return True

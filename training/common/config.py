@@ -69,7 +69,8 @@ class CommonConfig:
                                   choices=PRECISIONS)
     frozen_dtype: str = option("auto", "Precision of the frozen UNet and text encoders (auto: bf16/fp16 with that "
                                        "mixed precision, else fp32).", choices=("auto",) + DTYPES)
-    vae_dtype: str = option("fp32", "Precision of the VAE (fp32 is safe; the stock SDXL VAE overflows in fp16).",
+    vae_dtype: str = option("fp32", "Precision of the VAE: fp32 or bf16 (fp16 runs as fp32: SD and SDXL VAEs "
+                                    "overflow in fp16). It always runs outside the mixed-precision autocast.",
                             choices=DTYPES)
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet.", free=True)
     use_8bit_adam: bool = option(False, "bitsandbytes AdamW8bit (needs bitsandbytes; refused without it).")

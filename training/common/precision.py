@@ -4,10 +4,14 @@ options' (``--frozen-dtype``, ``--vae-dtype``), mapped by the one table :data:`s
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from std_hf.base import cast_floats
-from std_hf.devices import DTYPES
+from std_hf.devices import DTYPES, vae_dtype_for
+
+log = logging.getLogger("training")
 
 __all__ = ["DTYPES", "frozen_dtype", "vae_dtype", "cast_frozen"]
 
@@ -21,7 +25,12 @@ def frozen_dtype(cfg) -> torch.dtype:
 
 
 def vae_dtype(cfg) -> torch.dtype:
-    return DTYPES[cfg.vae_dtype]
+    """The dtype the VAE encodes and decodes in: ``--vae-dtype``, except fp16, which becomes fp32 with a notice
+    (:func:`std_hf.devices.vae_dtype_for`); the VAE always runs outside the mixed-precision autocast."""
+    dtype, notice = vae_dtype_for(DTYPES[cfg.vae_dtype])
+    if notice:
+        log.warning(notice)
+    return dtype
 
 
 def cast_frozen(base, dtype: torch.dtype) -> None:

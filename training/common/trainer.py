@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comfyui_std.core.errors import STDInputError
-from std_hf.devices import pick_device
+from std_hf.devices import bf16_supported, pick_device
 from std_hf.weights import writable_folder
 from training.common.config import as_dict, differing
 from training.common.precision import frozen_dtype
@@ -111,6 +111,15 @@ class Trainer:
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.device = placement(cfg.device, device, self.world, self.accelerator.device)
+        if cfg.mixed_precision == "bf16" and not bf16_supported(self.device):
+            # Turing/Pascal cards: fp16 autocast with a gradient scaler (the VAE stays fp32, the LoRA fp32)
+            log.warning("%s has no bf16: training in fp16 with a gradient scaler instead (--mixed-precision fp16)",
+                        torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device)
+            cfg.mixed_precision = "fp16"
+            if cfg.frozen_dtype == "bf16":
+                cfg.frozen_dtype = "fp16"
+            if cfg.vae_dtype == "bf16":
+                cfg.vae_dtype = "fp32"
         self.method = method_cls(cfg, self)
         self.step = 0
         self.history: list[dict] = []

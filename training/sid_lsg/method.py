@@ -115,7 +115,8 @@ class SiDMethod:
         # frozen weights are read in the dtype they train in (host RAM, see training/README); full copies of the
         # UNet are trained, so with --full-finetune the UNet is read in fp32
         read = torch.float32 if cfg.full_finetune else self.trainer.weight_dtype
-        base = load_base(cfg.base, read, cfg.tokenizer or None, seed=cfg.seed, vae_dtype=vae_dtype(cfg))
+        self.vae_dtype = vae_dtype(cfg)
+        base = load_base(cfg.base, read, cfg.tokenizer or None, seed=cfg.seed, vae_dtype=self.vae_dtype)
         for r in base.reports:
             log.info("base %s: %s", base.name, r.line())
         if base.prediction_type != "epsilon":
@@ -138,7 +139,7 @@ class SiDMethod:
         cast_frozen(base, self.trainer.weight_dtype)  # frozen weights to the preset's dtype; trained ones fp32
         for net in {id(n): n for n in self.nets.values()}.values():
             net.to(self.trainer.device)
-        base.to(self.trainer.device, vae_dtype=vae_dtype(cfg))
+        base.to(self.trainer.device, vae_dtype=self.vae_dtype)
         self.base = base
         self.acp = base.schedule.alphas_cumprod.to(self.trainer.device)
         self.size = (cfg.resolution, cfg.resolution)

@@ -413,7 +413,8 @@ class STDMethod:
         frames = cfg.num_frames if cfg.video else 0
         cached = self.latent_dir is not None and items is None
         if cached:
-            key = cache_key(item, bucket, f"{self.base.source}|{cfg.vae_dtype}|{frames}|{cfg.frame_stride}")
+            dtype = str(self.vae_dtype).replace("torch.", "")  # the dtype the VAE really runs in
+            key = cache_key(item, bucket, f"{self.base.source}|{dtype}|{frames}|{cfg.frame_stride}")
             path = self.latent_dir / f"{key}.safetensors"
             if not path.exists():
                 self._write_latent(item, bucket, frames, path)
