@@ -83,6 +83,7 @@ def test_the_peft_pitfall_is_real_so_the_flags_are_set_before_backward(method):
     gradients because peft rewrites requires_grad on every switch; SiDMethod re-activates the trained adapter and
     sets the flags after its last switch (test above)."""
     _zero(method)
+    method.training = None  # no phase: peft's own flags, as a naive loop would have them
     z = torch.randn(1, 4, 8, 8)
     ctx = method.context(["a cat"])
     method.use(GEN)
@@ -95,6 +96,29 @@ def test_the_peft_pitfall_is_real_so_the_flags_are_set_before_backward(method):
         loss.backward()
     assert _grads(method)[GEN] == 0
     assert not any(p.requires_grad for p in method.params[GEN])
+    _zero(method)
+
+
+def test_the_generator_phase_keeps_no_graph_for_the_fake_adapters_weights(method):
+    """In the generator phase the fake score runs with its adapter active, but its weights never require grad (peft's
+    set_adapter turns them on; SiDMethod.use puts the phase's flags back), so no activations are saved for their
+    gradients (measured at SD1.5 size: 1.74 GiB of saved activations instead of 1.44 before)."""
+    _zero(method)
+    seen = []
+    fake_ids = {id(p) for p in method.params[FAKE]}
+
+    def record(module, args):
+        seen.extend(p.requires_grad for p in module.parameters(recurse=False) if id(p) in fake_ids)
+
+    hooks = [m.register_forward_pre_hook(record) for m in method.base.unet.modules()]
+    try:
+        for _, loss, _ in method.micro_step(0, GEN):
+            loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and not any(seen)  # the fake adapter's weights ran, and never required grad
+    assert all(p.grad is None for p in method.params[FAKE])
     _zero(method)
 
 

@@ -107,6 +107,7 @@ class SiDMethod:
     def __init__(self, cfg: SiDConfig, trainer):
         self.cfg = cfg
         self.trainer = trainer
+        self.training: str | None = None  # the adapter whose phase runs (see train_only)
 
     def setup(self):
         cfg = self.cfg
@@ -168,7 +169,10 @@ class SiDMethod:
 
     # -- adapters --------------------------------------------------------------------------------------------
     def use(self, adapter: str | None):
-        """Switch the UNet to the teacher (None), the generator or the fake score."""
+        """Switch the UNet to the teacher (None), the generator or the fake score. peft's ``set_adapter`` turns
+        ``requires_grad`` on for the adapter it activates; the flags of the phase being trained
+        (:meth:`train_only`) are put back at once, so the generator phase's fake-score and teacher forwards save no
+        activations for the fake adapter's weight gradients."""
         self.active = self.nets[adapter]
         if self.cfg.full_finetune:
             return
@@ -177,9 +181,15 @@ class SiDMethod:
         else:
             self.base.unet.enable_adapters()
             self.base.unet.set_adapter(adapter)
+        if self.training is not None:
+            self._set_trainable(self.training)
 
     def train_only(self, adapter: str):
-        """requires_grad as the phase needs it, set after the last adapter switch (peft rewrites the flags)."""
+        """Only ``adapter``'s weights require grad from now on (until another phase), whichever adapter runs."""
+        self.training = adapter
+        self._set_trainable(adapter)
+
+    def _set_trainable(self, adapter: str):
         for name, params in self.params.items():
             for p in params:
                 p.requires_grad_(name == adapter)

@@ -230,8 +230,6 @@ class STDMethod:
             base.unet.enable_gradient_checkpointing()
         cast_frozen(base, self.trainer.weight_dtype)
         base.to(device, vae_dtype=self.vae_dtype)
-        if self.style_ref is not None:
-            self.style_ref.encoder.to(device)
         self.base = base
         self.grid = DDIMGrid(base.schedule)
         self.n0 = start_index(cfg.start_strength)
