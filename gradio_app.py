@@ -8,6 +8,7 @@ models in-process, so the whole app runs on a CPU with no downloads (what the te
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -18,11 +19,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local, offline-c
 
 import gradio as gr  # noqa: E402
 
-from comfyui_std.core import PLANS, STDInputError  # noqa: E402
+from comfyui_std.core import STDInputError  # noqa: E402
 from comfyui_std.core.noise import NOISE_MODES  # noqa: E402
-from comfyui_std.core.style_blocks import PRESET_NAMES  # noqa: E402
 from std_app.handlers import Limits, StyleApp  # noqa: E402
 from std_app.models import NO_LORA  # noqa: E402
+from std_app.settings import DEFAULTS, declared, start_strength_for  # noqa: E402
 from std_app.cli import add_model_arguments, model_options  # noqa: E402
 from std_app.startup import load_engine  # noqa: E402
 
@@ -153,49 +154,78 @@ def banner(app: StyleApp) -> str:
             f"**One-step (SiD-LSG)** {one} · **Style reference** {style}")
 
 
+def setting_control(name: str, component=None, **overrides):
+    """The control of a declared setting (:mod:`std_app.settings`): label, help (as ``info``), default value and, for
+    a slider, its limits and step from the declaration; a setting with choices is a dropdown unless ``component``
+    says otherwise (``gr.Radio``). ``overrides`` adds or replaces component arguments (``elem_id``, ``value``)."""
+    spec = declared()[name]
+    options = dict(label=spec.label, info=spec.help, value=spec.default)
+    if spec.choices is not None:
+        component = component or gr.Dropdown
+        options["choices"] = list(spec.choices)
+    elif spec.slider is not None:
+        component = component or gr.Slider
+        options["minimum"], options["maximum"], options["step"] = spec.slider
+    elif spec.kind in (int, float):  # a number box: open-ended above (the check refuses values past the limit)
+        component = component or gr.Number
+        options.update(minimum=spec.low, precision=0 if spec.kind is int else None)
+    else:
+        component = component or gr.Textbox
+    options.update(overrides)
+    return component(**options)
+
+
 def settings_controls(app: StyleApp, kind: str, tab: str) -> dict:
-    """The controls every tab shares, in the order the handlers take them (Advanced accordion included)."""
+    """The controls every tab shares, by name (Advanced accordion included); the handlers take them by these names."""
     catalog, limits = app.engine.catalog, app.limits
     default = catalog.default(kind)
-    eta = catalog.entries[default].eta if default and catalog.entries[default].eta else 0.75
+    eta = start_strength_for(catalog.get(default))
     c = {}
-    c["prompt"] = gr.Textbox(label="Prompt (the target style)", lines=2, placeholder="e.g. an oil painting, "
-                                                                                        "thick impasto brush strokes")
-    c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1)
-    c["lora"] = gr.Dropdown(catalog.choices(kind) + [NO_LORA], value=default or NO_LORA, label="STD LoRA",
-                            info="The model zoo has one LoRA per η; i2i for images, v2v for video.")
-    c["start_strength"] = gr.Slider(0.05, 1.0, value=eta, step=0.01, label="Start strength η",
-                                    info="How far the content is noised: higher stylizes more, lower keeps more "
-                                         "content. Snapped to the LoRA's trained η.")
-    c["nfe"] = gr.Slider(1, 50, value=8, step=1, label="NFE (sampler steps)")
-    c["gamma"] = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Gamma (per-step stochasticity)",
-                           info="0 = deterministic, what the official STD inference runs. Not η.")
-    c["cfg"] = gr.Slider(0.0, 15.0, value=6.0, step=0.1, label="CFG scale", info="1 disables the negative branch")
+    c["prompt"] = setting_control("prompt", lines=2)
+    c["negative_prompt"] = setting_control("negative_prompt", lines=1)
+    c["lora"] = setting_control("lora", gr.Dropdown, choices=catalog.choices(kind) + [NO_LORA],
+                                value=default or NO_LORA)
+    c["start_strength"] = setting_control("start_strength", value=eta)
+    c["nfe"] = setting_control("nfe")
+    c["gamma"] = setting_control("gamma")
+    c["cfg"] = setting_control("cfg")
     with gr.Row():
-        c["seed"] = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id=f"{tab}-seed")
+        c["seed"] = setting_control("seed", elem_id=f"{tab}-seed")
         c["randomize_seed"] = gr.Checkbox(value=True, label="Randomize seed", elem_id=f"{tab}-randomize")
     c["output_size"] = gr.Slider(limits.min_size, limits.max_size, value=limits.default_size, step=8,
                                  label="Output size (long side, px)")
-    c["plan_info"] = gr.Markdown(app.describe_plan(c["lora"].value, eta, True, 8, "official"), label="plan")
+    c["plan_info"] = gr.Markdown(app.describe_plan(c["lora"].value, eta, True, DEFAULTS.nfe, DEFAULTS.plan),
+                                 label="plan")
     with gr.Accordion("Advanced", open=False):
         c["snap_eta"] = gr.Checkbox(value=True, label="Snap η to the LoRA",
                                     info="Run the η the LoRA was trained for (warns when the slider differs)")
-        c["plan"] = gr.Radio(list(PLANS), value="official", label="Plan",
-                             info="official: the timesteps of the official STD inference; trained_start: start "
-                                  "exactly where the LoRA was trained to start")
-        c["style_preset"] = gr.Dropdown(list(PRESET_NAMES), value="style", label="Style blocks (IP-Adapter)")
-        c["style_weight"] = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Style reference weight")
-        c["lora_scale"] = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA strength")
+        c["plan"] = setting_control("plan", gr.Radio)
+        c["style_preset"] = setting_control("style_preset")
+        c["style_weight"] = setting_control("style_weight")
+        c["lora_scale"] = setting_control("lora_scale")
     return c
 
 
-SETTINGS_ORDER = ("prompt", "negative_prompt", "lora", "start_strength", "snap_eta", "nfe", "gamma", "cfg", "seed",
-                  "randomize_seed", "output_size", "plan", "style_preset", "style_weight", "lora_scale")
+def input_names(handler) -> tuple[str, ...]:
+    """The inputs of a handler, in the order Gradio passes them (its API's parameters): its parameters, less the
+    progress tracker Gradio fills in itself."""
+    return tuple(name for name, p in inspect.signature(handler).parameters.items()
+                 if name != "self" and not isinstance(p.default, gr.Progress))
+
+
+#: the Image tab's settings, in its endpoint's order (its inputs after the content and style images)
+SETTINGS_ORDER = input_names(StyleApp.stylize_image)[2:]
+
+
+def inputs_for(handler, components: dict) -> list:
+    """The components to wire to ``handler``, matched to its parameters by name (a missing one is a KeyError at
+    start-up, not a shifted argument)."""
+    return [components[name] for name in input_names(handler)]
 
 
 def wire_plan_preview(app: StyleApp, c: dict, api_name: str | None) -> None:
     """Keep the "will run" line current and move η to a newly chosen LoRA's trained η."""
-    inputs = [c["lora"], c["start_strength"], c["snap_eta"], c["nfe"], c["plan"]]
+    inputs = inputs_for(app.describe_plan, c)
     c["lora"].change(app.lora_eta, c["lora"], c["start_strength"], queue=False, api_visibility="private")
     for i, comp in enumerate(inputs):
         public = api_name is not None and i == 0
@@ -203,12 +233,13 @@ def wire_plan_preview(app: StyleApp, c: dict, api_name: str | None) -> None:
                     api_name=api_name if public else None, api_visibility="public" if public else "private")
 
 
-def gpu_event(app: StyleApp, button: gr.Button, fn, inputs: list, outputs: list, api_name: str,
+def gpu_event(app: StyleApp, button: gr.Button, fn, components: dict, outputs: list, api_name: str,
               info: gr.Markdown) -> None:
     """A model run: one shared worker; the progress (and a failure's red badge) shows on the result only, so the
-    seed box keeps its value; after a failure the run info shows the error (toasts vanish)."""
-    event = button.click(fn, inputs, outputs, api_name=api_name, preprocess=False, concurrency_limit=1,
-                         concurrency_id=GPU, show_progress_on=[outputs[0]])
+    seed box keeps its value; after a failure the run info shows the error (toasts vanish). ``components``: the
+    inputs by the handler's parameter names (:func:`inputs_for`)."""
+    event = button.click(fn, inputs_for(fn, components), outputs, api_name=api_name, preprocess=False,
+                         concurrency_limit=1, concurrency_id=GPU, show_progress_on=[outputs[0]])
     event.failure(app.last_error, None, info, queue=False, show_progress="hidden", api_visibility="private")
 
 
@@ -239,7 +270,7 @@ def image_tab(app: StyleApp) -> None:
     wire_plan_preview(app, c, "plan")
     check_on_upload(content, app.check_content, info)
     check_on_upload(style, app.check_style, info)
-    gpu_event(app, run, app.stylize_image, [content, style, *(c[k] for k in SETTINGS_ORDER)],
+    gpu_event(app, run, app.stylize_image, dict(c, content=content, style=style),
               [result, download, info, c["seed"]], "stylize_image", info)
 
 
@@ -268,7 +299,8 @@ def video_tab(app: StyleApp) -> None:
     check_on_upload(content, app.check_video, info)
     check_on_upload(style, app.check_style, info)
     gpu_event(app, run, app.stylize_video,
-              [content, style, *(c[k] for k in SETTINGS_ORDER), fpb, overlap, noise, cap, nth],
+              dict(c, video=content, style=style, frames_per_batch=fpb, overlap=overlap, noise=noise,
+                   frame_load_cap=cap, select_every_nth=nth),
               [result, download, info, c["seed"]], "stylize_video", info)
 
 
@@ -291,9 +323,8 @@ def compare_tab(app: StyleApp) -> None:
     wire_plan_preview(app, c, None)
     check_on_upload(content, app.check_content, info)
     check_on_upload(style, app.check_style, info)
-    order = list(SETTINGS_ORDER)
-    inputs = [content, style, *(c[k] for k in order[:6]), teacher_steps, *(c[k] for k in order[6:])]
-    gpu_event(app, run, app.compare, inputs, [teacher, student, info, c["seed"]], "compare", info)
+    gpu_event(app, run, app.compare, dict(c, content=content, style=style, teacher_steps=teacher_steps),
+              [teacher, student, info, c["seed"]], "compare", info)
 
 
 def onestep_tab(app: StyleApp) -> None:
@@ -304,7 +335,7 @@ def onestep_tab(app: StyleApp) -> None:
             lora = gr.Dropdown(loras, value=loras[0] if loras else None, label="SiD-LSG one-step LoRA",
                                info="Trained with python -m training.sid_lsg (one network evaluation per image).")
             with gr.Row():
-                seed = gr.Number(value=0, precision=0, label="Seed")
+                seed = setting_control("seed")
                 randomize = gr.Checkbox(value=True, label="Randomize seed")
             with gr.Row():
                 width = gr.Slider(app.limits.min_size, app.limits.max_size, value=min(512, app.limits.max_size),
@@ -317,8 +348,9 @@ def onestep_tab(app: StyleApp) -> None:
             gallery = gr.Gallery(label="One-step images", height=RESULT_HEIGHT)
             info = gr.Markdown(label="run info", elem_id="onestep-info")
             download = gr.File(label="Download (PNGs with the settings in their metadata)", file_count="multiple")
-    gpu_event(app, run, app.one_step, [prompt, lora, seed, randomize, width, height, batch],
-              [gallery, download, info, seed], "one_step", info)
+    gpu_event(app, run, app.one_step,
+              dict(prompt=prompt, lora=lora, seed=seed, randomize_seed=randomize, width=width, height=height,
+                   batch_size=batch), [gallery, download, info, seed], "one_step", info)
 
 
 def build_demo(app: StyleApp) -> gr.Blocks:

@@ -32,14 +32,15 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from comfyui_std.core import PLANS, STDInputError
+from comfyui_std.core import STDInputError, check_range
 from comfyui_std.core.chunks import Chunking
 from comfyui_std.core.noise import NOISE_MODES
-from comfyui_std.core.style_blocks import PRESET_NAMES
 from comfyui_std.core.stream import output_format
 from comfyui_std.core.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, check_selection
 
 from .cli import add_model_arguments, model_options, tiny_before_positionals
+from .settings import DEFAULTS, StyleSettings, from_arguments, start_strength_for
+from .settings import add_arguments as add_setting_arguments
 
 log = logging.getLogger("std_app.batch")
 
@@ -51,6 +52,10 @@ class UsageError(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(tiny_before_positionals(sys.argv[1:] if argv is None else argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m std_app.batch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", type=Path, help="image or video files, or folders of them")
@@ -62,26 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "separate images")
     p.add_argument("--report", type=Path, help="also write the results as JSON (one entry per input) to this file")
     add_model_arguments(p)
-    s = p.add_argument_group("style (as the app's controls)")
-    s.add_argument("--prompt", default="", help="the target style, e.g. 'an oil painting, thick impasto'")
-    s.add_argument("--negative-prompt", default="")
-    s.add_argument("--use-lora", metavar="NAME", help="the loaded STD LoRA to run (file stem; 'none' = the base "
-                                                      "model); default: the i2i LoRA nearest η 0.75 for images, the "
-                                                      "v2v one for videos")
-    s.add_argument("--start-strength", type=float, help="start strength η (default: the LoRA's trained η)")
-    s.add_argument("--no-snap-eta", action="store_true", help="run --start-strength even when the LoRA was trained "
-                                                             "for another η (default: snap to the LoRA's η)")
-    s.add_argument("--nfe", type=int, default=8, help="sampler steps (default 8)")
-    s.add_argument("--gamma", type=float, default=0.0, help="per-step stochasticity (0 = deterministic)")
-    s.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance scale (1 disables it)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--plan", default="official", choices=list(PLANS))
-    s.add_argument("--style", type=Path, help="style reference image (needs an IP-Adapter)")
-    s.add_argument("--style-preset", default="style", choices=list(PRESET_NAMES))
-    s.add_argument("--style-weight", type=float, default=1.0)
-    s.add_argument("--lora-scale", type=float, default=1.0)
-    s.add_argument("--size", type=int, help="long side of the outputs in pixels, aspect kept, multiples of 8 "
-                                            "(default: the model's native size; 0 = the input's size)")
+    s = p.add_argument_group("style (as the app's controls; declared in std_app.settings)")
+    add_setting_arguments(s)
+    s.add_argument("--no-snap-eta", action="store_true", help="Run --start-strength even when the LoRA was trained "
+                                                             "for another η. [default: snap to the LoRA's η]")
+    s.add_argument("--style", type=Path, help="Style reference image (needs an IP-Adapter).")
+    s.add_argument("--size", type=int, help="Long side of the outputs in pixels, aspect kept, multiples of 8; 0 = "
+                                            "the input's size. [default: the model's native size]")
     v = p.add_argument_group("video")
     v.add_argument("--frames-per-batch", type=int, default=16, help="frames sampled together; bounds memory")
     v.add_argument("--overlap", type=int, default=0, help="frames shared by consecutive batches, cross-faded")
@@ -93,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     v.add_argument("--force-rate", type=float, default=0.0, help="resample to this frame rate (0 = the source's)")
     v.add_argument("--tiled-vae", action="store_true", help="VAE encode/decode in tiles (large frames, small GPU)")
     v.add_argument("--no-audio", action="store_true", help="drop the audio (default: keep the source's)")
-    return p.parse_args(tiny_before_positionals(sys.argv[1:] if argv is None else argv))
+    return p
 
 
 # Inputs -----------------------------------------------------------------------------------------------------------
@@ -173,18 +165,11 @@ def prepare_output(output: Path) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse out-of-range settings before any model is loaded (the same checks the engine makes)."""
-    from comfyui_std.core import check_range
-    from comfyui_std.core.plan import check_gamma, check_nfe, check_start_strength
-
     try:
-        check_nfe(args.nfe)
-        check_gamma(args.gamma)
-        if args.start_strength is not None:
-            check_start_strength(args.start_strength)
-        check_range("cfg", args.cfg, 0.0, 30.0)
-        check_range("seed", args.seed, 0, 2 ** 63 - 1, kind=int)
-        check_range("style_weight", args.style_weight, 0.0, 2.0)
-        check_range("lora_scale", args.lora_scale, 0.0, 2.0)
+        values = from_arguments(args)  # the LoRA and its η are chosen once the models are loaded
+        if values["start_strength"] is None:
+            values["start_strength"] = DEFAULTS.start_strength
+        StyleSettings(**values).validated()
         if args.size is not None and args.size != 0:
             check_range("size", args.size, 8, 16384, kind=int)
         args.chunking = Chunking(args.frames_per_batch, args.overlap, args.noise)
@@ -219,7 +204,7 @@ class Stylizer:
     """Runs the jobs of one process on a loaded engine with the command line's settings."""
 
     def __init__(self, engine, args: argparse.Namespace):
-        from .engine import StyleSettings, resolve_start_strength
+        from .engine import resolve_start_strength
 
         self.engine, self.args = engine, args
         self.style_image = None
@@ -234,11 +219,10 @@ class Stylizer:
             entry = engine.catalog.get(name)
             requested = args.start_strength
             if requested is None:
-                requested = entry.eta if entry is not None and entry.eta is not None else 0.75
+                requested = start_strength_for(entry)
             eta, notice = resolve_start_strength(entry, requested, not args.no_snap_eta)
-            self.settings[kind] = StyleSettings(args.prompt, args.negative_prompt, args.nfe, eta, args.gamma, args.cfg,
-                                                args.seed, args.plan, entry and entry.name, args.lora_scale,
-                                                args.style_preset, args.style_weight).validated()
+            self.settings[kind] = StyleSettings(**dict(from_arguments(args), lora=entry and entry.name,
+                                                       start_strength=eta)).validated()
             self.notices[kind] = [notice] if notice and args.start_strength is not None else []
         if args.style is not None:
             from .media import read_image
@@ -255,7 +239,7 @@ class Stylizer:
         return None if self.args.size == 0 else (self.args.size or self.engine.native_size)
 
     def image(self, job: Job) -> tuple[int, list[str]]:
-        from .media import fit_size, frame_to_image, image_to_frames, plan_record, read_image, save_png, size_notices
+        from .media import fit_size, frame_to_image, image_to_frames, read_image, run_record, save_png, size_notices
 
         e = self.engine
         image, notices, source = read_image(Path(job.source), "image", 4 * e.native_size)
@@ -263,11 +247,9 @@ class Stylizer:
         target = fit_size(image.width, image.height, long_side, e.vae_scale)
         notices = notices + size_notices("image", source, target, long_side)
         result = e.run(image_to_frames(image, target), self.settings["i2i"], self.style_image, progress_bar=False)
-        record = {"app": "std_app.batch", "settings": result.settings.as_dict(), "plan": plan_record(result.plan),
-                  "size": f"{target[0]}x{target[1]}", "frames": 1, "base_model": e.base_label,
-                  "lora": result.lora.name if result.lora else None, "source": job.source.name,
-                  "style": (f"{result.settings.style_preset} x{result.settings.style_weight:g}"
-                            if self.style_image is not None else None), "seconds": round(result.seconds, 3)}
+        record = run_record(result.settings, result.plan, target, base_model=e.base_label, lora=result.lora,
+                            style_used=self.style_image is not None, app="std_app.batch", frames=1,
+                            source=job.source.name, seconds=result.seconds)
         partial = job.output.with_name(f".{job.output.name}.{uuid.uuid4().hex[:8]}.partial")
         try:
             save_png(frame_to_image(result.frames[0]), partial, record)

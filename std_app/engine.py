@@ -17,25 +17,25 @@ import warnings
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 import torch
 
 from comfyui_std.core import DiscreteSchedule, KDenoiser, STDInputError, STDPlan, check_range, std_plan
-from comfyui_std.core.plan import check_gamma, check_nfe, check_start_strength, teacher_plan
+from comfyui_std.core.plan import check_nfe, check_start_strength, teacher_plan
 from comfyui_std.core.chunks import Chunking
 from comfyui_std.core.stylize import std_chunk_runner, stylize_latents
 from comfyui_std.core.stream import StreamReport, stylize_video_file
 from comfyui_std.core.images import image_to_float
-from comfyui_std.core.style_blocks import PRESET_NAMES, diffusers_ip_scale
+from comfyui_std.core.style_blocks import diffusers_ip_scale
 from std_hf.base import LatentCodec
 from std_hf.ip_adapter import image_embeds
 from std_hf.lora import check_lora_fits, read_lora
 
-from .media import fit_size, plan_record, resize_frames
+from .media import fit_size, resize_frames, run_record
 from .models import LoraCatalog, LoraEntry, architecture
+from .settings import StyleSettings
 
 log = logging.getLogger("std_app")
-MAX_SEED = 2 ** 63 - 1
 #: the most frames :meth:`STDEngine.run_video_file` stylizes from one file (about an hour at 30 fps); front ends
 #: state their own, lower limit with ``max_frames``
 MAX_VIDEO_FRAMES = 100_000
@@ -61,39 +61,6 @@ def resolve_start_strength(entry: LoraEntry | None, start_strength, snap: bool) 
         return entry.eta, (f"start strength η {eta:g} was snapped to {entry.eta:g}, the η {entry.name} was trained "
                            f"for (untick 'Snap η to the LoRA' under Advanced to run {eta:g} anyway)")
     return entry.eta, None
-
-
-@dataclass
-class StyleSettings:
-    """Everything that decides an STD run besides the content and the style image."""
-
-    prompt: str = ""
-    negative_prompt: str = ""
-    nfe: int = 8
-    start_strength: float = 0.75
-    gamma: float = 0.0
-    cfg: float = 6.0
-    seed: int = 0
-    plan: str = "official"
-    lora: str | None = None
-    lora_scale: float = 1.0
-    style_preset: str = "style"
-    style_weight: float = 1.0
-
-    def validated(self) -> "StyleSettings":
-        """A copy with every field checked and converted (raises :class:`STDInputError` naming the field)."""
-        if self.style_preset not in PRESET_NAMES:
-            raise STDInputError("style_preset", f"got {self.style_preset!r}, choose one of {', '.join(PRESET_NAMES)}")
-        return StyleSettings(
-            prompt=str(self.prompt or ""), negative_prompt=str(self.negative_prompt or ""),
-            nfe=check_nfe(self.nfe), start_strength=check_start_strength(self.start_strength),
-            gamma=check_gamma(self.gamma), cfg=check_range("cfg", self.cfg, 0.0, 30.0),
-            seed=check_range("seed", self.seed, 0, MAX_SEED, kind=int), plan=self.plan or "official",
-            lora=self.lora, lora_scale=check_range("lora_scale", self.lora_scale, 0.0, 2.0),
-            style_preset=self.style_preset, style_weight=check_range("style_weight", self.style_weight, 0.0, 2.0))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -409,11 +376,9 @@ class STDEngine:
             notices = []
             if not frame_load_cap and (info.selectable_frames or 0) > max_frames:
                 notices.append(f"Only the first {max_frames} frames of '{info.path.name}' are stylized (the limit).")
-            rec = {"app": "std_app", "settings": settings.as_dict(), "plan": plan_record(plan),
-                   "size": f"{width}x{height}", "fps": info.fps, **chunking.as_dict(), "base_model": self.base_label,
-                   "lora": entry.name if entry else None, "source": info.path.name,
-                   "style": f"{settings.style_preset} x{settings.style_weight:g}" if style_image is not None else None,
-                   **(record or {})}
+            rec = run_record(settings, plan, (width, height), base_model=self.base_label, lora=entry,
+                             style_used=style_image is not None,
+                             **{"fps": info.fps, **chunking.as_dict(), "source": info.path.name, **(record or {})})
             with self._lock:
                 start = time.perf_counter()
                 self.use_lora(entry, settings.lora_scale)

@@ -32,9 +32,10 @@ from comfyui_std.core.errors import redact_paths
 from comfyui_std.core.plan import teacher_plan
 from comfyui_std.core.video import open_video
 
-from .engine import RunResult, STDEngine, StyleSettings, app_plan, resolve_start_strength
+from .engine import RunResult, STDEngine, app_plan, resolve_start_strength
 from .media import (MIN_SOURCE_SIDE, checked_upload, fit_size, frame_to_image, image_to_frames, payload_path,
-                    plan_record, read_image, received_files, save_png, scrub, size_notices)
+                    read_image, received_files, run_record, save_png, scrub, size_notices)
+from .settings import StyleSettings
 
 log = logging.getLogger("std_app")
 
@@ -181,9 +182,10 @@ class StyleApp:
         return f"⚠️ {message}", gr.update(value=None)
 
     # Settings -----------------------------------------------------------------------------------------------------
-    def settings(self, prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg, seed,
-                 randomize_seed, plan, style_preset, style_weight, lora_scale) -> tuple[StyleSettings, list[str]]:
-        """Validated settings and notices (η snapped to the LoRA, seed drawn when randomized)."""
+    def settings(self, *, lora, start_strength, snap_eta, seed, randomize_seed,
+                 **style) -> tuple[StyleSettings, list[str]]:
+        """Validated settings and notices (η snapped to the LoRA, seed drawn when randomized); every value by name,
+        ``style`` holding the other :class:`StyleSettings` fields."""
         entry = self.engine.catalog.get(lora)
         if entry is not None and entry.kind == "onestep":
             raise STDInputError("lora", f"'{entry.name}' is a SiD-LSG one-step text-to-image generator, not an STD "
@@ -191,8 +193,7 @@ class StyleApp:
         eta, notice = resolve_start_strength(entry, start_strength, bool(snap_eta))
         if randomize_seed:
             seed = random.randrange(SEED_RANGE)
-        settings = StyleSettings(prompt, negative_prompt, nfe, eta, gamma, cfg, seed, plan, entry and entry.name,
-                                 lora_scale, style_preset, style_weight).validated()
+        settings = StyleSettings(**style, lora=entry and entry.name, start_strength=eta, seed=seed).validated()
         app_plan(settings.nfe, settings.start_strength, settings.plan)  # refuse bad NFE/η before any work
         return settings, [notice] if notice else []
 
@@ -266,11 +267,9 @@ class StyleApp:
     def record(self, result: RunResult, style_used: bool) -> dict:
         """Everything needed to reproduce a result (written into PNG metadata and video sidecars)."""
         frames = result.frames
-        return {"app": "std_app", "settings": result.settings.as_dict(), "plan": plan_record(result.plan),
-                "size": f"{frames.shape[2]}x{frames.shape[1]}", "frames": int(frames.shape[0]),
-                "base_model": self.engine.base_label, "lora": result.lora.name if result.lora else None,
-                "style": f"{result.settings.style_preset} x{result.settings.style_weight:g}" if style_used else None,
-                "seconds": round(result.seconds, 3)}
+        return run_record(result.settings, result.plan, (frames.shape[2], frames.shape[1]),
+                          base_model=self.engine.base_label, lora=result.lora, style_used=style_used,
+                          frames=int(frames.shape[0]), seconds=result.seconds)
 
     def save_image(self, result: RunResult, kind: str, style_used: bool) -> Path:
         path = self._stem(kind, result.settings.seed).with_suffix(".png")
@@ -290,8 +289,10 @@ class StyleApp:
                       seed, randomize_seed, output_size, plan, style_preset, style_weight, lora_scale,
                       progress=gr.Progress(track_tqdm=True)):
         """Image tab: one content image, stylized with STD. Returns (image, download, info, seed)."""
-        settings, notices = self.settings(prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
-                                          seed, randomize_seed, plan, style_preset, style_weight, lora_scale)
+        settings, notices = self.settings(
+            prompt=prompt, negative_prompt=negative_prompt, lora=lora, start_strength=start_strength,
+            snap_eta=snap_eta, nfe=nfe, gamma=gamma, cfg=cfg, seed=seed, randomize_seed=randomize_seed, plan=plan,
+            style_preset=style_preset, style_weight=style_weight, lora_scale=lora_scale)
         frames, more = self.content_frames(content, output_size)
         style_image, style_notices = self.style_image(style)
         notices += more + style_notices
@@ -308,8 +309,10 @@ class StyleApp:
                       progress=gr.Progress(track_tqdm=True)):
         """Video tab: frames stylized in chunks with shared noise, written as mp4 at the source frame rate.
         Returns (video, downloads, info, seed)."""
-        settings, notices = self.settings(prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
-                                          seed, randomize_seed, plan, style_preset, style_weight, lora_scale)
+        settings, notices = self.settings(
+            prompt=prompt, negative_prompt=negative_prompt, lora=lora, start_strength=start_strength,
+            snap_eta=snap_eta, nfe=nfe, gamma=gamma, cfg=cfg, seed=seed, randomize_seed=randomize_seed, plan=plan,
+            style_preset=style_preset, style_weight=style_weight, lora_scale=lora_scale)
         size = self.output_size(output_size)
         chunking = Chunking(frames_per_batch, overlap, noise)
         cap = check_range("frame_load_cap", frame_load_cap, 0, self.limits.max_frames, kind=int)
@@ -348,8 +351,10 @@ class StyleApp:
                 progress=gr.Progress(track_tqdm=True)):
         """Compare tab: the teacher (base model, many DDIM steps) and STD (LoRA, few steps) from the same start
         timestep and noise. Returns (teacher image, STD image, info, seed)."""
-        settings, notices = self.settings(prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
-                                          seed, randomize_seed, plan, style_preset, style_weight, lora_scale)
+        settings, notices = self.settings(
+            prompt=prompt, negative_prompt=negative_prompt, lora=lora, start_strength=start_strength,
+            snap_eta=snap_eta, nfe=nfe, gamma=gamma, cfg=cfg, seed=seed, randomize_seed=randomize_seed, plan=plan,
+            style_preset=style_preset, style_weight=style_weight, lora_scale=lora_scale)
         student = app_plan(settings.nfe, settings.start_strength, settings.plan)
         teacher_plan(student.start_timestep, teacher_steps, student.start_strength)  # checked before any work
         frames, more = self.content_frames(content, output_size)

@@ -212,6 +212,28 @@ def plan_record(plan: STDPlan) -> dict:
             "scheduler_steps": plan.scheduler_steps}
 
 
+def run_record(settings, plan: STDPlan, size: tuple[int, int], *, base_model: str, lora, style_used: bool,
+               app: str = "std_app", seconds: float | None = None, **extra) -> dict:
+    """The settings record of a run: everything needed to reproduce it, written into PNGs (the ``std`` text chunk
+    and, through :func:`parameters_text`, ``parameters``), video files (their ``comment`` tag) and JSON sidecars.
+
+    Args:
+        settings: the run's validated :class:`~std_app.settings.StyleSettings`.
+        plan: the STD plan it ran; size: (width, height) of the output.
+        base_model: the base model's name; lora: the :class:`~std_app.models.LoraEntry` it ran, or None.
+        style_used: whether a style reference was given (recorded with its preset and weight).
+        app: who wrote it (``std_app``, ``std_app.batch``); seconds: the run's wall time, when known.
+        extra: further fields (``frames``, ``source``, ``fps``, the chunking, ...).
+    """
+    record = {"app": app, "settings": settings.as_dict(), "plan": plan_record(plan), "size": f"{size[0]}x{size[1]}",
+              "base_model": base_model, "lora": lora.name if lora else None,
+              "style": f"{settings.style_preset} x{settings.style_weight:g}" if style_used else None}
+    if seconds is not None:
+        record["seconds"] = round(seconds, 3)
+    record.update(extra)
+    return record
+
+
 def save_png(image: Image.Image, path: Path, record: dict) -> Path:
     """Save ``image`` as PNG with ``parameters`` (A1111 text) and ``std`` (JSON of ``record``) text chunks."""
     info = PngImagePlugin.PngInfo()
