@@ -68,7 +68,7 @@ INSTALLS_DEV = Evidence(CI, "-r requirements-dev.txt")
 DEV_HAS_APP = Evidence("requirements-dev.txt", "-r requirements-app.txt")
 APP_HAS_NODES = Evidence("requirements-app.txt", "-r requirements.txt")
 RUNS_PYTEST = Evidence(CI, "python -m pytest")
-PINNED_COMFY = Evidence(CI, "COMFY=../shared/comfyui")
+PINNED_COMFY = Evidence(CI, "MAIN_HOST=$SHARED/comfyui")
 CLONE_IN_CUSTOM_NODES = Evidence("tests/comfy_host.py", 'custom = base / "custom_nodes"')
 
 #: commands a test in this file runs (the value names that test)
@@ -109,7 +109,7 @@ RUN_ELSEWHERE = {
         "not cloned in CI: .ci/run finds the pinned checkout (0.3.64, a125cd84) already in place", [PINNED_COMFY]),
     "git -C /path/ComfyUI checkout a125cd84": ("the same pinned checkout", [PINNED_COMFY]),
     "pip install -r /path/ComfyUI/requirements.txt": (".ci/run installs ComfyUI's requirements minus the torch family",
-                                                      [Evidence(CI, '"$COMFY/requirements.txt"')]),
+                                                      [Evidence(CI, '"$MAIN_HOST/requirements.txt"')]),
     "python -m std_app.batch --tiny photos/ --output /tmp/stylized": (
         "tests/test_batch_cli.py runs the batch CLI in tiny mode on a folder of images and a clip with audio",
         [Evidence("tests/test_batch_cli.py", '"--tiny"')]),
