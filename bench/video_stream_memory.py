@@ -90,8 +90,9 @@ def in_memory_child(argv: list[str]) -> None:
     ap.add_argument("--fpb", type=int)
     a = ap.parse_args(argv)
     from comfyui_std.core.chunks import Chunking
+    from comfyui_std.core.frames import resize_frames
     from comfyui_std.core.video import load_video, save_video
-    from std_app.media import fit_size, resize_frames
+    from std_app.media import fit_size
     from std_app.startup import load_engine, tiny_options
 
     engine = load_engine(tiny_options("sd15", Path(a.root)))
@@ -111,8 +112,9 @@ def throughput(root: Path, clip: Path, work: Path, args) -> float:
     import torch
 
     from comfyui_std.core.chunks import Chunking
+    from comfyui_std.core.frames import resize_frames
     from comfyui_std.core.video import load_video, save_video
-    from std_app.media import fit_size, resize_frames
+    from std_app.media import fit_size
     from std_app.startup import load_engine, tiny_options
 
     engine = load_engine(tiny_options("sd15", root))

@@ -8,13 +8,25 @@ on); :func:`model_options` turns the parsed flags into :class:`~std_app.startup.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from std_hf.devices import check_device
+from std_hf.memory import OFFLOAD_MODES
 
 from .startup import ModelOptions, tiny_options
 
 TINY_ARCHITECTURES = ("sd15", "sdxl")
+
+
+def _budget(value: str) -> float:
+    try:
+        budget = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number of GiB") from None
+    if not 0.25 <= budget <= 4096:
+        raise argparse.ArgumentTypeError(f"{value} GiB is outside 0.25..4096")
+    return budget
 
 
 def _device(value: str) -> str:
@@ -45,7 +57,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     d = parser.add_argument_group("device")
     d.add_argument("--device", type=_device, default="auto",
                    help="cuda, cuda:1, cpu, ... (default: cuda if available)")
-    d.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
+    d.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
+                   help="precision of the UNet and text encoders (auto: fp16 on a CUDA GPU, else fp32); the VAE runs "
+                        "in fp32, or bf16 with --dtype bf16")
+    d.add_argument("--offload", default="auto", choices=OFFLOAD_MODES,
+                   help="where the models live: none (all on the GPU), model (each moves to the GPU when used), "
+                        "sequential (layer by layer; the smallest cards); auto chooses from the GPU's free memory")
+    d.add_argument("--vram-budget", type=_budget, metavar="GIB",
+                   help="plan for this many GiB of GPU memory instead of the free memory the GPU reports")
 
 
 def tiny_before_positionals(argv: list[str]) -> list[str]:
@@ -63,8 +82,9 @@ def tiny_before_positionals(argv: list[str]) -> list[str]:
 def model_options(args: argparse.Namespace, tiny_root: Path | None = None) -> ModelOptions:
     """The :class:`ModelOptions` the flags of :func:`add_model_arguments` ask for (``tiny_root``: where ``--tiny``
     builds its models; a temporary folder by default)."""
+    memory = {"offload": getattr(args, "offload", "auto"), "vram_budget": getattr(args, "vram_budget", None)}
     if args.tiny:
-        return tiny_options(args.tiny, tiny_root)
+        return dataclasses.replace(tiny_options(args.tiny, tiny_root), **memory)
     return ModelOptions(base=args.base, base_config=args.base_config, tokenizer=args.tokenizer, loras=args.lora,
                         ip_adapter=args.ip_adapter, image_encoder=args.image_encoder, models_dir=args.models_dir,
-                        device=args.device, dtype=args.dtype)
+                        device=args.device, dtype=args.dtype, **memory)

@@ -9,6 +9,7 @@ goes through diffusers' IP-Adapter with the shared style-block preset (:func:`di
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -16,22 +17,32 @@ import time
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
-import dataclasses
 from dataclasses import dataclass, field
+
 import torch
 
 from comfyui_std.core import DiscreteSchedule, KDenoiser, STDInputError, STDPlan, check_range, std_plan
-from comfyui_std.core.plan import check_nfe, check_start_strength, teacher_plan
 from comfyui_std.core.chunks import Chunking
-from comfyui_std.core.stylize import std_chunk_runner, stylize_latents
-from comfyui_std.core.stream import StreamReport, stylize_video_file
+from comfyui_std.core.frames import resize_frames
 from comfyui_std.core.images import image_to_float
+from comfyui_std.core.plan import check_nfe, check_start_strength, teacher_plan
+from comfyui_std.core.stream import StreamReport, stylize_video_file
 from comfyui_std.core.style_blocks import diffusers_ip_scale
+from comfyui_std.core.stylize import std_chunk_runner, stylize_latents
+from comfyui_std.core.vp import guidance
 from std_hf.base import LatentCodec
 from std_hf.ip_adapter import image_embeds
 from std_hf.lora import check_lora_fits, read_lora
+from std_hf.memory import (
+    TILE_PIXELS,
+    MemoryPlan,
+    check_offload,
+    device_budget,
+    module_bytes,
+    plan_memory,
+)
 
-from .media import fit_size, resize_frames, run_record
+from .media import fit_size, run_record
 from .models import LoraCatalog, LoraEntry, architecture
 from .settings import StyleSettings
 
@@ -111,17 +122,33 @@ class STDEngine:
         base_label: the base model's name, for messages and metadata.
         style: a description of the attached IP-Adapter, or ``None`` when there is none.
         max_loaded_loras: LoRAs kept loaded at once (least recently used ones are unloaded).
+        device: where the work runs (default: where the UNet is).
+        offload: the placement of the memory plan (:mod:`std_hf.memory`): ``none`` (every component on
+            ``device``), ``model`` (each component moves to ``device`` for its stage and back to the CPU after) or
+            ``sequential`` (weights stream to ``device`` layer by layer).
+        vram_budget: bytes a run may use on ``device`` (None: the CUDA device's free memory, no limit elsewhere);
+            each run plans its VAE sub-batch and tiling from it.
+        fuse_loras: fuse the active STD LoRA into the UNet's weights for the runs (no per-layer adapter cost; the
+            weights are restored when the LoRA, its scale or the teacher is asked for).
     """
 
     def __init__(self, pipe, catalog: LoraCatalog, base_label: str, style: str | None = None,
-                 max_loaded_loras: int = 2):
+                 max_loaded_loras: int = 2, *, device: torch.device | str | None = None, offload: str = "none",
+                 vram_budget: int | None = None, fuse_loras: bool = True):
         self.pipe = pipe
+        self.exec_device = torch.device(device) if device is not None else pipe.unet.device
+        self.offload = check_offload(offload)
+        self.vram_budget = vram_budget
+        self.fuse_loras = fuse_loras
+        self._fused: tuple[str, float] | None = None
+        self._on_device: set[str] = set()  # components placed for the current stage (model offload)
+        self._place_components()
         self.catalog = catalog
         self.base_label = base_label
         self.style = style
         self.arch = architecture(pipe)
         self.schedule = DiscreteSchedule.from_config(pipe.scheduler.config)
-        self.codec = LatentCodec(pipe.vae, float(pipe.vae.config.scaling_factor))
+        self.codec = LatentCodec(pipe.vae, float(pipe.vae.config.scaling_factor), device=self.exec_device)
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.native_size = int(pipe.unet.config.sample_size) * self.vae_scale
         self.max_loaded_loras = max_loaded_loras
@@ -130,7 +157,68 @@ class STDEngine:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        """Where the work runs (components may live on the CPU between stages under offload)."""
+        return self.exec_device
+
+    # Memory -------------------------------------------------------------------------------------------------------
+    def components(self) -> dict:
+        """The pipeline's modules by stage name."""
+        pipe = self.pipe
+        mods = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": getattr(pipe, "text_encoder", None),
+                "text_encoder_2": getattr(pipe, "text_encoder_2", None),
+                "image_encoder": getattr(pipe, "image_encoder", None)}
+        return {k: v for k, v in mods.items() if v is not None}
+
+    def _place_components(self) -> None:
+        """Put the components where the placement says: all on the device (``none``), on the CPU until their stage
+        (``model``: :meth:`placed` moves each to the device for its stage and back, as diffusers'
+        ``enable_model_cpu_offload`` does with hooks), or behind diffusers' sequential offload hooks (weights
+        stream to the device layer by layer)."""
+        if self.offload == "none":
+            self.pipe.to(self.exec_device)
+        elif self.offload == "model":
+            self.pipe.to("cpu")
+        else:
+            self._sequential_hooks()
+
+    def _sequential_hooks(self) -> None:
+        """Sequential offload: accelerate's per-layer hooks on the UNet and the VAE (weights stream to the device
+        layer by layer); the text and image encoders, run once per request, move whole for their stage as under
+        model offload (accelerate's hooks do not take transformers' CLIP parameters here)."""
+        from accelerate import cpu_offload
+
+        self.pipe.to("cpu")
+        for name in ("unet", "vae"):
+            cpu_offload(self.components()[name], execution_device=self.exec_device)
+
+    @contextmanager
+    def placed(self, *names: str):
+        """The named components on the device for the block and back on the CPU after, under model offload (and
+        the text and image encoders under sequential offload); ``none`` leaves everything where it is."""
+        if self.offload == "none":
+            yield
+            return
+        whole = ("unet", "vae") if self.offload == "model" else ()
+        moved = [n for n in self.components()
+                 if n in names and n not in self._on_device and (n in whole or n not in ("unet", "vae"))]
+        for n in moved:
+            self.components()[n].to(self.exec_device)
+            self._on_device.add(n)
+        try:
+            yield
+        finally:
+            for n in moved:  # a nested block leaves what an outer one placed
+                self.components()[n].to("cpu")
+                self._on_device.discard(n)
+
+    def memory_plan(self, height: int, width: int, frames_per_batch: int = 1) -> MemoryPlan:
+        """The VAE sub-batch and tiling for frames of this size under the engine's budget and placement."""
+        budget = self.vram_budget if self.vram_budget is not None else device_budget(self.exec_device)
+        sizes = {k: module_bytes(v) for k, v in self.components().items()}
+        vae_param = next(self.pipe.vae.parameters())
+        return plan_memory(sizes, (height, width), device=self.exec_device, budget=budget, offload=self.offload,
+                           vae_channels=int(self.pipe.vae.config.block_out_channels[0]), vae_dtype=vae_param.dtype,
+                           unet_dtype=self.pipe.unet.dtype, frames_per_batch=frames_per_batch)
 
     # Plan ---------------------------------------------------------------------------------------------------------
     def sigmas(self, plan: STDPlan) -> torch.Tensor:
@@ -139,10 +227,19 @@ class STDEngine:
 
     # LoRA ---------------------------------------------------------------------------------------------------------
     def use_lora(self, entry: LoraEntry | None, scale: float) -> None:
-        """Make ``entry`` the only active adapter (loading it on first use), or run the base model when ``None``."""
+        """Make ``entry`` the only active adapter (loading it on first use), or run the base model when ``None``.
+
+        With ``fuse_loras`` the active LoRA's weights are fused into the UNet and text encoders (as ComfyUI patches
+        them): a run then costs what the bare model costs. Switching the LoRA or its scale, or running the teacher,
+        unfuses first, so the weights are the base model's again."""
+        wanted = None if entry is None else (entry.adapter_name, float(scale))
+        if self._fused is not None and self._fused != wanted:
+            self._unfuse()
         if entry is None:
             if self._loaded:
                 self.pipe.disable_lora()
+            return
+        if self._fused == wanted:
             return
         if entry.adapter_name not in self._loaded:
             self._load_lora(entry)
@@ -152,6 +249,13 @@ class STDEngine:
         while len(self._loaded) > self.max_loaded_loras:
             name, _ = self._loaded.popitem(last=False)
             self.pipe.delete_adapters([name])
+        if self.fuse_loras and self.offload != "sequential":  # sequential offload keeps weights off the device
+            self.pipe.fuse_lora(adapter_names=[entry.adapter_name], lora_scale=1.0)
+            self._fused = wanted
+
+    def _unfuse(self) -> None:
+        self.pipe.unfuse_lora()
+        self._fused = None
 
     def _load_lora(self, entry: LoraEntry) -> None:
         if not entry.path.exists():
@@ -163,6 +267,12 @@ class STDEngine:
             log.warning("LoRA %s: its %d motion-module tensors are not applied (the app stylizes frame by frame, "
                         "without a motion module)", entry.name, len(motion))
             state_dict = {k: v for k, v in state_dict.items() if k not in motion}
+        sequential = self.offload == "sequential"
+        if sequential:  # the weights come back from the offload hooks while the LoRA is added
+            from accelerate.hooks import remove_hook_from_module
+
+            for name in ("unet", "vae"):
+                remove_hook_from_module(self.components()[name], recurse=True)
         try:
             with warnings.catch_warnings():  # several adapters on one model is what the app does on purpose
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -173,6 +283,9 @@ class STDEngine:
             reason = str(err).splitlines()[0] if str(err) else ""
             raise STDInputError("lora", f"'{entry.name}' could not be applied to {self.base_label} "
                                         f"({type(err).__name__}: {reason})") from None
+        finally:
+            if sequential:
+                self._sequential_hooks()
         self._loaded[entry.adapter_name] = entry
 
     @contextmanager
@@ -181,6 +294,8 @@ class STDEngine:
         if not self._loaded:
             yield
             return
+        if self._fused is not None:
+            self._unfuse()
         self.pipe.disable_lora()
         try:
             yield
@@ -191,6 +306,10 @@ class STDEngine:
     @torch.no_grad()
     def branches(self, settings: StyleSettings, height: int, width: int, style_image=None) -> list[Branch]:
         """[negative, positive] branches when cfg > 1, else [positive] (cfg <= 1 disables the negative branch)."""
+        with self.placed("text_encoder", "text_encoder_2", "image_encoder"):
+            return self._branches(settings, height, width, style_image)
+
+    def _branches(self, settings: StyleSettings, height: int, width: int, style_image=None) -> list[Branch]:
         pipe, guided = self.pipe, settings.cfg > 1.0
         dtype = pipe.unet.dtype
         if self.arch == "sdxl":
@@ -244,7 +363,7 @@ class STDEngine:
             if n == 1:
                 return out
             uncond, cond = out.chunk(2)
-            return uncond + cfg * (cond - uncond)
+            return guidance(uncond, cond, cfg)
 
         return KDenoiser(network, self.schedule)
 
@@ -253,12 +372,14 @@ class STDEngine:
     def encode(self, frames: torch.Tensor, batch: int) -> torch.Tensor:
         """Frames [N, H, W, 3] in 0..1 -> scaled latents [N, 4, H/8, W/8] (float32; the posterior mean), VAE in
         blocks of ``batch`` (the trainer's codec, :class:`std_hf.base.LatentCodec`)."""
-        return self.codec.encode(frames.permute(0, 3, 1, 2) * 2 - 1, batch=batch)
+        with self.placed("vae"):
+            return self.codec.encode(frames.permute(0, 3, 1, 2) * 2 - 1, batch=batch)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int) -> torch.Tensor:
         """Scaled latents -> frames [N, H, W, 3] in 0..1, float32 on the CPU (each block moved there at once)."""
-        pixels = self.codec.decode(latents, batch=batch, device="cpu")
+        with self.placed("vae"):
+            pixels = self.codec.decode(latents, batch=batch, device="cpu")
         return ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
 
     # Runs ---------------------------------------------------------------------------------------------------------
@@ -283,9 +404,12 @@ class STDEngine:
             channels = int(self.pipe.unet.config.in_channels)
             latents = torch.zeros(batch, channels, height // self.vae_scale, width // self.vae_scale,
                                   device=self.device)
-            out = stylize_latents(self.denoiser(branches, 1.0), latents, sigmas, settings.seed,
-                                  Chunking(None, noise="per_frame"), schedule=self.schedule, disable=False)
-            images = self.decode(out, batch)
+            with self.placed("unet"):
+                out = stylize_latents(self.denoiser(branches, 1.0), latents, sigmas, settings.seed,
+                                      Chunking(None, noise="per_frame"), schedule=self.schedule, disable=False)
+            memory = self.memory_plan(height, width, batch)
+            with self.vae_tiling(None, planned=memory.vae_tiling):
+                images = self.decode(out, memory.vae_calls(batch))
             seconds = time.perf_counter() - start
         return RunResult(images, plan, seconds, settings, entry)
 
@@ -303,17 +427,20 @@ class STDEngine:
         if teacher_steps is not None:
             plan = teacher_plan(plan.start_timestep, teacher_steps, plan.start_strength)
         batch = chunking.batch(frames.shape[0])
+        memory = self.memory_plan(frames.shape[1], frames.shape[2], batch)
+        vae_batch = memory.vae_calls(batch)  # the VAE's frames per call: the plan's, within a sampler chunk
         with self._lock:
             start = time.perf_counter()
             self.use_lora(entry, settings.lora_scale)
             context = self.lora_disabled() if teacher_steps is not None else nullcontext()
-            with context:
+            with context, self.vae_tiling(None, planned=memory.vae_tiling):
                 branches = self.branches(settings, frames.shape[1], frames.shape[2], style_image)
-                latents = self.encode(frames, batch)
-                out = stylize_latents(self.denoiser(branches, settings.cfg), latents, self.sigmas(plan),
-                                      settings.seed, chunking, gamma=settings.gamma, schedule=self.schedule,
-                                      disable=not progress_bar)
-                images = self.decode(out, batch)
+                latents = self.encode(frames, vae_batch)
+                with self.placed("unet"):
+                    out = stylize_latents(self.denoiser(branches, settings.cfg), latents, self.sigmas(plan),
+                                          settings.seed, chunking, gamma=settings.gamma, schedule=self.schedule,
+                                          disable=not progress_bar)
+                images = self.decode(out, vae_batch)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
@@ -322,16 +449,27 @@ class STDEngine:
 
     # Streamed video -----------------------------------------------------------------------------------------------
     @contextmanager
-    def vae_tiling(self, enabled: bool):
-        """Tiled VAE encode/decode (diffusers' ``enable_tiling``) inside the block, for frames larger than the VAE's
-        tile; the previous setting is restored after."""
+    def vae_tiling(self, enabled: bool | None, planned: bool = False):
+        """Tiled VAE encode/decode (diffusers' ``enable_tiling``) inside the block; the previous setting is restored
+        after. Diffusers tiles only frames larger than its tile (1024 px for SDXL); when the memory plan tiles
+        (``planned``: one frame does not fit) the tile is :data:`std_hf.memory.TILE_PIXELS` a side, at any size.
+        ``enabled=None`` without ``planned`` leaves the setting as it is."""
         vae = self.pipe.vae
         before = bool(getattr(vae, "use_tiling", False))
-        vae.enable_tiling() if enabled else vae.disable_tiling()
+        sizes = {k: getattr(vae, k) for k in ("tile_sample_min_size", "tile_latent_min_size") if hasattr(vae, k)}
+        if planned and sizes:
+            vae.tile_sample_min_size = TILE_PIXELS
+            vae.tile_latent_min_size = TILE_PIXELS // self.vae_scale
+        if enabled or planned:
+            vae.enable_tiling()
+        elif enabled is not None:
+            vae.disable_tiling()
         try:
             yield
         finally:
             vae.enable_tiling() if before else vae.disable_tiling()
+            for k, v in sizes.items():
+                setattr(vae, k, v)
 
     def run_video_file(self, source, output, settings: StyleSettings, style_image=None, *, size: int | None = None,
                        chunking: Chunking = Chunking(), frame_load_cap: int = 0,
@@ -382,16 +520,20 @@ class STDEngine:
             with self._lock:
                 start = time.perf_counter()
                 self.use_lora(entry, settings.lora_scale)
-                with self.vae_tiling(tiled_vae):
+                memory = self.memory_plan(height, width, frames_per_batch)
+                vae_batch = memory.vae_calls(frames_per_batch)  # the same blocks as run() on these frames
+                with self.vae_tiling(tiled_vae, planned=memory.vae_tiling):
                     branches = self.branches(settings, height, width, style_image)
                     run_chunk = std_chunk_runner(self.denoiser(branches, settings.cfg), self.sigmas(plan),
                                                  settings.seed, chunking.noise, gamma=settings.gamma,
                                                  schedule=self.schedule, disable=True)
-                    report: StreamReport = stylize_video_file(
-                        reader, output, seed=settings.seed, chunking=chunking, vae_batch=frames_per_batch, audio=audio, fmt=fmt, progress=progress,
-                        encode=lambda f: self.encode(resize_frames(f, (width, height)), frames_per_batch),
-                        run_chunk=run_chunk, decode=lambda z: self.decode(z, frames_per_batch),
-                        metadata={"comment": json.dumps(rec, sort_keys=True)})
+                    with self.placed("unet", "vae"):  # both alternate chunk by chunk
+                        report: StreamReport = stylize_video_file(
+                            reader, output, seed=settings.seed, chunking=chunking, vae_batch=vae_batch,
+                            audio=audio, fmt=fmt, progress=progress,
+                            encode=lambda f: self.encode(resize_frames(f, (width, height)), vae_batch),
+                            run_chunk=run_chunk, decode=lambda z: self.decode(z, vae_batch),
+                            metadata={"comment": json.dumps(rec, sort_keys=True)})
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start

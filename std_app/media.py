@@ -18,6 +18,7 @@ import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from comfyui_std.core import STDInputError, STDPlan
+from comfyui_std.core.frames import resize_frames
 from comfyui_std.core.images import image_to_float
 
 #: what PIL is allowed to decode at all (pixels); larger files are refused before decoding (decompression bombs)
@@ -171,21 +172,11 @@ def fit_size(width: int, height: int, long_side: int, multiple: int = 8) -> tupl
 
 
 def image_to_frames(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """A PIL image resized to ``size`` (width, height) as a frame batch [1, H, W, 3] in 0..1."""
-    if image.size != size:
-        image = image.resize(size, Image.Resampling.LANCZOS)
+    """A PIL image resized to ``size`` (width, height) as a frame batch [1, H, W, 3] in 0..1 (resampled by the
+    core's one policy, :mod:`comfyui_std.core.frames`)."""
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return data.view(1, image.height, image.width, 3).float() / 255.0
-
-
-def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Frames [N, H, W, 3] resized to ``size`` (width, height) with antialiased bilinear filtering."""
-    if (frames.shape[2], frames.shape[1]) == size:
-        return frames
-    x = frames.permute(0, 3, 1, 2)
-    x = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True,
-                                        align_corners=False)
-    return x.clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+    frames = data.view(1, image.height, image.width, 3).float() / 255.0
+    return resize_frames(frames, size)
 
 
 def frame_to_image(frame: torch.Tensor) -> Image.Image:

@@ -17,6 +17,7 @@ import torch
 
 from comfyui_std.core.errors import STDInputError
 from comfyui_std.core.lora import eta_mismatch_warning, std_metadata
+from std_hf.devices import vae_dtype_for
 from std_hf.files import ModelRef, local_file, resolve, safetensors_metadata
 from std_hf.ip_adapter import prepare_style_adapter
 
@@ -33,15 +34,16 @@ def architecture(pipe) -> str:
     return "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd15"
 
 
-def load_pipeline(ref: ModelRef, dtype: torch.dtype, device, config: str | None = None,
+def load_pipeline(ref: ModelRef, dtype: torch.dtype, config: str | None = None,
                   models_dir: Path | None = None, tokenizer: str | None = None):
     """An SD1.5 or SDXL pipeline around the base model, loaded by :func:`std_hf.base.load_base` (the trainer's
     loader: single files offline with configs from their tensors and tokenizer files from ComfyUI or ``tokenizer``;
     ``config``, a diffusers folder or Hub id of the same architecture, for a single file whose layout is unusual).
 
     The pipeline is used as a container of modules (UNet, VAE, text encoders, scheduler config); the app drives the
-    UNet with the STD sampler itself. The VAE is read in fp32 and kept there when its config asks for it
-    (``force_upcast``: the SDXL VAE overflows in fp16).
+    UNet with the STD sampler itself. The VAE runs in fp32, or in bf16 with ``dtype`` bf16, never in fp16
+    (:func:`std_hf.devices.vae_dtype_for`: SD and SDXL VAEs overflow there). The pipeline stays on the CPU: the
+    engine places it by the memory plan.
     """
     from diffusers import AutoencoderTiny
 
@@ -51,11 +53,11 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype, device, config: str | None 
     if isinstance(base.vae, AutoencoderTiny):
         raise STDInputError("base model", f"'{ref.label}' holds a TAESD preview VAE; the app needs the full VAE of "
                                           "the base model")
-    if dtype != torch.float32 and not getattr(base.vae.config, "force_upcast", False):
-        base.vae.to(dtype)
+    vae_dtype, _ = vae_dtype_for(dtype)
+    base.vae.to(vae_dtype)
     for report in base.reports:
         log.info("%s: %s", ref.label, report.line())
-    return as_pipeline(base).to(device)
+    return as_pipeline(base)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from comfyui_std.core import STDInputError
 from std_hf.devices import DTYPES, pick_device
+from std_hf.memory import check_offload, device_budget, module_bytes, plan_memory
 from std_hf.files import FOLDERS, local_file, resolve
 
 from . import tiny
@@ -40,6 +42,8 @@ class ModelOptions:
     device: str = "auto"
     dtype: str = "auto"
     tiny: str | None = None  # "sd15" or "sdxl": build and use the tiny offline zoo
+    offload: str = "auto"    # none | model | sequential | auto (from the memory plan, std_hf.memory)
+    vram_budget: float | None = None  # GiB to plan for instead of the GPU's free memory
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -94,7 +98,7 @@ def load_engine(options: ModelOptions) -> STDEngine:
     if not options.base:
         raise no_base_error(options.models_dir)
     ref = resolve("base", options.base, options.models_dir)
-    pipe = load_pipeline(ref, dtype, device, options.base_config, options.models_dir, options.tokenizer)
+    pipe = load_pipeline(ref, dtype, options.base_config, options.models_dir, options.tokenizer)
     pipe.set_progress_bar_config(disable=True)
     arch = architecture(pipe)
     catalog = LoraCatalog.discover(options.loras, options.models_dir)
@@ -110,4 +114,33 @@ def load_engine(options: ModelOptions) -> STDEngine:
                     "--models-dir), or pass --ip-adapter and --image-encoder", adapters[0], encoders[0])
     else:
         style = attach_ip_adapter(pipe, files[0], files[1], ref.label)
-    return STDEngine(pipe, catalog, ref.label, style)
+    return placed_engine(pipe, catalog, ref.label, style, device, options)
+
+
+def placed_engine(pipe, catalog, label: str, style, device: torch.device, options: ModelOptions) -> STDEngine:
+    """The engine with its components placed by the memory plan (std_hf.memory) for the model's native size, the
+    plan logged with the device, its memory and the dtypes."""
+    budget = device_budget(device, options.vram_budget)
+    sizes = {k: module_bytes(getattr(pipe, k, None)) for k in ("unet", "vae", "text_encoder", "text_encoder_2",
+                                                               "image_encoder") if getattr(pipe, k, None) is not None}
+    native = int(pipe.unet.config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    dtypes = {"UNet": pipe.unet.dtype, "VAE": pipe.vae.dtype}
+    plan = plan_memory(sizes, (native, native), device=device, budget=budget, offload=check_offload(options.offload),
+                       vae_channels=int(pipe.vae.config.block_out_channels[0]), vae_dtype=pipe.vae.dtype,
+                       unet_dtype=pipe.unet.dtype, dtypes=dtypes)
+    log.info("%s; %s", device_line(device), plan.describe())
+    return STDEngine(pipe, catalog, label, style, device=device, offload=plan.offload,
+                     vram_budget=None if options.vram_budget is None else budget)
+
+
+def device_line(device: torch.device) -> str:
+    """The device the app runs on, with its memory; a CPU build of torch on a machine with an NVIDIA GPU is
+    stated (it would run SDXL on the CPU without a word otherwise)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"device {device} ({props.name}, {props.total_memory / 2 ** 30:.1f} GiB)"
+    text = f"device {device}"
+    if torch.version.cuda is None and (shutil.which("nvidia-smi") or Path("/proc/driver/nvidia").exists()):
+        text += (" - this machine has an NVIDIA GPU but this torch is a CPU build (torch.version.cuda is None): "
+                 "install the CUDA build of torch to use the GPU")
+    return text

@@ -120,20 +120,23 @@ class LatentCodec:
     vae: torch.nn.Module
     scale: float
     shift: float = 0.0
+    device: torch.device | str | None = None  # where the VAE computes, when its weights live elsewhere (offload)
 
     def _blocks(self, x: torch.Tensor, batch: int | None, prepare=None):
         """Blocks of ``batch`` rows of ``x`` (all at once without), each ``prepare``d in float32, then on the VAE's
-        device and dtype."""
+        device (``device`` when set) and dtype."""
         step = batch or max(1, x.shape[0])
         param = next(self.vae.parameters())
+        device = self.device if self.device is not None else param.device
         for s in range(0, x.shape[0], step):
             block = x[s:s + step]
-            yield (block if prepare is None else prepare(block.float())).to(param.device, param.dtype)
+            yield (block if prepare is None else prepare(block.float())).to(device, param.dtype)
 
     def _own_precision(self):
         """The VAE computes in its own dtype: any autocast of the caller (a trainer's bf16/fp16 forward) is off
         inside, so an fp32 SDXL VAE never runs in fp16."""
-        return torch.autocast(next(self.vae.parameters()).device.type, enabled=False)
+        device = torch.device(self.device) if self.device is not None else next(self.vae.parameters()).device
+        return torch.autocast("cpu" if device.type == "meta" else device.type, enabled=False)
 
     def _finite(self, x: torch.Tensor, what: str) -> torch.Tensor:
         if not bool(torch.isfinite(x).all()):

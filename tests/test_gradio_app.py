@@ -486,12 +486,19 @@ def test_tiny_sdxl_runs_with_the_sdxl_style_block_and_lora(tmp_path):
     assert not torch.equal(styled, plain) and not torch.equal(plain, no_lora)
 
 
-def test_half_precision_keeps_the_vae_in_float32(tiny_root):
-    """The GPU setting (fp16) on a CPU-friendly half type: UNet, text and image encoders in bf16, VAE in float32."""
+def test_half_precision_never_runs_the_vae_in_fp16(tiny_root):
+    """--dtype fp16 (the GPU default) keeps the VAE in fp32 (SD and SDXL VAEs overflow in fp16, diffusers'
+    force_upcast); --dtype bf16 runs it in bf16, as diffusers does. The bf16 engine runs on the CPU."""
+    from std_app.models import load_pipeline
+    from std_hf.files import resolve
+
     options = tiny_options("sd15", tiny_root)
+    ref = resolve("base", options.base, options.models_dir)
+    half = load_pipeline(ref, torch.float16, models_dir=options.models_dir)
+    assert (half.unet.dtype, half.vae.dtype) == (torch.float16, torch.float32)
     options.dtype = "bf16"
     engine = load_engine(options)
-    assert (engine.pipe.unet.dtype, engine.pipe.vae.dtype) == (torch.bfloat16, torch.float32)
+    assert (engine.pipe.unet.dtype, engine.pipe.vae.dtype) == (torch.bfloat16, torch.bfloat16)
     style = Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 50, 3), dtype=np.uint8))
     out = engine.run(torch.rand(2, 32, 32, 3), StyleSettings(nfe=2, gamma=0.3, lora="std_tiny_v2v_eta0.75"), style,
                      chunking=Chunking(1)).frames

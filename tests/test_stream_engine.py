@@ -9,15 +9,16 @@ import json
 import av
 import pytest
 import torch
+from media_files import write_clip
 
 import comfyui_std.core.stream as stream
-from comfyui_std.core.chunks import Chunking
 from comfyui_std.core import STDInputError
+from comfyui_std.core.chunks import Chunking
+from comfyui_std.core.frames import resize_frames
 from comfyui_std.core.video import VideoWriter, load_video
-from media_files import write_clip
 from std_app import tiny
 from std_app.engine import StyleSettings
-from std_app.media import fit_size, resize_frames
+from std_app.media import fit_size
 from std_app.startup import load_engine, tiny_options
 
 

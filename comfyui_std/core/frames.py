@@ -7,6 +7,9 @@ resampled by :func:`resize`: antialiased bilinear filtering on float pixels (``t
 ringing, and float pixels keep 16-bit sources' levels. Sizes snap to multiples of 8 (the VAE's factor) by
 :func:`snap_frame`: center ``crop``, edge ``pad`` or ``stretch``.
 
+The app first reduces an upload above its size limit while decoding it (PIL's draft mode and thumbnail), so an
+oversized file never becomes a huge float tensor; from there on the policy above applies.
+
 Two encoders keep their own preprocessing on purpose, because they must see what they were trained on: CLIP vision
 for the style reference (bicubic, as ComfyUI's ``clip_preprocess``; ``std_hf.ip_adapter``) and the trainer's DINOv2
 discriminator (its own input size; ``training.std.adversarial``).
