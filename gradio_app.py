@@ -24,7 +24,7 @@ from comfyui_std.core.noise import NOISE_MODES  # noqa: E402
 from std_app.handlers import Limits, StyleApp  # noqa: E402
 from std_app.models import NO_LORA  # noqa: E402
 from std_app.settings import DEFAULTS, declared, start_strength_for  # noqa: E402
-from std_app.cli import add_model_arguments, model_options  # noqa: E402
+from std_app.cli import add_model_arguments, bounded, model_options  # noqa: E402
 from std_app.startup import load_engine  # noqa: E402
 
 TITLE = "STD style transfer"
@@ -47,14 +47,7 @@ def _port(text: str) -> int:
     return value
 
 
-def _frames(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of frames, got {text!r}") from None
-    if not 1 <= value <= MAX_FRAMES_LIMIT:
-        raise argparse.ArgumentTypeError(f"got {value}, allowed range is [1, {MAX_FRAMES_LIMIT}]")
-    return value
+_frames = bounded(int, 1, MAX_FRAMES_LIMIT, "a whole number of frames")
 
 
 def parse_credential(text: str, where: str = "") -> tuple[str, str]:

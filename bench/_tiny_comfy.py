@@ -10,9 +10,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-import comfy_host  # noqa: E402
+from tools import comfy_host  # noqa: E402
 
 
 def require_comfyui() -> None:

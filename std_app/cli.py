@@ -19,14 +19,23 @@ from .startup import ModelOptions, tiny_options
 TINY_ARCHITECTURES = ("sd15", "sdxl")
 
 
-def _budget(value: str) -> float:
-    try:
-        budget = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}' is not a number of GiB") from None
-    if not 0.25 <= budget <= 4096:
-        raise argparse.ArgumentTypeError(f"{value} GiB is outside 0.25..4096")
-    return budget
+def bounded(kind: type, low, high, expected: str):
+    """An argparse ``type`` for a number of ``kind`` in [low, high]: ``expected <what>, got 'x'`` for text that is
+    not one, ``got V, allowed range is [low, high]`` outside the range."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"got {value}, allowed range is [{low}, {high}]")
+        return value
+
+    return parse
+
+
+_budget = bounded(float, 0.25, 4096.0, "a number of GiB")
 
 
 def _device(value: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-import comfy_host  # noqa: E402
+from tools import comfy_host  # noqa: E402
 
 NO_SKIP = os.environ.get("STD_NO_SKIP", "") not in ("", "0")
 _TREE = {}

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import comfy_host
+from tools import comfy_host
 
 @pytest.fixture(scope="module")
 def files(host, host_files, tiny_models):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-import comfy_host
+from tools import comfy_host
 from comfyui_std.core import DiscreteSchedule, std_plan
 from comfyui_std.core.video import load_video, save_video
 

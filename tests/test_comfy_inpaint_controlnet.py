@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import comfy_host
+from tools import comfy_host
 
 API_DIR = comfy_host.REPO / "example_workflows" / "api"
 STEPS, ETA = 3, 0.75

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import comfy_host
+from tools import comfy_host
 
 
 def _style_module(host):

@@ -4,7 +4,7 @@ streamed file-to-file path) against the in-memory nodes. Skipped unless COMFYUI_
 import pytest
 import torch
 
-import comfy_host
+from tools import comfy_host
 from comfyui_std.core.audio import read_audio
 from comfyui_std.core.video import load_video, save_video
 

@@ -14,20 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import browser
 from app_server import serve
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-BROWSER_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run")
 WINDOW = (1400, 1460)
 
-pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                                reason="headless browser test: needs /usr/bin/chromium and /usr/bin/chromedriver "
-                                       "(apt-get install chromium chromium-driver; .ci/run installs them)")
+pytestmark = pytest.mark.skipif(not browser.available(), reason=browser.MISSING)
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -46,12 +40,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def driver():
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in BROWSER_ARGS:
-        options.add_argument(arg)
-    d = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    d.set_window_size(*WINDOW)
+    d = browser.chrome(WINDOW)
     yield d
     d.quit()
 

@@ -1,6 +1,6 @@
 """Interop with VideoHelperSuite, AnimateDiff-Evolved and IPAdapter_plus, against their real code.
 
-``tests/peers_host.py`` boots ComfyUI with this pack and the three peer packs in a process of its own (they change
+``tools/peers_host.py`` boots ComfyUI with this pack and the three peer packs in a process of its own (they change
 global state), runs every scenario once and writes what it measured; these tests assert on those results. They
 skip (fail under STD_NO_SKIP=1) unless COMFYUI_PATH is set and the peer packs are found ($STD_PEERS_PATH, else
 ``shared/peers`` beside the repository).
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import comfy_host
-import peers_host
+from tools import comfy_host
+from tools import peers_host
 
 REPO = Path(__file__).resolve().parents[1]
 INTEROP = [p.stem for p in peers_host.interop_workflows()]
@@ -33,11 +33,11 @@ REFUSAL = "the model's noise schedule was replaced"
 def results(tmp_path_factory):
     if not comfy_host.comfyui_path():
         pytest.skip(comfy_host.REAL_HOST_REASON)
-    peers = peers_host.peers_path()
-    missing = peers_host.missing_peers(peers)
+    peers = comfy_host.peers_path()
+    missing = comfy_host.missing_peers(peers)
     if missing:
         pytest.skip(f"interop test: the peer packs {', '.join(missing)} are not in {peers} (set "
-                    f"{peers_host.PEERS_ENV} to a folder holding {', '.join(peers_host.PEER_PACKS)})")
+                    f"{comfy_host.PEERS_ENV} to a folder holding {', '.join(comfy_host.PEER_PACKS)})")
     work = tmp_path_factory.mktemp("peers")
     log = work / "peers_host.log"
     with open(log, "w") as out:
@@ -63,7 +63,7 @@ def succeeded(run):
 
 
 def test_peer_packs_load_and_nothing_is_written_into_their_trees(results):
-    assert results["loaded"] == {"comfyui-std": True, **{name: True for name in peers_host.PEER_PACKS}}
+    assert results["loaded"] == {"comfyui-std": True, **{name: True for name in comfy_host.PEER_PACKS}}
     assert results["tree_changes"] == {"comfyui": [], "peers": []}
 
 

@@ -69,7 +69,7 @@ DEV_HAS_APP = Evidence("requirements-dev.txt", "-r requirements-app.txt")
 APP_HAS_NODES = Evidence("requirements-app.txt", "-r requirements.txt")
 RUNS_PYTEST = Evidence(CI, "python -m pytest")
 PINNED_COMFY = Evidence(CI, "MAIN_HOST=$SHARED/comfyui")
-CLONE_IN_CUSTOM_NODES = Evidence("tests/comfy_host.py", 'custom = base / "custom_nodes"')
+CLONE_IN_CUSTOM_NODES = Evidence("tools/comfy_host.py", 'custom = base / "custom_nodes"')
 
 #: commands a test in this file runs (the value names that test)
 RUN_HERE = {
@@ -93,7 +93,7 @@ RUN_HERE = {
 RUN_ELSEWHERE = {
     "cd ComfyUI/custom_nodes": ("the real-host tests install the pack as a clone in custom_nodes/ (a symlink to this "
                                 "checkout) and load it with ComfyUI's loader", [CLONE_IN_CUSTOM_NODES]),
-    "git clone <this-repository-url> comfyui-std": ("the same: tests/comfy_host.py puts the checkout into "
+    "git clone <this-repository-url> comfyui-std": ("the same: tools/comfy_host.py puts the checkout into "
                                                     "custom_nodes/ under the pack's name", [CLONE_IN_CUSTOM_NODES]),
     "pip install -r comfyui-std/requirements.txt": (".ci/run installs requirements-dev.txt, which includes "
                                                     "requirements-app.txt, which includes requirements.txt",

@@ -224,7 +224,7 @@ def test_sid_lsg_generator_from_the_single_file_runs_as_a_one_step_workflow(host
                                                                              tmp_path, caplog):
     import json
 
-    import comfy_host
+    from tools import comfy_host
     from training.sid_lsg.__main__ import main as sid_cli
 
     prompts = tmp_path / "prompts.txt"

@@ -10,7 +10,7 @@ Both directions need ComfyUI's node definitions (``/object_info``), so run it in
     COMFYUI_PATH=/path/to/ComfyUI python -m tools.workflow_format --regenerate [--peers DIR]
 
 The ``interop_*`` workflows use nodes of VideoHelperSuite, AnimateDiff-Evolved and IPAdapter_plus: ``--peers DIR``
-(a folder holding those three packs) boots ComfyUI with them too (tests/peers_host.py); without it those
+(a folder holding those three packs) boots ComfyUI with them too (tools/comfy_host.py); without it those
 workflows are skipped with a note.
 
 Dynamic dropdowns (ComfyUI 0.33's ``COMFY_DYNAMICCOMBO_V3``, e.g. core Save Video's ``format`` with its nested
@@ -252,7 +252,8 @@ def _dynamic_widget_values(inputs: dict, name: str, opts: dict, prefix: str) -> 
         if source not in inputs:
             continue
         if typ == DYNAMIC_COMBO:
-            out.extend(_dynamic_widget_values({**inputs, dotted: inputs[source]}, child, child_opts, f"{prefix}{name}."))
+            nested = {**inputs, dotted: inputs[source]}
+            out.extend(_dynamic_widget_values(nested, child, child_opts, f"{prefix}{name}."))
         elif typ in WIDGET_TYPES:
             out.append(inputs[source])
     return out
@@ -328,7 +329,6 @@ def regenerate(nodes_module, api_dir: Path = REPO / "example_workflows" / "api",
 
 def main(argv=None) -> int:
     import argparse
-    import sys
     import tempfile
 
     parser = argparse.ArgumentParser(prog="python -m tools.workflow_format", description=__doc__.split("\n\n")[0])
@@ -339,20 +339,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.regenerate:
         parser.error("nothing to do: pass --regenerate")
-    sys.path.insert(0, str(REPO / "tests"))
-    import comfy_host
-    import peers_host
+    from tools import comfy_host
 
     if args.peers is not None:
         if not args.peers.is_dir():
             parser.error(f"--peers: '{args.peers}' is not a folder")
-        missing = peers_host.missing_peers(args.peers)
+        missing = comfy_host.missing_peers(args.peers)
         if missing:
             parser.error(f"--peers: '{args.peers}' lacks {', '.join(missing)}")
     if not comfy_host.comfyui_path():
         parser.error("set COMFYUI_PATH to a ComfyUI checkout (the node definitions come from it)")
     base = Path(tempfile.mkdtemp(prefix="workflow_format_"))
-    host = peers_host.boot(base, args.peers) if args.peers is not None else comfy_host.boot(base)
+    host = comfy_host.boot_with_peers(base, args.peers) if args.peers is not None else comfy_host.boot(base)
     regenerate(host.nodes)
     return 0
 

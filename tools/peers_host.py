@@ -5,7 +5,7 @@ ComfyUI_IPAdapter_plus (IPA+), installed the way a user installs them (a folder 
 the interop scenarios through ComfyUI's own executor and writes what it measured to a JSON file; the assertions live
 in ``tests/test_interop_peers.py``, which runs this module once per test session::
 
-    python tests/peers_host.py --base DIR --results results.json [--peers DIR] [--only SCENARIO ...]
+    python tools/peers_host.py --base DIR --results results.json [--peers DIR] [--only SCENARIO ...]
 
 Why a process of its own: the peer packs change global state (VHS needs ``server.PromptServer.instance`` and hooks
 ``latent_preview.get_previewer`` at import; ADE swaps ``comfy.samplers.sampling_function`` while it samples and
@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import sys
 import time
 import traceback
@@ -46,57 +45,19 @@ from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
-for _p in (str(TESTS), str(REPO)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: python tools/peers_host.py
+    sys.path.insert(0, str(REPO))
 
-import comfy_host  # noqa: E402
+from tools import comfy_host  # noqa: E402
 
-PEER_PACKS = ("ComfyUI-VideoHelperSuite", "ComfyUI-AnimateDiff-Evolved", "ComfyUI_IPAdapter_plus")
-PEERS_ENV = "STD_PEERS_PATH"
 API_DIR = REPO / "example_workflows" / "api"
 UI_DIR = REPO / "example_workflows"
 INTEROP_PREFIX = "interop_"
 
 
-def peers_path() -> Path:
-    """Where the peer packs are: ``$STD_PEERS_PATH``, else ``shared/peers`` beside the repository."""
-    env = os.environ.get(PEERS_ENV, "").strip()
-    return Path(env) if env else REPO.parent / "shared" / "peers"
-
-
-def missing_peers(path: Path) -> list[str]:
-    """The peer packs (folder names) that ``path`` lacks."""
-    return [name for name in PEER_PACKS if not (Path(path) / name / "__init__.py").is_file()]
-
-
 def interop_workflows() -> list[Path]:
     return sorted(API_DIR.glob(f"{INTEROP_PREFIX}*.json"))
-
-
-def boot(base: Path, peers: Path) -> SimpleNamespace:
-    """comfy_host.boot (ComfyUI + this pack) plus a PromptServer and the three peer packs under custom_nodes/."""
-    missing = missing_peers(peers)
-    if missing:
-        raise FileNotFoundError(f"peer packs not found in {peers}: {', '.join(missing)}")
-    host = comfy_host.boot(Path(base))
-    sys.dont_write_bytecode = True  # belt and braces: the peers' folders are read-only for us
-    import nodes
-    import server
-
-    if getattr(server.PromptServer, "instance", None) is None:  # VHS reads PromptServer.instance at import
-        server.PromptServer(asyncio.new_event_loop())
-    base_node_names = set(nodes.NODE_CLASS_MAPPINGS)
-    host.peers = {}
-    for name in PEER_PACKS:
-        link = host.pack.parent / name
-        if not link.exists():
-            link.symlink_to(Path(peers).resolve() / name, target_is_directory=True)
-        host.peers[name] = asyncio.run(nodes.load_custom_node(str(link), base_node_names,
-                                                              module_parent="custom_nodes"))
-    return host
 
 
 def peer_versions(peers: Path) -> dict[str, str]:
@@ -104,7 +65,7 @@ def peer_versions(peers: Path) -> dict[str, str]:
     import tomllib
 
     out = {}
-    for name in PEER_PACKS:
+    for name in comfy_host.PEER_PACKS:
         try:
             out[name] = tomllib.loads((Path(peers) / name / "pyproject.toml").read_text())["project"]["version"]
         except (OSError, KeyError, ValueError):
@@ -722,7 +683,7 @@ def run_all(base: Path, peers: Path, only: list[str] | None = None) -> dict:
     from comfy.cli_args import args
 
     args.fp16_unet = True  # see the module docstring: fp16 storage, fp32 compute on CPU
-    host = boot(base, peers)
+    host = comfy_host.boot_with_peers(base, peers)
     results = {"boot_s": round(time.perf_counter() - t0, 1), "loaded": {"comfyui-std": bool(host.loaded),
                                                                           **host.peers},
                "peer_versions": peer_versions(peers), "scenarios": {}, "timings": {}}
@@ -766,14 +727,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, required=True, help="temporary folder for models, input and output")
     parser.add_argument("--results", type=Path, required=True, help="where to write the JSON results")
-    parser.add_argument("--peers", type=Path, default=None, help=f"peer packs folder (default: ${PEERS_ENV} or "
-                                                                 "shared/peers beside the repository)")
+    parser.add_argument("--peers", type=Path, default=None,
+                        help=f"peer packs folder (default: ${comfy_host.PEERS_ENV} or shared/peers beside the repository)")
     parser.add_argument("--only", nargs="*", default=None, choices=sorted(SCENARIOS), help="run these scenarios")
     a = parser.parse_args(argv)
-    peers = a.peers or peers_path()
+    peers = a.peers or comfy_host.peers_path()
     if not comfy_host.comfyui_path():
         parser.error("COMFYUI_PATH must point at a ComfyUI checkout")
-    missing = missing_peers(peers)
+    missing = comfy_host.missing_peers(peers)
     if missing:
         parser.error(f"peer packs not found in {peers}: {', '.join(missing)}")
     results = run_all(a.base, peers, a.only)

@@ -527,3 +527,44 @@ def client_message(prompt) -> str:
     msgs = [d["exception_message"] for e, d in server.events if e == "execution_error"]
     assert msgs and "Traceback" not in msgs[0]
     return msgs[0]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The peer packs (VideoHelperSuite, AnimateDiff-Evolved, IPAdapter_plus) for the interop tests and workflow tools
+
+PEER_PACKS = ("ComfyUI-VideoHelperSuite", "ComfyUI-AnimateDiff-Evolved", "ComfyUI_IPAdapter_plus")
+PEERS_ENV = "STD_PEERS_PATH"
+
+
+def peers_path() -> Path:
+    """Where the peer packs are: ``$STD_PEERS_PATH``, else ``shared/peers`` beside the repository."""
+    env = os.environ.get(PEERS_ENV, "").strip()
+    return Path(env) if env else REPO.parent / "shared" / "peers"
+
+
+def missing_peers(path: Path) -> list[str]:
+    """The peer packs (folder names) that ``path`` lacks."""
+    return [name for name in PEER_PACKS if not (Path(path) / name / "__init__.py").is_file()]
+
+
+def boot_with_peers(base: Path, peers: Path) -> SimpleNamespace:
+    """comfy_host.boot (ComfyUI + this pack) plus a PromptServer and the three peer packs under custom_nodes/."""
+    missing = missing_peers(peers)
+    if missing:
+        raise FileNotFoundError(f"peer packs not found in {peers}: {', '.join(missing)}")
+    host = boot(Path(base))
+    sys.dont_write_bytecode = True  # belt and braces: the peers' folders are read-only for us
+    import nodes
+    import server
+
+    if getattr(server.PromptServer, "instance", None) is None:  # VHS reads PromptServer.instance at import
+        server.PromptServer(asyncio.new_event_loop())
+    base_node_names = set(nodes.NODE_CLASS_MAPPINGS)
+    host.peers = {}
+    for name in PEER_PACKS:
+        link = host.pack.parent / name
+        if not link.exists():
+            link.symlink_to(Path(peers).resolve() / name, target_is_directory=True)
+        host.peers[name] = asyncio.run(nodes.load_custom_node(str(link), base_node_names,
+                                                              module_parent="custom_nodes"))
+    return host
