@@ -819,3 +819,20 @@ def test_style_image_conditions_only_the_teacher_on_the_style_blocks(data, tmp_p
     assert cli(base + ["--ip-adapter", str(ip_sdxl), "--image-encoder", str(enc)]) == 2
     assert cli(base + ["--ip-adapter", str(ip), "--image-encoder", str(tmp_path / "nope")]) == 2
     assert cli(base) == 2
+
+
+def test_an_sdxl_run_without_the_memory_saving_settings_is_told_the_presets(data, tmp_path, monkeypatch, caplog):
+    """Without --preset an SDXL run trains in fp32 without checkpointing: it says which preset fits a 12/24 GB card.
+    The base is read through Trainer.in_turn (ranks one after another; once in one process)."""
+    import logging
+
+    import training.std.method as m
+    from std_hf.base import tiny_base
+
+    reads = []
+    monkeypatch.setattr(m, "load_base", lambda *a, **k: reads.append(1) or tiny_base("sdxl"))
+    cfg = _cfg(data, tmp_path / "out", max_steps=1, num_previews=0)
+    with caplog.at_level(logging.WARNING, logger="training"):
+        Trainer(cfg, STDMethod).run()
+    assert reads == [1]
+    assert any("--preset sdxl-12gb or --preset sdxl-24gb" in r.getMessage() for r in caplog.records)

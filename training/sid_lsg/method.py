@@ -117,7 +117,8 @@ class SiDMethod:
         # UNet are trained, so with --full-finetune the UNet is read in fp32
         read = torch.float32 if cfg.full_finetune else self.trainer.weight_dtype
         self.vae_dtype = vae_dtype(cfg)
-        base = load_base(cfg.base, read, cfg.tokenizer or None, seed=cfg.seed, vae_dtype=self.vae_dtype)
+        base = self.trainer.in_turn(lambda: load_base(cfg.base, read, cfg.tokenizer or None, seed=cfg.seed,
+                                                      vae_dtype=self.vae_dtype))
         for r in base.reports:
             log.info("base %s: %s", base.name, r.line())
         if base.prediction_type != "epsilon":

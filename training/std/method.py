@@ -191,9 +191,16 @@ class STDMethod:
         # the frozen weights are read in the dtype they train in (under bf16 half the host RAM of fp32, see
         # training/README); a style LoRA is merged in fp32, so then everything is read in fp32 and cast after
         read = torch.float32 if cfg.style_lora else self.trainer.weight_dtype
-        base = load_base(cfg.base, read, cfg.tokenizer or None, seed=cfg.seed, vae_dtype=self.vae_dtype)
+        base = self.trainer.in_turn(lambda: load_base(cfg.base, read, cfg.tokenizer or None, seed=cfg.seed,
+                                                      vae_dtype=self.vae_dtype))
         for r in base.reports:
             log.info("base %s: %s", base.name, r.line())
+        if base.arch == "sdxl" and (cfg.mixed_precision == "no" or not cfg.gradient_checkpointing):
+            log.warning("SDXL with --mixed-precision %s and gradient checkpointing %s: the frozen weights alone take "
+                        "about %.1f GiB and the activations of a 512-px step several more; on a 12 or 24 GB GPU start "
+                        "from --preset sdxl-12gb or --preset sdxl-24gb (bf16, checkpointing, 8-bit Adam)",
+                        cfg.mixed_precision, "on" if cfg.gradient_checkpointing else "off",
+                        (13.1 if cfg.mixed_precision == "no" else 6.6))
         self.style_layers = {}
         if cfg.style_lora:
             models = {"unet": base.unet, "text_encoder": base.text_encoders[0]}
