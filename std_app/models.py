@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from comfyui_std.core.errors import STDInputError
-from comfyui_std.core.lora import eta_mismatch_warning, std_metadata
+from comfyui_std.core.lora_format import eta_mismatch_warning, std_metadata
 from std_hf.devices import vae_dtype_for
 from std_hf.files import ModelRef, local_file, resolve, safetensors_metadata
 from std_hf.ip_adapter import prepare_style_adapter

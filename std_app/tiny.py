@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from comfyui_std.core.lora import encode_std_metadata
+from comfyui_std.core.lora_format import encode_std_metadata
 from comfyui_std.core.style_blocks import ip_layer_order
 
 ARCHITECTURES = ("sd15", "sdxl")

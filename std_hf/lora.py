@@ -1,6 +1,6 @@
 """LoRA files on diffusers modules: read them, check that they fit, get their per-layer factors, merge them.
 
-Layer names come in the forms :func:`comfyui_std.core.lora.to_kohya` unifies (kohya ``lora_unet_*`` /
+Layer names come in the forms :func:`comfyui_std.core.lora_format.to_kohya` unifies (kohya ``lora_unet_*`` /
 ``lora_te*_*``, diffusers/PEFT ``unet.*.lora_A/B``, old diffusers ``.lora.down/up``). kohya files for SDXL name UNet
 layers in the LDM layout (``lora_unet_input_blocks_4_1_...``); they are mapped through :mod:`std_hf.ldm`, so SD1.5
 and SDXL style LoRAs from kohya, OneTrainer, Civitai and diffusers all resolve to the same modules.
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from comfyui_std.core.errors import STDInputError
-from comfyui_std.core.lora import is_motion_key, peft_alpha_from_metadata, std_metadata, to_kohya
+from comfyui_std.core.lora_format import is_motion_key, peft_alpha_from_metadata, std_metadata, to_kohya
 
 from . import ldm
 from .files import read_safetensors

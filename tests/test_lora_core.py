@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
 
-from comfyui_std.core.lora import (encode_std_metadata, eta_mismatch_warning, lora_module_names,
+from comfyui_std.core.lora_format import (encode_std_metadata, eta_mismatch_warning, lora_module_names,
                                    peft_alpha_from_metadata, std_metadata, to_kohya)
 
 PEFT = {

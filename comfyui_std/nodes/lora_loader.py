@@ -10,7 +10,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..core.lora import lora_module_names, peft_alpha_from_metadata, std_metadata, to_kohya
+from ..core.lora_format import lora_module_names, peft_alpha_from_metadata, std_metadata, to_kohya
 from .comfy_compat import OWN_CHECK
 from .common import CATEGORY_LOADERS
 

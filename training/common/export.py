@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from comfyui_std.core.lora import encode_std_metadata, is_motion_key, to_kohya
+from comfyui_std.core.lora_format import encode_std_metadata, is_motion_key, to_kohya
 from std_hf.lora import LoraLayer
 from training.common.state import atomic_file
 
