@@ -184,7 +184,7 @@ def _prepare_imports(tree: str) -> None:
     import diffusers  # noqa: F401
     import transformers  # noqa: F401
 
-    sys.path.insert(0, str(TESTS))
+    sys.path.insert(0, str(REPO))  # run as a script: the repository's tools/ package
     from tools import comfy_host
 
     comfy_host._stub_torchvision()
