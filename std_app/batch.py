@@ -361,6 +361,7 @@ def _distributed():
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("std_app.memory").setLevel(logging.INFO)  # the device and memory plan, stated at start
     try:
         check_arguments(args)
         jobs = collect_jobs(args.inputs, args.output, args.recursive, args.frames_folder)

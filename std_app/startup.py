@@ -128,7 +128,7 @@ def placed_engine(pipe, catalog, label: str, style, device: torch.device, option
     plan = plan_memory(sizes, (native, native), device=device, budget=budget, offload=check_offload(options.offload),
                        vae_channels=int(pipe.vae.config.block_out_channels[0]), vae_dtype=pipe.vae.dtype,
                        unet_dtype=pipe.unet.dtype, dtypes=dtypes)
-    log.info("%s; %s", device_line(device), plan.describe())
+    logging.getLogger("std_app.memory").info("%s; %s", device_line(device), plan.describe())
     return STDEngine(pipe, catalog, label, style, device=device, offload=plan.offload,
                      vram_budget=None if options.vram_budget is None else budget)
 

@@ -71,6 +71,7 @@ def test_folder_of_two_images_and_a_clip_with_audio(tmp_path):
     out = tmp_path / "out"
     res = run_cli(["--tiny", src, "--output", out, *FAST, "--report", tmp_path / "r.json"])
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "device cpu; memory plan on cpu (no limit): offload none" in res.stderr  # stated at start
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "clip.mp4"]
     frames, kinds = streams(out / "clip.mp4")
     assert frames == 12 and kinds == ["video", "audio"]
