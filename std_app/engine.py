@@ -124,8 +124,9 @@ class STDEngine:
         max_loaded_loras: LoRAs kept loaded at once (least recently used ones are unloaded).
         device: where the work runs (default: where the UNet is).
         offload: the placement of the memory plan (:mod:`std_hf.memory`): ``none`` (every component on
-            ``device``), ``model`` (each component moves to ``device`` for its stage and back to the CPU after) or
-            ``sequential`` (weights stream to ``device`` layer by layer).
+            ``device``), ``model`` (each component moves to ``device`` for its stage and back to the CPU after),
+            ``sequential`` (weights stream to ``device`` layer by layer) or ``auto`` (the plan's choice for the
+            model's native size; :attr:`start_plan` says what was chosen).
         vram_budget: bytes a run may use on ``device`` (None: the CUDA device's free memory, no limit elsewhere);
             each run plans its VAE sub-batch and tiling from it.
         fuse_loras: fuse the active STD LoRA into the UNet's weights for the runs (no per-layer adapter cost; the
@@ -142,6 +143,11 @@ class STDEngine:
         self.fuse_loras = fuse_loras
         self._fused: tuple[str, float] | None = None
         self._on_device: set[str] = set()  # components placed for the current stage (model offload)
+        self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.native_size = int(pipe.unet.config.sample_size) * self.vae_scale
+        #: the plan at the model's native size, made before placing the components (it resolves ``auto``)
+        self.start_plan = self.memory_plan(self.native_size, self.native_size)
+        self.offload = self.start_plan.offload
         self._place_components()
         self.catalog = catalog
         self.base_label = base_label
@@ -149,8 +155,6 @@ class STDEngine:
         self.arch = architecture(pipe)
         self.schedule = DiscreteSchedule.from_config(pipe.scheduler.config)
         self.codec = LatentCodec(pipe.vae, float(pipe.vae.config.scaling_factor), device=self.exec_device)
-        self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        self.native_size = int(pipe.unet.config.sample_size) * self.vae_scale
         self.max_loaded_loras = max_loaded_loras
         self._loaded: OrderedDict[str, LoraEntry] = OrderedDict()
         self._lock = threading.Lock()
@@ -218,7 +222,8 @@ class STDEngine:
         vae_param = next(self.pipe.vae.parameters())
         return plan_memory(sizes, (height, width), device=self.exec_device, budget=budget, offload=self.offload,
                            vae_channels=int(self.pipe.vae.config.block_out_channels[0]), vae_dtype=vae_param.dtype,
-                           unet_dtype=self.pipe.unet.dtype, frames_per_batch=frames_per_batch)
+                           unet_dtype=self.pipe.unet.dtype, frames_per_batch=frames_per_batch,
+                           dtypes={"UNet": self.pipe.unet.dtype, "VAE": vae_param.dtype})
 
     # Plan ---------------------------------------------------------------------------------------------------------
     def sigmas(self, plan: STDPlan) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from comfyui_std.core import STDInputError
 from std_hf.devices import DTYPES, pick_device
-from std_hf.memory import check_offload, device_budget, module_bytes, plan_memory
+from std_hf.memory import device_budget
 from std_hf.files import FOLDERS, local_file, resolve
 
 from . import tiny
@@ -114,23 +114,10 @@ def load_engine(options: ModelOptions) -> STDEngine:
                     "--models-dir), or pass --ip-adapter and --image-encoder", adapters[0], encoders[0])
     else:
         style = attach_ip_adapter(pipe, files[0], files[1], ref.label)
-    return placed_engine(pipe, catalog, ref.label, style, device, options)
-
-
-def placed_engine(pipe, catalog, label: str, style, device: torch.device, options: ModelOptions) -> STDEngine:
-    """The engine with its components placed by the memory plan (std_hf.memory) for the model's native size, the
-    plan logged with the device, its memory and the dtypes."""
-    budget = device_budget(device, options.vram_budget)
-    sizes = {k: module_bytes(getattr(pipe, k, None)) for k in ("unet", "vae", "text_encoder", "text_encoder_2",
-                                                               "image_encoder") if getattr(pipe, k, None) is not None}
-    native = int(pipe.unet.config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    dtypes = {"UNet": pipe.unet.dtype, "VAE": pipe.vae.dtype}
-    plan = plan_memory(sizes, (native, native), device=device, budget=budget, offload=check_offload(options.offload),
-                       vae_channels=int(pipe.vae.config.block_out_channels[0]), vae_dtype=pipe.vae.dtype,
-                       unet_dtype=pipe.unet.dtype, dtypes=dtypes)
-    logging.getLogger("std_app.memory").info("%s; %s", device_line(device), plan.describe())
-    return STDEngine(pipe, catalog, label, style, device=device, offload=plan.offload,
-                     vram_budget=None if options.vram_budget is None else budget)
+    budget = None if options.vram_budget is None else device_budget(device, options.vram_budget)
+    engine = STDEngine(pipe, catalog, ref.label, style, device=device, offload=options.offload, vram_budget=budget)
+    logging.getLogger("std_app.memory").info("%s; %s", device_line(device), engine.start_plan.describe())
+    return engine
 
 
 def device_line(device: torch.device) -> str:
