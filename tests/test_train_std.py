@@ -115,7 +115,7 @@ def trajectories(data, tmp_path_factory):
     return folder / "t"
 
 
-MODES = {"online bank": [], "adversarial": ["--adversarial", "true"],
+MODES = {"online bank": [], "adversarial": ["--adversarial", "true"], "2 data workers": ["--num-workers", "2"],
          "offline bank": ["--start-strength", "0.3", "--bank-source", "{traj}"]}
 
 
@@ -143,6 +143,50 @@ def test_two_fresh_runs_match_and_a_resumed_run_matches_the_uninterrupted_one(da
     assert same_tensors(tensors(tmp_path / "a" / f"{name}.safetensors"),
                         tensors(tmp_path / "c" / f"{name}.safetensors"))
     assert not list(tmp_path.glob("*/checkpoints/.checkpoint-*"))
+
+
+def test_data_workers_decode_in_other_processes_and_change_nothing(data, tmp_path, monkeypatch):
+    """Bug caught: crops drawn from the step's shared generator (then the worker count changes what is trained), or
+    workers that are never used (the pixels all decoded in the training process)."""
+    import training.common.data as d
+
+    log = tmp_path / "pids.txt"
+    real = d.load_pixels
+
+    def logged(*a, **k):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(*a, **k)
+
+    monkeypatch.setattr(d, "load_pixels", logged)
+    common = ["--max-steps", "4", "--checkpoint-every", "0", "--num-previews", "0", "--batch-size", "2"]
+    runs = {}
+    for workers in (0, 2):
+        log.write_text("")
+        t = Trainer(_cfg(data, tmp_path / f"w{workers}", *common, "--num-workers", str(workers)), STDMethod)
+        runs[workers] = _losses(t.run())
+        pids = set(log.read_text().split())
+        assert pids and (str(os.getpid()) in pids) == (workers == 0), pids
+        assert len(pids) == (1 if workers == 0 else 2)
+    assert runs[0] == runs[2]
+    name = t.method.export_name()
+    assert same_tensors(tensors(tmp_path / "w0" / f"{name}.safetensors"),
+                        tensors(tmp_path / "w2" / f"{name}.safetensors"))
+
+
+def test_video_clips_through_data_workers_equal_the_in_process_ones(tmp_path):
+    from comfyui_std.core.video import save_video
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(2):
+        save_video(torch.rand(10, 48, 64, 3, generator=torch.Generator().manual_seed(i)), clips / f"c{i}.mp4", 8)
+    for workers in (0, 2):
+        assert cli(["--preset", "tiny-video", "--data", str(clips), "--output", str(tmp_path / f"w{workers}"),
+                    "--max-steps", "2", "--num-previews", "0", "--num-workers", str(workers)]) == 0
+    for suffix in ("", "_motion"):
+        assert same_tensors(tensors(tmp_path / "w0" / f"{NAME}{suffix}.safetensors"),
+                            tensors(tmp_path / "w2" / f"{NAME}{suffix}.safetensors"))
 
 
 def test_bank_keys_are_counters_and_a_batch_never_draws_an_entry_twice(tmp_path):

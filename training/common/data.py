@@ -5,8 +5,11 @@
   cover it and randomly cropped; a batch holds one bucket. With buckets off there is one square bucket.
 * **Order**: batches are a pure function of (seed, rank, step): per epoch each bucket's items are permuted and
   chunked into batches, the batches are shuffled, and rank r takes every world-th one, so a resumed run sees exactly
-  the batches the uninterrupted one would have seen. Crops, flips and clip offsets come from the micro-step's
-  generator.
+  the batches the uninterrupted one would have seen. Crops, flips and clip offsets of sample k of a micro-step come
+  from its own generator (:func:`pixel_generator`: seed, rank, micro-step, k), so they do not depend on who decodes.
+* **Workers** (``--num-workers N``, :class:`PixelPrefetcher`): N DataLoader processes decode and crop the samples of
+  the coming micro-steps while the GPU works on the current one. The pixels are the same with 0 or N workers (the
+  same generators), so runs, resumed runs and worker counts export identical tensors.
 * **Pixels** come from the core's conversion (:func:`comfyui_std.core.images.image_to_float`, as in the nodes and
   the app): EXIF orientation applied, 16-bit and float images at their own levels (not clipped to white), ICC
   profiles to sRGB; transparent pixels are placed on white, as the app does. Images: png, jpg, webp, bmp, tif.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.data
 
 from comfyui_std.core.frames import cover_size, resize
 from comfyui_std.core.images import IMAGE_EXTENSIONS, image_to_float
@@ -181,6 +185,19 @@ class BucketSampler:
 # --------------------------------------------------------------------------------------------------------------------
 # Pixels
 
+def micro_step_generator(seed: int, rank: int, micro_step: int, salt: int = 0) -> torch.Generator:
+    """The generator of one (rank, micro-step, salt): all randomness of a training step comes from these."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank * 7_919 + micro_step * 104_729 + salt) % (2**63 - 1))
+
+
+#: salts of the pixel generators (one per sample of a batch); the methods use salts below it
+PIXEL_SALT = 1_000
+
+
+def pixel_generator(seed: int, rank: int, micro_step: int, position: int) -> torch.Generator:
+    """The generator of the crop, flip and clip offset of sample ``position`` of a micro-step's batch."""
+    return micro_step_generator(seed, rank, micro_step, PIXEL_SALT + position)
+
 @dataclass
 class Crop:
     """Where a training sample came from: the source size and the crop (SDXL's size conditioning)."""
@@ -265,3 +282,91 @@ def cache_key(item: Item, size: tuple[int, int], extra: str) -> str:
     st = item.path.stat()
     raw = f"{item.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{size}|{extra}|v1"
     return hashlib.sha1(raw.encode()).hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Workers
+
+@dataclass(frozen=True)
+class PixelSource:
+    """Everything a worker needs to produce the pixels of a micro-step's batch (picklable, no models)."""
+    items: tuple
+    sampler: BucketSampler
+    seed: int
+    rank: int
+    num_frames: int = 0
+    frame_stride: int = 4
+    random_offset: bool = True
+
+    def sample(self, micro_step: int, position: int):
+        """(pixels, crop) of sample ``position`` of the micro-step: the same wherever it is computed."""
+        bucket, indices = self.sampler.batch(micro_step)
+        return load_pixels(self.items[indices[position]], bucket, pixel_generator(self.seed, self.rank, micro_step,
+                                                                                   position),
+                           num_frames=self.num_frames, frame_stride=self.frame_stride,
+                           random_offset=self.random_offset)
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, source: PixelSource, start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, k):
+        micro_step = self.start + k
+        out = []
+        for position in range(len(self.source.sampler.indices(micro_step))):
+            try:
+                out.append(self.source.sample(micro_step, position))
+            except Exception:  # the main process repeats it and raises the error itself (its own message)
+                out.append(None)
+        return out
+
+
+def _as_is(batch):
+    return batch
+
+
+def _worker_init(_worker_id):
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it stops after the step, cleanly
+
+
+class PixelPrefetcher:
+    """The pixels of micro-steps ``start, start+1, ..., stop-1`` decoded and cropped by ``num_workers`` DataLoader
+    processes ahead of the training loop (two batches per worker in flight). ``num_workers`` 0 computes each sample
+    when it is asked for. A sample that failed in a worker is computed again here, so its error is raised with the
+    same message as without workers."""
+
+    def __init__(self, source: PixelSource, num_workers: int, stop: int):
+        self.source, self.num_workers, self.stop = source, int(num_workers), int(stop)
+        self._iter = None
+        self._next = -1
+        self._batch: tuple[int, list] | None = None
+
+    def _open(self, start: int):
+        self.close()
+        loader = torch.utils.data.DataLoader(_Batches(self.source, start, self.stop), batch_size=None,
+                                             num_workers=self.num_workers, collate_fn=_as_is,
+                                             worker_init_fn=_worker_init, prefetch_factor=2)
+        self._iter, self._next = iter(loader), start
+
+    def sample(self, micro_step: int, position: int):
+        """(pixels, crop) of sample ``position`` of ``micro_step``."""
+        if self.num_workers == 0 or micro_step >= self.stop:
+            return self.source.sample(micro_step, position)
+        if self._batch is None or self._batch[0] != micro_step:
+            if self._iter is None or micro_step != self._next:  # first use, a resume, or a step out of order
+                self._open(micro_step)
+            self._batch = (micro_step, next(self._iter))
+            self._next += 1
+            if self._next >= self.stop:
+                self.close()
+        got = self._batch[1][position]
+        return got if got is not None else self.source.sample(micro_step, position)
+
+    def close(self):
+        """Stop the workers (the DataLoader iterator shuts them down when released)."""
+        self._iter = None

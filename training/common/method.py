@@ -19,6 +19,7 @@ Order of calls in a run::
         method.after_optimizer_step()
         [every N steps: checkpoint (trainable_state, save_state), preview(), export()]
     export()
+    method.close()                                   # optional: always, also after an error (worker processes)
 
 The generator contract of ``micro_step`` (the part that is easy to get wrong):
 
@@ -63,6 +64,8 @@ Attributes and methods:
     Write the result files (LoRAs with ``std.*`` metadata) through :mod:`training.common.export`
     (``atomic_save`` for files, ``atomic_folder`` for folders): each appears complete under its name, world-readable
     (0644), or not at all.
+``close()`` (optional)
+    Release what outlives a step (STD: its data worker processes); called once when the run ends, however it ends.
 """
 
 from __future__ import annotations

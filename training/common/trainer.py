@@ -36,6 +36,7 @@ from comfyui_std.core.errors import STDInputError
 from std_hf.devices import bf16_supported, pick_device
 from std_hf.weights import writable_folder
 from training.common.config import as_dict, differing
+from training.common.data import micro_step_generator
 from training.common.precision import frozen_dtype
 from training.common.state import (load_states, read_json, refuse_pickles, rng_state, save_states, set_rng_state,
                                    write_json)
@@ -138,8 +139,7 @@ class Trainer:
 
     # -- helpers for methods ---------------------------------------------------------------------------------
     def generator(self, micro_step: int, salt: int = 0) -> torch.Generator:
-        seed = (self.cfg.seed * 1_000_003 + self.rank * 7_919 + micro_step * 104_729 + salt) % (2**63 - 1)
-        return torch.Generator().manual_seed(seed)
+        return micro_step_generator(self.cfg.seed, self.rank, micro_step, salt)
 
     def in_turn(self, fn):
         """``fn()`` run by one rank after another (each waits for the ranks before it): several processes reading
@@ -349,6 +349,9 @@ class Trainer:
         try:
             return self._run()
         finally:
+            close = getattr(self.method, "close", None)
+            if close is not None:
+                close()
             if handler is not None:
                 logging.getLogger("training").removeHandler(handler)
                 handler.close()

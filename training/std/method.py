@@ -32,7 +32,8 @@ from comfyui_std.core.vp import add_noise, guidance, x0_eps
 from std_hf.base import encode_prompts, load_base, time_ids, unet_kwargs
 from std_hf.lora import lora_layers, merge_layers, read_lora
 from training.common.config import CommonConfig, method_options, option, validate_common
-from training.common.data import (BucketSampler, assign_buckets, cache_key, load_pixels, scan_folder)
+from training.common.data import (BucketSampler, PixelPrefetcher, PixelSource, assign_buckets, cache_key,
+                                  load_pixels, scan_folder)
 from training.common.ema import ema_copy, ema_update, swapped
 from training.common.export import combine, export_layers, export_lora
 from training.common.adapters import adapter_layers, adapter_params, add_lora
@@ -101,6 +102,9 @@ class STDConfig(CommonConfig):
                                      "adapter or an SDXL one ('tiny' = random).")
     bank_source: str = option("", "Train from trajectories precomputed by 'python -m training.bank build' (no "
                                   "teacher call per step) instead of the online bank.")
+    num_workers: int = option(0, "DataLoader processes that decode and crop the coming batches while the GPU trains "
+                                 "(0: in the training process). The result does not depend on it. Not used with "
+                                 "--cache-latents or --bank-source (nothing to decode per step).", free=True)
 
 
 PRESETS = {
@@ -111,11 +115,12 @@ PRESETS = {
     "sd15-8gb": {"_doc": "SD1.5 at 512 on an 8 GB GPU (bf16 weights, checkpointing, 8-bit Adam, text encoders "
                          "offloaded)", "resolution": 512, "mixed_precision": "bf16", "gradient_checkpointing": True,
                  "use_8bit_adam": True, "offload_text_encoders": True, "lora_rank": 32, "lora_alpha": 32.0,
-                 "max_steps": 2000},
+                 "num_workers": 2, "max_steps": 2000},
     "sdxl-12gb": {"_doc": "SDXL at 512 on a 12 GB GPU (bf16 weights and VAE, checkpointing, 8-bit Adam, rank 32, "
                           "text encoders offloaded, no adversary)", "resolution": 512, "mixed_precision": "bf16",
                   "vae_dtype": "bf16", "gradient_checkpointing": True, "use_8bit_adam": True,
-                  "offload_text_encoders": True, "lora_rank": 32, "lora_alpha": 32.0, "max_steps": 2000},
+                  "offload_text_encoders": True, "lora_rank": 32, "lora_alpha": 32.0, "num_workers": 2,
+                  "max_steps": 2000},
     "tiny-video": {"_doc": "CPU smoke run of video mode (tiny random model and motion module)", "base": "tiny",
                    "resolution": 64, "max_steps": 4, "lora_rank": 4, "lora_alpha": 4.0, "learning_rate": 1e-4,
                    "lr_warmup": 1, "checkpoint_every": 2, "device": "cpu", "video": True, "num_frames": 3,
@@ -125,7 +130,7 @@ PRESETS = {
     "sdxl-24gb": {"_doc": "SDXL at 512 on a 24 GB GPU, the paper's rank 64 and the adversarial loss",
                   "resolution": 512, "mixed_precision": "bf16", "gradient_checkpointing": True,
                   "offload_text_encoders": True, "lora_rank": 64, "lora_alpha": 64.0, "adversarial": True,
-                  "max_steps": 3000},
+                  "num_workers": 2, "max_steps": 3000},
 }
 
 
@@ -147,6 +152,7 @@ def validate(cfg: STDConfig) -> None:
     check_range("gp_weight", cfg.gp_weight, 0.0, 1e3)
     check_range("num_frames", cfg.num_frames, 1, 1024, kind=int)
     check_range("frame_stride", cfg.frame_stride, 1, 1024, kind=int)
+    check_range("num_workers", cfg.num_workers, 0, 64, kind=int)
     check_range("preview_teacher_nfe", cfg.preview_teacher_nfe, 1, n0, kind=int)
     for h in cfg.dino_hooks:
         check_range("dino_hooks", h, 0, 1000, kind=int)
@@ -187,6 +193,16 @@ class STDMethod:
         log.info("data: %d item(s) in %d bucket(s) %s", len(self.items), len(set(self.buckets)),
                  ", ".join(f"{w}x{h}" for h, w in sorted(set(self.buckets))))
         self.sampler = BucketSampler(self.buckets, cfg.batch_size, cfg.seed, self.trainer.rank, self.trainer.world)
+        self.pixels = PixelPrefetcher(PixelSource(tuple(self.items), self.sampler, cfg.seed, self.trainer.rank,
+                                                  cfg.num_frames if cfg.video else 0, cfg.frame_stride,
+                                                  cfg.random_clip_offset),
+                                      0 if (cfg.cache_latents or cfg.bank_source) else cfg.num_workers,
+                                      stop=cfg.max_steps * cfg.grad_accum)
+        if cfg.num_workers and (cfg.cache_latents or cfg.bank_source):
+            log.info("data: --num-workers %d not used: %s", cfg.num_workers, "latents come from the cache on disk"
+                     if cfg.cache_latents else "states come from --bank-source")
+        elif cfg.num_workers:
+            log.info("data: %d worker process(es) decode and crop the coming batches", cfg.num_workers)
         self.vae_dtype = vae_dtype(cfg)
         # the frozen weights are read in the dtype they train in (under bf16 half the host RAM of fp32, see
         # training/README); a style LoRA is merged in fp32, so then everything is read in fp32 and cast after
@@ -408,9 +424,10 @@ class STDMethod:
         return ctx
 
     @torch.no_grad()
-    def encode_latent(self, index: int, gen: torch.Generator | None, bucket, items=None):
-        """(z0, crop) of one item: a posterior sample of a seeded random crop/flip/clip, or from the disk cache
-        (center crop and clip start fixed, flip and posterior sample still drawn)."""
+    def encode_latent(self, index: int, gen: torch.Generator | None, bucket, items=None, pixels=None):
+        """(z0, crop) of one item: a posterior sample of a seeded random crop/flip/clip (``pixels``: that
+        (pixels, crop), already loaded), or from the disk cache (center crop and clip start fixed, flip and
+        posterior sample still drawn)."""
         from training.common.data import Crop
 
         item = (items or self.items)[index]
@@ -432,9 +449,10 @@ class STDMethod:
                 mean.shape, generator=gen).to(mean)
             crop = Crop((int(t["original"][0]), int(t["original"][1])), int(t["crop"][0]), int(t["crop"][1]), flip)
             return z0.float(), crop
-        pixels, crop = load_pixels(item, bucket, gen, num_frames=frames, frame_stride=cfg.frame_stride,
-                                   flip=gen is not None, random_offset=cfg.random_clip_offset)
-        return self._encode(pixels, gen), crop
+        if pixels is None:
+            pixels = load_pixels(item, bucket, gen, num_frames=frames, frame_stride=cfg.frame_stride,
+                                 flip=gen is not None, random_offset=cfg.random_clip_offset)
+        return self._encode(pixels[0], gen), pixels[1]
 
     def _encode(self, pixels: torch.Tensor, gen) -> torch.Tensor:
         if pixels.ndim == 4:  # [F,3,S,S] -> latents [4,F,h,w]: one noise level for the whole clip
@@ -469,11 +487,12 @@ class STDMethod:
         return self.base.decode_latents(latents)
 
     # -- the two building blocks (also used by the offline bank builder) -------------------------------------
-    def fresh_start(self, item_index: int, gen: torch.Generator, bucket) -> dict:
-        """A new trajectory: the item's latent noised to τ_{n0}, its own context and a guidance scale w."""
+    def fresh_start(self, item_index: int, gen: torch.Generator, bucket, pixels=None) -> dict:
+        """A new trajectory: the item's latent noised to τ_{n0}, its own context and a guidance scale w
+        (``pixels``: the item's (pixels, crop) when already loaded)."""
         device = self.trainer.device
         item = self.items[item_index]
-        z0, crop = self.encode_latent(item_index, gen, bucket)
+        z0, crop = self.encode_latent(item_index, gen, bucket, pixels=pixels)
         ctx = self.sample_context(item.caption, crop, bucket)
         noise = torch.randn(z0.shape, generator=gen).to(device)
         x = add_noise(z0[None], noise[None], self.grid.alpha(torch.tensor([self.n0])).to(device))[0]
@@ -499,14 +518,15 @@ class STDMethod:
         if self.offline is not None:
             return [self._offline_row(i, gen) for i in indices], bucket
         rows = []
-        for item_index, entry in zip(indices, self.bank.draw_batch(len(indices), bucket)):
+        for position, (item_index, entry) in enumerate(zip(indices, self.bank.draw_batch(len(indices), bucket))):
             if entry is not None:
                 t = entry.tensors(self.bank.root, device=device)
                 ctx = {k: t[k] for k in t if k not in ("state", "z0")}
                 rows.append(dict(entry=entry, x=t["state"], n=entry.index, z0=t["z0"], ctx=ctx, w=entry.w,
                                  caption=entry.caption))
             else:
-                rows.append(self.fresh_start(item_index, gen, bucket))
+                pixels = None if self.latent_dir is not None else self.pixels.sample(micro_step, position)
+                rows.append(self.fresh_start(item_index, gen, bucket, pixels))
         return rows, bucket
 
     def _offline_row(self, item_index: int, gen: torch.Generator) -> dict:
@@ -579,6 +599,11 @@ class STDMethod:
             real = self.decode(add_noise(z0, torch.randn(z0.shape, generator=gen).to(device), a_r), frames)
         d_loss, d_logs = self.adv.discriminator_loss(real, fake.detach(), pooled, gen)
         yield "discriminator", d_loss, d_logs
+
+    def close(self) -> None:
+        pixels = getattr(self, "pixels", None)
+        if pixels is not None:
+            pixels.close()
 
     # -- previews and export ---------------------------------------------------------------------------------
     def preview_plan(self, nfe: int | None) -> STDPlan:
