@@ -9,11 +9,12 @@ Sections (``--only`` picks some):
   ``StableDiffusionXLImg2ImgPipeline`` with ``TCDScheduler`` on the same weights and timesteps;
 * ``stream``: a 16-frame 1024x576 clip through the streamed video path at its defaults (16 frames per batch), with
   its peak memory;
-* ``trainer``: the STD presets ``sdxl-12gb`` and ``sdxl-24gb``, 3 steps each on random real-size weights
-  (``bench/train_memory.py``'s measure): peak memory and seconds per step. SiD-LSG's presets are not measured here.
+* ``trainer``: the STD presets ``sdxl-12gb`` and ``sdxl-24gb`` and SiD-LSG's ``sd15-12gb``, 3 steps each on random
+  real-size weights (``bench/train_memory.py``'s measure, with ``--time-phases``): peak memory and seconds per step
+  of each phase (data, VAE, text, teacher, target, student, backward, discriminator, bank, optimizer).
 
-``--smoke`` runs the same code on the tiny SDXL-shaped zoo on the CPU (the test suite runs it), so the script works
-when a GPU machine finally runs it:
+``--smoke`` runs the same code on the tiny zoo on the CPU (the test suite runs it; the trainer section at 64 px
+without 8-bit Adam), so the script works when a GPU machine finally runs it:
 
     python bench/gpu_check.py                 # on one GPU, under 8 minutes on an H100
     python bench/gpu_check.py --smoke         # CPU, tiny models, seconds
@@ -210,18 +211,14 @@ def section_stream(engine, device, root: Path, smoke: bool) -> None:
 
 
 def section_trainer(smoke: bool) -> None:
-    if smoke:
-        figure("trainer", "not run with --smoke (bench/train_memory.py measures the presets on a CUDA GPU)")
-        return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import train_memory
 
-    for name in ("sdxl-12gb", "sdxl-24gb"):
-        start = time.perf_counter()
-        value = train_memory.measure(name, 3)
-        figure(f"trainer_{name.replace('-', '_')}_peak_gib", f"{value / GIB:.2f}" if value else "not measured")
-        figure(f"trainer_{name.replace('-', '_')}_seconds_per_step", (time.perf_counter() - start) / 3)
-    figure("trainer_sid_sd15_12gb", "not measured here (train_memory measures STD presets only)")
+    for label, name in (("sdxl_12gb", "sdxl-12gb"), ("sdxl_24gb", "sdxl-24gb"), ("sid_sd15_12gb", "sd15-12gb")):
+        peak_bytes, phases = train_memory.measure(name, 1 if smoke else 3, "cpu" if smoke else "cuda", tiny=smoke)
+        figure(f"trainer_{label}_peak_gib", "n/a (cpu)" if smoke else f"{peak_bytes / GIB:.2f}")
+        for phase, seconds in phases.items():
+            figure(f"trainer_{label}_{phase}_seconds", seconds)
 
 
 def main(argv=None) -> int:

@@ -122,21 +122,27 @@ def account(name: str) -> dict:
     return out
 
 
-def measure(name: str, steps: int = 3, device: str = "cuda") -> int | None:
-    """torch.cuda.max_memory_allocated over a few real steps of the preset on random real-size weights (CUDA only)."""
+def measure(name: str, steps: int = 3, device: str = "cuda",
+            tiny: bool = False) -> tuple[int, dict[str, float]] | None:
+    """(torch.cuda.max_memory_allocated, mean seconds per step of each phase) over a few real steps of the preset
+    (STD or SiD-LSG) on random real-size weights, with ``--time-phases`` (None without a CUDA GPU).
+
+    ``tiny`` runs the same code on the tiny random zoo at 64 px without 8-bit Adam (a CPU smoke check of this
+    function; its peak is 0 off CUDA)."""
     import tempfile
 
     import numpy as np
     from PIL import Image
 
+    import training.sid_lsg.method as sid_method
     import training.std.method as std_method
     from std_hf.base import SD_SCHEDULER, Base
-    from std_hf.tiny import tokenizers, write_tokenizer
+    from std_hf.tiny import tiny_components, tokenizers, write_tokenizer
     from comfyui_std.core.schedules import DiscreteSchedule
     from training.common.trainer import Trainer
 
     method, arch, _ = PRESETS[name]
-    if method != "std" or not torch.cuda.is_available():
+    if not torch.cuda.is_available() and device == "cuda":
         return None
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -151,31 +157,49 @@ def measure(name: str, steps: int = 3, device: str = "cuda") -> int | None:
                 tmp / f"{i}.png")
 
         def random_base(*_a, **_k):
-            texts = [CLIPTextModel(CLIPTextConfig(**spec["text"][0]))]
-            if arch == "sdxl":
-                texts.append(CLIPTextModelWithProjection(CLIPTextConfig(**spec["text"][1])))
-            vae = AutoencoderKL(**spec["vae"])
-            return Base(UNet2DConditionModel(**spec["unet"]), vae, texts, tokenizers(write_tokenizer(tmp / "tok"), arch),
+            if tiny:
+                parts = tiny_components(arch)
+                vae, unet = parts["vae"], parts["unet"]
+                texts = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if arch == "sdxl" else [])
+            else:
+                texts = [CLIPTextModel(CLIPTextConfig(**spec["text"][0]))]
+                if arch == "sdxl":
+                    texts.append(CLIPTextModelWithProjection(CLIPTextConfig(**spec["text"][1])))
+                vae, unet = AutoencoderKL(**spec["vae"]), UNet2DConditionModel(**spec["unet"])
+            return Base(unet, vae, texts, tokenizers(write_tokenizer(tmp / "tok"), arch),
                         arch, DiscreteSchedule(), f"random-{arch}", float(vae.config.scaling_factor), 0.0, [], "random",
                         dict(SD_SCHEDULER))
 
         cfg = preset_config(name)
-        cfg.base, cfg.data, cfg.output, cfg.max_steps = "random", str(tmp), str(tmp / "out"), steps
-        cfg.device, cfg.checkpoint_every, cfg.num_previews, cfg.dino = device, 0, 0, "tiny"
-        cfg.dino_hooks = [0, 1]
-        original = std_method.load_base
-        std_method.load_base = random_base
+        cfg.base, cfg.output, cfg.max_steps = "random", str(tmp / "out"), steps
+        cfg.device, cfg.checkpoint_every, cfg.num_previews, cfg.time_phases = device, 0, 0, True
+        if tiny:
+            cfg.resolution, cfg.use_8bit_adam, cfg.lora_rank, cfg.lora_alpha = 64, False, 4, 4.0
+        if method == "std":
+            cfg.data, cfg.dino, cfg.dino_hooks = str(tmp), "tiny", [0, 1]
+        else:
+            (tmp / "prompts.txt").write_text("a photo of a cat\na watercolour of a harbour\n")
+            cfg.prompts = str(tmp / "prompts.txt")
+        module = std_method if method == "std" else sid_method
+        original = module.load_base
+        module.load_base = random_base
         try:
-            torch.cuda.reset_peak_memory_stats()
-            Trainer(cfg, std_method.STDMethod).run()
-            return int(torch.cuda.max_memory_allocated())
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            history = Trainer(cfg, module.STDMethod if method == "std" else module.SiDMethod).run()
+            phases = {}
+            for row in history:
+                for k, v in row.items():
+                    if k.startswith("time/"):
+                        phases[k[5:-2]] = phases.get(k[5:-2], 0.0) + v / len(history)
+            return (int(torch.cuda.max_memory_allocated()) if device == "cuda" else 0), phases
         finally:
-            std_method.load_base = original
+            module.load_base = original
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--measure", action="store_true", help="also train a few steps per STD preset on a CUDA GPU")
+    ap.add_argument("--measure", action="store_true", help="also train a few steps per preset on a CUDA GPU")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--presets", default=",".join(PRESETS))
     args = ap.parse_args(argv)
@@ -193,9 +217,10 @@ def main(argv=None) -> None:
               f"{', text encoders on the CPU' if r['text_encoders_cpu'] else ''})")
     if args.measure:
         for name in rows:
-            peak = measure(name, args.steps)
-            print(f"{name}: measured peak {peak / GIB:.2f} GiB over {args.steps} steps" if peak is not None else
-                  f"{name}: not measured (needs a CUDA GPU; STD presets only)")
+            got = measure(name, args.steps)
+            print(f"{name}: measured peak {got[0] / GIB:.2f} GiB over {args.steps} steps; seconds per step: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in got[1].items()) if got is not None else
+                  f"{name}: not measured (needs a CUDA GPU)")
     if "sdxl-12gb" in rows:
         print(f"train_memory_sdxl12gb_static_fraction: {rows['sdxl-12gb']['static'] / rows['sdxl-12gb']['budget']:.3f}")
 

@@ -133,6 +133,13 @@ def test_at_init_generator_fake_and_teacher_agree(method):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+def test_time_phases_covers_the_two_sid_phases(prompts, tmp_path):
+    history = Trainer(_cfg(prompts, tmp_path / "t", max_steps=2, num_previews=0, time_phases=True), SiDMethod).run()
+    phases = {k for h in history for k in h if k.startswith("time/")}
+    assert phases == {f"time/{p}_s" for p in ("step", "text", "generator", "fake_score", "teacher", "backward",
+                                               "optimizer")}, phases
+
+
 def test_tiny_runs_are_reproducible_export_the_generator_and_resume_exactly(prompts, tmp_path):
     full = Trainer(_cfg(prompts, tmp_path / "a", max_steps=4, num_previews=0), SiDMethod).run()
     again = Trainer(_cfg(prompts, tmp_path / "b", max_steps=4, num_previews=0), SiDMethod).run()

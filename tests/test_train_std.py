@@ -189,6 +189,21 @@ def test_video_clips_through_data_workers_equal_the_in_process_ones(tmp_path):
                             tensors(tmp_path / "w2" / f"{NAME}{suffix}.safetensors"))
 
 
+def test_time_phases_logs_every_phase_of_a_step_and_changes_nothing(data, tmp_path):
+    """Bug caught: a phase left untimed (its figure missing from the GPU check) or a timer that alters the run."""
+    common = ["--max-steps", "3", "--checkpoint-every", "0", "--num-previews", "0", "--adversarial", "true"]
+    timed = Trainer(_cfg(data, tmp_path / "t", *common, "--time-phases", "true"), STDMethod).run()
+    plain = Trainer(_cfg(data, tmp_path / "p", *common), STDMethod).run()
+    assert _losses(timed) == _losses(plain)
+    assert not any(k.startswith("time/") for h in plain for k in h)
+    phases = {k for h in timed for k in h if k.startswith("time/")}
+    assert phases == {f"time/{p}_s" for p in ("step", "data", "vae", "text", "teacher", "target", "student", "backward",
+                                               "discriminator", "bank", "optimizer")}, phases
+    assert all(h[k] >= 0 for h in timed for k in h if k.startswith("time/"))
+    first = timed[0]  # the bank is empty at step 1: every sample starts fresh (data, vae, text, teacher)
+    assert first["time/data_s"] > 0 and first["time/teacher_s"] > 0
+
+
 def test_bank_keys_are_counters_and_a_batch_never_draws_an_entry_twice(tmp_path):
     from training.std.trajectory_bank import TrajectoryBank
 

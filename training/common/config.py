@@ -91,6 +91,11 @@ class CommonConfig:
                                      "many).", free=True)
     num_previews: int = option(2, "Number of content images in a preview grid (0 = no previews).", free=True)
     export_every: int = option(0, "Also export the LoRA every N steps (0 = only at the end).", free=True)
+    time_phases: bool = option(False, "Log the seconds each phase of a step takes (STD: data, vae, text, teacher, "
+                                      "target, student, discriminator, bank; SiD-LSG: text, generator, fake_score, "
+                                      "teacher; both: backward, optimizer) to train.log and "
+                                      "TensorBoard (time/<phase>_s); waits for the GPU at every phase boundary, so "
+                                      "steps get a little slower.", free=True)
 
 
 def _parse_value(kind, raw):

@@ -18,6 +18,7 @@ exact resume, logs. The contract with a method is written down in :mod:`training
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -129,6 +130,23 @@ class Trainer:
         self.interrupted = False
         self.last_checkpoint: Path | None = None
         self.scalers: dict[str, torch.amp.GradScaler] = {}
+        self.phase_seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time a phase of the step (``--time-phases``; the GPU is waited for at both ends, so the seconds are the
+        phase's own); a no-op otherwise. Phases do not nest."""
+        if not self.cfg.time_phases:
+            yield
+            return
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
 
     def request_stop(self, *_):
         """Finish the current step, write a checkpoint and return (Ctrl-C does this; a second Ctrl-C aborts)."""
@@ -390,15 +408,21 @@ class Trainer:
                             for name, loss, extra in steps:
                                 if not torch.isfinite(loss):
                                     raise NaNLossError(f"the {name} loss became {loss.item()} at step {self.step}")
-                                self._backward(name, loss)
+                                with self.phase("backward"):
+                                    self._backward(name, loss)
                                 logs[f"loss/{name}"] = logs.get(f"loss/{name}", 0.0) + loss.item() / cfg.grad_accum
                                 for k, v in extra.items():
                                     logs[k] = float(v)
-                    self._sync_and_step(None if phase is None else [phase])
-                self.method.after_optimizer_step()
+                    with self.phase("optimizer"):
+                        self._sync_and_step(None if phase is None else [phase])
+                with self.phase("optimizer"):
+                    self.method.after_optimizer_step()
                 self.step += 1
                 logs["time/step_s"] = time.perf_counter() - t0
-                self.history.append({"step": self.step, **{k: v for k, v in logs.items() if k.startswith("loss/")}})
+                logs.update({f"time/{k}_s": v for k, v in self.phase_seconds.items()})
+                self.phase_seconds = {}
+                self.history.append({"step": self.step, **{k: v for k, v in logs.items() if k.startswith("loss/") or
+                                                           (cfg.time_phases and k.startswith("time/"))}})
                 bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
                 bar.update(1)
                 if self.writer and (self.step % max(1, cfg.log_every) == 0 or self.step == cfg.max_steps):

@@ -247,34 +247,40 @@ class SiDMethod:
         return prompts, z, eps, t
 
     def micro_step(self, micro_step: int, phase: str):
-        cfg = self.cfg
+        cfg, clock = self.cfg, self.trainer.phase
         if phase == FAKE:
             gen = self.trainer.generator(micro_step, salt=1)
             dropout = cfg.kappa1 != 1 or cfg.kappa2 != 1
             prompts, z, eps, t = self._batch(micro_step, gen, dropout)
-            ctx = self.context(prompts)
-            with torch.no_grad():
+            with clock("text"):
+                ctx = self.context(prompts)
+            with torch.no_grad(), clock("generator"):
                 self.use(GEN)
                 x_g = self.generate(z, ctx)
             a = self.acp[t]
             x_t = add_noise(x_g.float(), eps.float(), a)  # in float32, as the losses
-            self.use(FAKE)
-            self.train_only(FAKE)
-            loss = fake_score_loss(self.eps(x_t, t, ctx, cfg.kappa1), eps)
+            with clock("fake_score"):
+                self.use(FAKE)
+                self.train_only(FAKE)
+                loss = fake_score_loss(self.eps(x_t, t, ctx, cfg.kappa1), eps)
             yield FAKE, loss, {}
             return
         gen = self.trainer.generator(micro_step, salt=2)
         prompts, z, eps, t = self._batch(micro_step, gen, False)
-        ctx = self.context(prompts)
-        self.use(GEN)
-        self.train_only(GEN)  # before the forward, so the generator's weights are in the graph
-        x_g = self.generate(z, ctx)
+        with clock("text"):
+            ctx = self.context(prompts)
+        with clock("generator"):
+            self.use(GEN)
+            self.train_only(GEN)  # before the forward, so the generator's weights are in the graph
+            x_g = self.generate(z, ctx)
         a = self.acp[t]
         x_t = add_noise(x_g.float(), eps.float(), a)  # in float32, as the losses
-        self.use(FAKE)
-        y_fake = x0_from_eps(x_t, self.eps(x_t, t, ctx, cfg.kappa2), a)
-        self.use(None)
-        y_real = x0_from_eps(x_t, self.eps(x_t, t, ctx, cfg.kappa4), a)
+        with clock("fake_score"):
+            self.use(FAKE)
+            y_fake = x0_from_eps(x_t, self.eps(x_t, t, ctx, cfg.kappa2), a)
+        with clock("teacher"):
+            self.use(None)
+            y_real = x0_from_eps(x_t, self.eps(x_t, t, ctx, cfg.kappa4), a)
         self.use(GEN)
         self.train_only(GEN)
         loss = sid_generator_loss(x_g, y_real, y_fake, cfg.alpha)

@@ -439,9 +439,11 @@ class STDMethod:
             key = cache_key(item, bucket, f"{self.base.source}|{dtype}|{frames}|{cfg.frame_stride}")
             path = self.latent_dir / f"{key}.safetensors"
             if not path.exists():
-                self._write_latent(item, bucket, frames, path)
+                with self.trainer.phase("vae"):
+                    self._write_latent(item, bucket, frames, path)
             from safetensors.torch import load_file
-            t = load_file(str(path))
+            with self.trainer.phase("data"):
+                t = load_file(str(path))
             flip = gen is not None and bool(torch.rand((), generator=gen) < 0.5)
             mean = t["mean_flip" if flip else "mean"].to(self.trainer.device)
             std = t.get("std_flip" if flip else "std")
@@ -450,9 +452,11 @@ class STDMethod:
             crop = Crop((int(t["original"][0]), int(t["original"][1])), int(t["crop"][0]), int(t["crop"][1]), flip)
             return z0.float(), crop
         if pixels is None:
-            pixels = load_pixels(item, bucket, gen, num_frames=frames, frame_stride=cfg.frame_stride,
-                                 flip=gen is not None, random_offset=cfg.random_clip_offset)
-        return self._encode(pixels[0], gen), pixels[1]
+            with self.trainer.phase("data"):
+                pixels = load_pixels(item, bucket, gen, num_frames=frames, frame_stride=cfg.frame_stride,
+                                     flip=gen is not None, random_offset=cfg.random_clip_offset)
+        with self.trainer.phase("vae"):
+            return self._encode(pixels[0], gen), pixels[1]
 
     def _encode(self, pixels: torch.Tensor, gen) -> torch.Tensor:
         if pixels.ndim == 4:  # [F,3,S,S] -> latents [4,F,h,w]: one noise level for the whole clip
@@ -493,7 +497,8 @@ class STDMethod:
         device = self.trainer.device
         item = self.items[item_index]
         z0, crop = self.encode_latent(item_index, gen, bucket, pixels=pixels)
-        ctx = self.sample_context(item.caption, crop, bucket)
+        with self.trainer.phase("text"):
+            ctx = self.sample_context(item.caption, crop, bucket)
         noise = torch.randn(z0.shape, generator=gen).to(device)
         x = add_noise(z0[None], noise[None], self.grid.alpha(torch.tensor([self.n0])).to(device))[0]
         w = float(self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand((), generator=gen))
@@ -520,12 +525,14 @@ class STDMethod:
         rows = []
         for position, (item_index, entry) in enumerate(zip(indices, self.bank.draw_batch(len(indices), bucket))):
             if entry is not None:
-                t = entry.tensors(self.bank.root, device=device)
+                with self.trainer.phase("bank"):
+                    t = entry.tensors(self.bank.root, device=device)
                 ctx = {k: t[k] for k in t if k not in ("state", "z0")}
                 rows.append(dict(entry=entry, x=t["state"], n=entry.index, z0=t["z0"], ctx=ctx, w=entry.w,
                                  caption=entry.caption))
             else:
-                pixels = None if self.latent_dir is not None else self.pixels.sample(micro_step, position)
+                with self.trainer.phase("data"):
+                    pixels = None if self.latent_dir is not None else self.pixels.sample(micro_step, position)
                 rows.append(self.fresh_start(item_index, gen, bucket, pixels))
         return rows, bucket
 
@@ -560,20 +567,23 @@ class STDMethod:
             if "x_prev" in rows[0]:  # precomputed trajectory: the teacher's next state is on disk
                 x_prev = torch.stack([r["x_prev"] for r in rows]).float()
             else:
-                x_prev = self.teacher_step(x, n, ctx, w)
-                for i, r in enumerate(rows):  # advance / retire / keep: the context travels with the state
-                    self.bank.step(r["entry"], r["n"] - 1, x_prev[i], {"z0": r["z0"], **r["ctx"]}
-                                   if r["entry"] is None else None, r["caption"], r["w"], last_index=LAST_INDEX,
-                                   meta={"group": bucket})
+                with self.trainer.phase("teacher"):
+                    x_prev = self.teacher_step(x, n, ctx, w)
+                with self.trainer.phase("bank"):
+                    for i, r in enumerate(rows):  # advance / retire / keep: the context travels with the state
+                        self.bank.step(r["entry"], r["n"] - 1, x_prev[i], {"z0": r["z0"], **r["ctx"]}
+                                       if r["entry"] is None else None, r["caption"], r["w"], last_index=LAST_INDEX,
+                                       meta={"group": bucket})
             # stop-gradient target from the teacher's next state, jumping to the same s
-            with self.target():
+            with self.trainer.phase("target"), self.target():
                 x0_tg, eps_tg = x0_eps(self.unet(x_prev, n - 1, ctx), x_prev, self.grid.alpha(n - 1), pt)
             target = jump(x0_tg, eps_tg, a_s)
         # student jump (with grad) from (x_n, τ_n) to the same s; after the target, so that swapping in EMA
         # weights for the target never touches a tensor the backward pass needs
-        x0_s, eps_s = x0_eps(self.unet(x, n, ctx), x, self.grid.alpha(n), pt)
-        student = jump(x0_s, eps_s, a_s)
-        loss = pseudo_huber(student, target, cfg.huber_c)
+        with self.trainer.phase("student"):
+            x0_s, eps_s = x0_eps(self.unet(x, n, ctx), x, self.grid.alpha(n), pt)
+            student = jump(x0_s, eps_s, a_s)
+            loss = pseudo_huber(student, target, cfg.huber_c)
         logs = {"train/index_mean": n.float().mean().item(), "train/bank_size": len(self.bank)}
         if self.adv is None:
             yield "student", loss, logs
@@ -586,8 +596,10 @@ class STDMethod:
             frames = sorted({int(torch.randint(half, (), generator=gen)),
                              half + int(torch.randint(max(1, f - half), (), generator=gen)) if f > 1 else 0})
             pooled = pooled.repeat_interleave(len(frames), dim=0)
-        fake = self.decode(student, frames)
-        g_adv = self.adv.generator_loss(fake, pooled, gen)
+        with self.trainer.phase("vae"):
+            fake = self.decode(student, frames)
+        with self.trainer.phase("discriminator"):
+            g_adv = self.adv.generator_loss(fake, pooled, gen)
         logs["loss/std"] = loss.item()
         yield "student", loss + cfg.adv_weight * g_adv, logs
         # second half: runs after the trainer's backward of the student loss (see training.common.method)
@@ -596,8 +608,11 @@ class STDMethod:
             r = torch.tensor([self.adv.asymmetric_real_level(int(s), gen) for s in s_t], device=device)
             z0 = torch.stack([row["z0"] for row in rows]).float()
             a_r = self.base.schedule.alphas_cumprod.to(device)[r]
-            real = self.decode(add_noise(z0, torch.randn(z0.shape, generator=gen).to(device), a_r), frames)
-        d_loss, d_logs = self.adv.discriminator_loss(real, fake.detach(), pooled, gen)
+            noised = add_noise(z0, torch.randn(z0.shape, generator=gen).to(device), a_r)
+            with self.trainer.phase("vae"):
+                real = self.decode(noised, frames)
+        with self.trainer.phase("discriminator"):
+            d_loss, d_logs = self.adv.discriminator_loss(real, fake.detach(), pooled, gen)
         yield "discriminator", d_loss, d_logs
 
     def close(self) -> None:
