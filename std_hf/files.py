@@ -16,7 +16,7 @@ from comfyui_std.core.errors import STDInputError
 
 #: ComfyUI ``models/`` sub-folders searched for each kind of file
 FOLDERS = {"base": ("checkpoints", "diffusers"), "lora": ("loras",), "ip_adapter": ("ipadapter",),
-           "image_encoder": ("clip_vision",)}
+           "image_encoder": ("clip_vision",), "motion_module": ("animatediff_models",)}
 #: what each kind is, for messages
 WHAT = {
     "base": "base model (SDXL or SD1.5: a diffusers folder or a single .safetensors checkpoint, e.g. "
@@ -25,9 +25,14 @@ WHAT = {
     "ip_adapter": "IP-Adapter (e.g. ip-adapter_sdxl_vit-h.safetensors from h94/IP-Adapter, sdxl_models/)",
     "image_encoder": "CLIP image encoder of the IP-Adapter (e.g. CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors, "
                      "h94/IP-Adapter models/image_encoder/model.safetensors)",
+    "motion_module": "motion module (AnimateDiff v2/v3 or AnimateDiff-SDXL .ckpt/.safetensors, Hotshot-XL "
+                     "hsxl_temporal_layers.safetensors, or a diffusers MotionAdapter folder), as AnimateDiff-Evolved "
+                     "keeps them",
 }
-LABEL = {"base": "base model", "lora": "lora", "ip_adapter": "IP-Adapter", "image_encoder": "image encoder"}
-FLAG = {"base": "--base", "lora": "--lora", "ip_adapter": "--ip-adapter", "image_encoder": "--image-encoder"}
+LABEL = {"base": "base model", "lora": "lora", "ip_adapter": "IP-Adapter", "image_encoder": "image encoder",
+         "motion_module": "motion module"}
+FLAG = {"base": "--base", "lora": "--lora", "ip_adapter": "--ip-adapter", "image_encoder": "--image-encoder",
+        "motion_module": "--motion-module"}
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
