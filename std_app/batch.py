@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, help="Long side of the outputs in pixels, aspect kept, multiples of 8; 0 = "
                                             "the input's size. [default: the model's native size]")
     v = p.add_argument_group("video")
-    v.add_argument("--frames-per-batch", type=int, default=16, help="frames sampled together; bounds memory")
+    v.add_argument("--frames-per-batch", type=int, help="frames sampled together (with --motion-module: one clip "
+                                                         "through it); bounds memory [default: the motion module's "
+                                                         "context, 8 for Hotshot-XL and 16 for AnimateDiff; else 16]")
     v.add_argument("--overlap", type=int, default=0, help="frames shared by consecutive batches, cross-faded")
     v.add_argument("--noise", default="shared", choices=list(NOISE_MODES),
                    help="shared: one noise for every frame (temporally consistent)")
@@ -172,7 +174,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         StyleSettings(**values).validated()
         if args.size is not None and args.size != 0:
             check_range("size", args.size, 8, 16384, kind=int)
-        args.chunking = Chunking(args.frames_per_batch, args.overlap, args.noise)
+        args.chunking = Chunking(args.frames_per_batch or 16, args.overlap, args.noise)
         check_selection(args.frame_load_cap, args.skip_first_frames, args.select_every_nth, args.force_rate, "none")
     except STDInputError as err:
         raise UsageError(str(err)) from None
@@ -207,6 +209,9 @@ class Stylizer:
         from .engine import resolve_start_strength
 
         self.engine, self.args = engine, args
+        if args.frames_per_batch is None and engine.motion is not None:  # the module's own context by default
+            args.chunking = Chunking(engine.motion.info.default_context, args.overlap, args.noise)
+        engine.check_clip(args.chunking)
         self.style_image = None
         self.settings, self.notices = {}, {}
         for kind in ("i2i", "v2v"):
@@ -362,6 +367,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("std_app.memory").setLevel(logging.INFO)  # the device and memory plan, stated at start
+    logging.getLogger("std_app.motion").setLevel(logging.INFO)  # the motion module and motion-LoRA counts
     try:
         check_arguments(args)
         jobs = collect_jobs(args.inputs, args.output, args.recursive, args.frames_folder)

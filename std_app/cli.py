@@ -61,6 +61,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                                         "ip-adapter_sdxl_vit-h.safetensors in ipadapter/ if present)")
     m.add_argument("--image-encoder", help="its CLIP image encoder (default: CLIP-ViT-H-14-laion2B-s32B-b79K."
                                            "safetensors in clip_vision/ if present)")
+    m.add_argument("--motion-module", help="motion module for videos, run as the STD v2v LoRAs were trained: a file "
+                                           "in --models-dir/animatediff_models (AnimateDiff v2/v3, AnimateDiff-SDXL, "
+                                           "Hotshot-XL hsxl_temporal_layers.safetensors), a path, a diffusers "
+                                           "MotionAdapter folder, or 'tiny' (random, with --tiny); a v2v LoRA is then "
+                                           "applied whole, its motion layers on the module")
     m.add_argument("--tiny", nargs="?", const=TINY_ARCHITECTURES[0], choices=TINY_ARCHITECTURES,
                    help="build tiny random models in-process (offline smoke test; default architecture sd15)")
     d = parser.add_argument_group("device")
@@ -91,7 +96,8 @@ def tiny_before_positionals(argv: list[str]) -> list[str]:
 def model_options(args: argparse.Namespace, tiny_root: Path | None = None) -> ModelOptions:
     """The :class:`ModelOptions` the flags of :func:`add_model_arguments` ask for (``tiny_root``: where ``--tiny``
     builds its models; a temporary folder by default)."""
-    memory = {"offload": getattr(args, "offload", "auto"), "vram_budget": getattr(args, "vram_budget", None)}
+    memory = {"offload": getattr(args, "offload", "auto"), "vram_budget": getattr(args, "vram_budget", None),
+              "motion_module": getattr(args, "motion_module", None)}
     if args.tiny:
         return dataclasses.replace(tiny_options(args.tiny, tiny_root), **memory)
     return ModelOptions(base=args.base, base_config=args.base_config, tokenizer=args.tokenizer, loras=args.lora,

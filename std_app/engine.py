@@ -113,6 +113,10 @@ class VideoRunResult(StreamReport):
         return cls(**values, **run)
 
 
+def _identity(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
 class STDEngine:
     """A loaded base pipeline with its STD LoRAs and optional style reference, ready to stylize frames.
 
@@ -131,12 +135,19 @@ class STDEngine:
             each run plans its VAE sub-batch and tiling from it.
         fuse_loras: fuse the active STD LoRA into the UNet's weights for the runs (no per-layer adapter cost; the
             weights are restored when the LoRA, its scale or the teacher is asked for).
+        motion: the motion module inserted into ``pipe.unet`` (a diffusers ``UNetMotionModel``), or None. Videos
+            then run as the v2v LoRAs were trained: each chunk is one clip through the motion modules, and a v2v
+            LoRA is applied whole, its motion layers fused into the motion modules. Images skip the motion modules
+            (each image a clip of one frame with the modules bypassed: the image UNet's output).
     """
 
     def __init__(self, pipe, catalog: LoraCatalog, base_label: str, style: str | None = None,
                  max_loaded_loras: int = 2, *, device: torch.device | str | None = None, offload: str = "none",
-                 vram_budget: int | None = None, fuse_loras: bool = True):
+                 vram_budget: int | None = None, fuse_loras: bool = True, motion=None):
         self.pipe = pipe
+        self.motion = motion
+        self._motion_layers: dict[str, dict] = {}   # adapter name -> its motion LoRA layers
+        self._motion_fused = None                   # (adapter name, scale, FusedMotionLora) while fused
         self.exec_device = torch.device(device) if device is not None else pipe.unet.device
         self.offload = check_offload(offload)
         self.vram_budget = vram_budget
@@ -148,6 +159,11 @@ class STDEngine:
         #: the plan at the model's native size, made before placing the components (it resolves ``auto``)
         self.start_plan = self.memory_plan(self.native_size, self.native_size)
         self.offload = self.start_plan.offload
+        if motion is not None and self.offload == "sequential":
+            raise STDInputError("offload", "a motion module runs with --offload none or model (sequential offload "
+                                           "keeps the weights the motion LoRA is fused into off the device); "
+                                           f"the plan chose sequential ({self.start_plan.describe()}): pass "
+                                           "--offload model")
         self._place_components()
         self.catalog = catalog
         self.base_label = base_label
@@ -238,6 +254,8 @@ class STDEngine:
         them): a run then costs what the bare model costs. Switching the LoRA or its scale, or running the teacher,
         unfuses first, so the weights are the base model's again."""
         wanted = None if entry is None else (entry.adapter_name, float(scale))
+        if self._motion_fused is not None and self._motion_fused[:2] != wanted:
+            self._unfuse_motion()
         if self._fused is not None and self._fused != wanted:
             self._unfuse()
         if entry is None:
@@ -257,10 +275,19 @@ class STDEngine:
         if self.fuse_loras and self.offload != "sequential":  # sequential offload keeps weights off the device
             self.pipe.fuse_lora(adapter_names=[entry.adapter_name], lora_scale=1.0)
             self._fused = wanted
+        layers = self._motion_layers.get(entry.adapter_name)
+        if layers and self._motion_fused is None:
+            from std_hf.motion import FusedMotionLora
+
+            self._motion_fused = (*wanted, FusedMotionLora(self.pipe.unet, layers, float(scale)))
 
     def _unfuse(self) -> None:
         self.pipe.unfuse_lora()
         self._fused = None
+
+    def _unfuse_motion(self) -> None:
+        self._motion_fused[2].restore(self.pipe.unet)
+        self._motion_fused = None
 
     def _load_lora(self, entry: LoraEntry) -> None:
         if not entry.path.exists():
@@ -268,10 +295,20 @@ class STDEngine:
         state_dict, metadata = read_lora(entry.path, "lora")  # a corrupt file is a message, not a SafetensorError
         texts = [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m is not None]
         motion = set(check_lora_fits(self.pipe.unet, texts, state_dict, entry.name, metadata, self.base_label))
-        if motion:  # a v2v LoRA's motion-module layers: the app runs the image UNet frame by frame
-            log.warning("LoRA %s: its %d motion-module tensors are not applied (the app stylizes frame by frame, "
-                        "without a motion module)", entry.name, len(motion))
-            state_dict = {k: v for k, v in state_dict.items() if k not in motion}
+        if motion and self.motion is None:  # a v2v LoRA's motion-module layers, with no motion module to take them
+            log.warning("LoRA %s: its %d motion-module tensors are not applied: no motion module is loaded, so "
+                        "videos run frame by frame; start with --motion-module (the module it was trained with, "
+                        "from models/animatediff_models) to run it as trained", entry.name, len(motion))
+        elif motion:
+            from std_hf.motion import motion_lora
+
+            layers = motion_lora(self.pipe.unet, {k: state_dict[k] for k in motion}, metadata, entry.name,
+                                 self.motion.info.label())
+            self._motion_layers[entry.adapter_name] = layers
+            logging.getLogger("std_app.motion").info(
+                "LoRA %s: motion LoRA: %d/%d tensors applied to the motion module %s", entry.name, 2 * len(layers),
+                len(motion), self.motion.name)
+        state_dict = {k: v for k, v in state_dict.items() if k not in motion}
         sequential = self.offload == "sequential"
         if sequential:  # the weights come back from the offload hooks while the LoRA is added
             from accelerate.hooks import remove_hook_from_module
@@ -301,6 +338,8 @@ class STDEngine:
             return
         if self._fused is not None:
             self._unfuse()
+        if self._motion_fused is not None:
+            self._unfuse_motion()
         self.pipe.disable_lora()
         try:
             yield
@@ -352,9 +391,13 @@ class STDEngine:
         embeds = image_embeds(pipe.image_encoder, rgb)[:, None].to(pipe.unet.dtype)
         return torch.zeros_like(embeds), embeds
 
-    def denoiser(self, branches: list[Branch], cfg: float) -> KDenoiser:
-        """The k-diffusion denoiser: UNet on all branches in one batch, guidance on the network output."""
+    def denoiser(self, branches: list[Branch], cfg: float, clip: bool = False) -> KDenoiser:
+        """The k-diffusion denoiser: UNet on all branches in one batch, guidance on the network output. With a
+        motion module the batch is one clip (``clip``: the frames attend to each other through the motion modules)
+        or single-frame clips with the modules bypassed (images)."""
         unet = self.pipe.unet
+        if self.motion is not None:
+            return KDenoiser(self._motion_network(branches, cfg, clip), self.schedule)
 
         def network(x, t):
             b, n = x.shape[0], len(branches)
@@ -371,6 +414,63 @@ class STDEngine:
             return guidance(uncond, cond, cfg)
 
         return KDenoiser(network, self.schedule)
+
+    def _motion_network(self, branches: list[Branch], cfg: float, clip: bool):
+        unet, n = self.pipe.unet, len(branches)
+
+        def network(x, t):
+            frames = x.shape[0]
+            if clip:  # [n branches, C, frames, H, W]: one clip per branch, one timestep for all its frames
+                if not bool((t == t[0]).all()):
+                    raise STDInputError("noise", "a clip through the motion module needs one noise level for all "
+                                                 "its frames")
+                x_in = torch.stack([x] * n).movedim(1, 2).to(unet.dtype)
+                per, steps = 1, t[:1].repeat(n)
+            else:  # images: every frame its own one-frame clip, the motion modules bypassed
+                x_in = torch.cat([x] * n)[:, :, None].to(unet.dtype)
+                per, steps = frames, torch.cat([t] * n)
+            text = torch.cat([br.text.expand(per, -1, -1) for br in branches])
+            added = {k: torch.cat([br.added[k].expand(per, -1) for br in branches]) for k in branches[0].added}
+            if branches[0].image is not None:
+                added["image_embeds"] = [torch.cat([br.image.expand(per, -1, -1) for br in branches])]
+            length = x_in.shape[2]
+            with self._motion_bypassed(not clip):
+                out = unet(x_in, steps, encoder_hidden_states=text.repeat_interleave(length, dim=0),
+                           added_cond_kwargs=added or None, return_dict=False)[0].float()
+            out = out.movedim(2, 1).reshape(n * frames, *x.shape[1:]) if clip else out[:, :, 0]
+            if n == 1:
+                return out
+            uncond, cond = out.chunk(2)
+            return guidance(uncond, cond, cfg)
+
+        return network
+
+    def check_clip(self, chunking: Chunking, frames: int | None = None) -> None:
+        """Refuse chunks longer than the motion module's positional table (the frames it can attend over)."""
+        if self.motion is None:
+            return
+        length = chunking.frames_per_batch or frames
+        if length is not None and length > self.motion.info.max_frames:
+            raise STDInputError("frames_per_batch", f"{length} frames in one chunk, but the "
+                                                    f"{self.motion.info.label()} attends over at most "
+                                                    f"{self.motion.info.max_frames}; lower frames_per_batch")
+
+    @contextmanager
+    def _motion_bypassed(self, bypass: bool):
+        """The motion modules pass their input through inside the block (``bypass``), else act."""
+        if not bypass:
+            yield
+            return
+        from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+        modules = [m for m in self.pipe.unet.modules() if isinstance(m, AnimateDiffTransformer3D)]
+        for m in modules:
+            m.forward = _identity
+        try:
+            yield
+        finally:
+            for m in modules:
+                del m.forward
 
     # VAE ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -419,12 +519,14 @@ class STDEngine:
         return RunResult(images, plan, seconds, settings, entry)
 
     def run(self, frames: torch.Tensor, settings: StyleSettings, style_image=None, *, teacher_steps: int | None = None,
-            chunking: Chunking = Chunking(None), progress_bar: bool = True) -> RunResult:
+            chunking: Chunking = Chunking(None), progress_bar: bool = True, clip: bool | None = None) -> RunResult:
         """Stylize frames [N, H, W, 3] (an image is N = 1) with STD, or with the teacher when ``teacher_steps``.
 
         The teacher is the base model without the LoRA, run for ``teacher_steps`` DDIM steps from the same start
         timestep (:func:`comfyui_std.core.plan.teacher_plan`). Frames are sampled in the chunks of ``chunking``
-        (default: all at once, shared noise) with the shared video path of the core.
+        (default: all at once, shared noise) with the shared video path of the core. With a motion module, each
+        chunk runs as one clip through it when ``clip`` (default: when ``chunking`` has ``frames_per_batch``, a
+        video; the streamed path does the same), else the frames are separate images.
         """
         settings = settings.validated()
         entry = self.catalog.get(settings.lora)
@@ -432,6 +534,9 @@ class STDEngine:
         if teacher_steps is not None:
             plan = teacher_plan(plan.start_timestep, teacher_steps, plan.start_strength)
         batch = chunking.batch(frames.shape[0])
+        clip = chunking.frames_per_batch is not None if clip is None else clip
+        if clip:
+            self.check_clip(chunking, frames.shape[0])
         memory = self.memory_plan(frames.shape[1], frames.shape[2], batch)
         vae_batch = memory.vae_calls(batch)  # the VAE's frames per call: the plan's, within a sampler chunk
         with self._lock:
@@ -442,7 +547,7 @@ class STDEngine:
                 branches = self.branches(settings, frames.shape[1], frames.shape[2], style_image)
                 latents = self.encode(frames, vae_batch)
                 with self.placed("unet"):
-                    out = stylize_latents(self.denoiser(branches, settings.cfg), latents, self.sigmas(plan),
+                    out = stylize_latents(self.denoiser(branches, settings.cfg, clip), latents, self.sigmas(plan),
                                           settings.seed, chunking, gamma=settings.gamma, schedule=self.schedule,
                                           disable=not progress_bar)
                 images = self.decode(out, vae_batch)
@@ -505,6 +610,7 @@ class STDEngine:
         if chunking.frames_per_batch is None:
             raise STDInputError("frames_per_batch", "a video file is stylized in chunks: set frames_per_batch")
         frames_per_batch = chunking.frames_per_batch
+        self.check_clip(chunking)
         max_frames = check_range("max_frames", max_frames, 1, MAX_VIDEO_FRAMES, kind=int)
         cap = check_range("frame_load_cap", frame_load_cap, 0, max_frames, kind=int) or max_frames
         if size is not None:
@@ -529,7 +635,7 @@ class STDEngine:
                 vae_batch = memory.vae_calls(frames_per_batch)  # the same blocks as run() on these frames
                 with self.vae_tiling(tiled_vae, planned=memory.vae_tiling):
                     branches = self.branches(settings, height, width, style_image)
-                    run_chunk = std_chunk_runner(self.denoiser(branches, settings.cfg), self.sigmas(plan),
+                    run_chunk = std_chunk_runner(self.denoiser(branches, settings.cfg, True), self.sigmas(plan),
                                                  settings.seed, chunking.noise, gamma=settings.gamma,
                                                  schedule=self.schedule, disable=True)
                     with self.placed("unet", "vae"):  # both alternate chunk by chunk

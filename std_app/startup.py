@@ -44,6 +44,7 @@ class ModelOptions:
     tiny: str | None = None  # "sd15" or "sdxl": build and use the tiny offline zoo
     offload: str = "auto"    # none | model | sequential | auto (from the memory plan, std_hf.memory)
     vram_budget: float | None = None  # GiB to plan for instead of the GPU's free memory
+    motion_module: str | None = None  # a motion module for videos (models/animatediff_models, a path, or "tiny")
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -101,6 +102,18 @@ def load_engine(options: ModelOptions) -> STDEngine:
     pipe = load_pipeline(ref, dtype, options.base_config, options.models_dir, options.tokenizer)
     pipe.set_progress_bar_config(disable=True)
     arch = architecture(pipe)
+    motion = None
+    if options.motion_module:
+        from comfyui_std.core.motion_format import check_base
+        from std_hf.motion import load_motion_adapter, motion_unet
+
+        motion = load_motion_adapter(options.motion_module, options.models_dir, like_unet=pipe.unet)
+        if options.motion_module != "tiny":
+            check_base(motion.info, arch, motion.name, ref.label)
+        pipe.unet = motion_unet(pipe.unet, motion)
+        logging.getLogger("std_app.motion").info(
+                 "motion module %s: %s; videos run in clips of up to %d frames (default %d)", motion.name,
+                 motion.line(), motion.info.max_frames, motion.info.default_context)
     catalog = LoraCatalog.discover(options.loras, options.models_dir)
     if not catalog.entries:
         log.warning("no STD LoRA found: put std_sdxl_i2i_eta0.75.safetensors (and the others of the model zoo) in "
@@ -115,7 +128,8 @@ def load_engine(options: ModelOptions) -> STDEngine:
     else:
         style = attach_ip_adapter(pipe, files[0], files[1], ref.label)
     budget = None if options.vram_budget is None else device_budget(device, options.vram_budget)
-    engine = STDEngine(pipe, catalog, ref.label, style, device=device, offload=options.offload, vram_budget=budget)
+    engine = STDEngine(pipe, catalog, ref.label, style, device=device, offload=options.offload, vram_budget=budget,
+                       motion=motion)
     logging.getLogger("std_app.memory").info("%s; %s", device_line(device), engine.start_plan.describe())
     return engine
 

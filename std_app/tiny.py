@@ -36,17 +36,21 @@ def build_pipeline(arch: str):
 
 
 def write_lora(unet, path: Path, eta: float | None, kind: str, base: str, rank: int = 4, seed: int = 0,
-               method: str = "std") -> Path:
+               method: str = "std", motion_unet=None) -> Path:
     """A PEFT-format (``unet.<module>.lora_A/B.weight``) STD LoRA on the attention projections, with the ``std.*``
-    header the trainer writes."""
+    header the trainer writes; with ``motion_unet`` (a v2v LoRA, as the released ones) also on the attention
+    projections of its motion modules, named by diffusers' motion-model paths."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(LORA_TARGETS) and ".attn" in name:
-            sd[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.1
-            sd[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.1
+    for model in (unet, motion_unet):
+        for name, module in (model.named_modules() if model is not None else ()):
+            if model is motion_unet and "motion_modules." not in name:
+                continue
+            if isinstance(module, torch.nn.Linear) and name.endswith(LORA_TARGETS) and ".attn" in name:
+                sd[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.1
+                sd[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.1
     values = {"method": method, "start_strength": eta, "kind": kind, "base_model": base, "rank": rank, "alpha": rank}
     if method == "sid_lsg":
         values.update(t_init=625, nfe=1)
@@ -54,6 +58,13 @@ def write_lora(unet, path: Path, eta: float | None, kind: str, base: str, rank: 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path), metadata=meta)
     return path
+
+
+def tiny_motion_unet(unet):
+    """The zoo's UNet with the ``tiny`` motion module inserted (what ``--motion-module tiny`` runs)."""
+    from std_hf.motion import load_motion_adapter, motion_unet
+
+    return motion_unet(unet, load_motion_adapter("tiny", like_unet=unet))
 
 
 def write_ip_adapter(unet, path: Path, tokens: int = 4, seed: int = 0) -> Path:
@@ -91,7 +102,8 @@ def build_tiny_models(root: Path, arch: str = "sd15") -> Path:
     """Write a tiny model zoo under ``root`` laid out like ComfyUI's ``models`` folder and return ``root``:
 
     * ``diffusers/tiny-<arch>/``: the base pipeline (diffusers folder);
-    * ``loras/std_tiny_{i2i,v2v}_eta{0.65,0.75,0.85,0.95}.safetensors``: the STD LoRA zoo;
+    * ``loras/std_tiny_{i2i,v2v}_eta{0.65,0.75,0.85,0.95}.safetensors``: the STD LoRA zoo (the v2v ones also carry
+      motion layers that fit the ``tiny`` motion module, as the released v2v LoRAs carry theirs);
     * ``loras/sid_lsg_tiny_onestep.safetensors``: a SiD-LSG one-step generator LoRA (method and t_init metadata);
     * ``ipadapter/ip-adapter_tiny.safetensors`` and ``clip_vision/tiny_clip_vision.safetensors``.
 
@@ -106,11 +118,15 @@ def build_tiny_models(root: Path, arch: str = "sd15") -> Path:
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
+    motion = None
     for i, eta in enumerate(ZOO_ETAS):
         for kind in ("i2i", "v2v"):
             path = root / "loras" / f"std_tiny_{kind}_eta{eta:.2f}.safetensors"
             if not path.exists():
-                write_lora(unet, path, eta, kind, base_name(arch), seed=i * 2 + (kind == "v2v"))
+                if kind == "v2v" and motion is None:
+                    motion = tiny_motion_unet(unet)
+                write_lora(unet, path, eta, kind, base_name(arch), seed=i * 2 + (kind == "v2v"),
+                           motion_unet=motion if kind == "v2v" else None)
     onestep = root / "loras" / "sid_lsg_tiny_onestep.safetensors"
     if not onestep.exists():
         write_lora(unet, onestep, None, "onestep", base_name(arch), seed=99, method="sid_lsg")

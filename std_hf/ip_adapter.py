@@ -94,7 +94,8 @@ def _named(path: Path, fn, *args):
 def cross_attention_widths(unet) -> list[int]:
     """The inner width of every cross-attention layer of a diffusers UNet, in the order IP-Adapter files number
     them (:func:`~comfyui_std.core.style_blocks.ip_layer_order`)."""
-    attn2 = [n[: -len(".processor")] for n in unet.attn_processors if n.endswith("attn2.processor")]
+    attn2 = [n[: -len(".processor")] for n in unet.attn_processors
+             if n.endswith("attn2.processor") and "motion_modules" not in n]  # temporal attn2 is self-attention
     return [unet.get_submodule(n).to_k.out_features for n in ip_layer_order(attn2)]
 
 

@@ -83,9 +83,10 @@ def load_motion_adapter(spec: str, models_dir: Path | None = None, like_unet=Non
                                    "MotionAdapter folder, or 'tiny')")
     if spec == "tiny":
         widths = tuple(like_unet.config.block_out_channels) if like_unet is not None else (16, 16, 32, 32)
+        layers = like_unet.config.layers_per_block if like_unet is not None else 1
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            adapter = MotionAdapter(block_out_channels=widths, **TINY_MOTION)
+            adapter = MotionAdapter(block_out_channels=widths, **dict(TINY_MOTION, motion_layers_per_block=layers))
         sd, info = to_diffusers(adapter.state_dict())
         return MotionModule(adapter, info, "tiny")
     path = resolve("motion_module", spec, models_dir).path
@@ -124,7 +125,7 @@ def motion_unet(unet, module: MotionModule):
     except (RuntimeError, ValueError, KeyError, AttributeError) as err:
         raise STDInputError("motion_module", f"'{module.name}' ({module.info.label()}) does not fit this base "
                                              f"model ({first_line(err)})") from None
-    return model.to(unet.dtype)
+    return torch.nn.Module.to(model, unet.dtype)  # plain cast (diffusers' own to() warns about fp32 modules)
 
 
 def motion_linear_shapes(model) -> dict[str, tuple[int, int]]:
