@@ -1,8 +1,10 @@
 """LoRA export in the formats users load: kohya (ComfyUI LoraLoader, Forge, A1111) and diffusers/PEFT.
 
 Both files carry the ``std.*`` metadata the ComfyUI nodes and the Gradio app read (method, η, start index,
-recommended NFE and gamma, base model, resolution, rr, steps, rank, alpha). Motion-module LoRA tensors go to their
-own ``*_motion.safetensors`` file, since image LoRA loaders have no place for them. Files are written atomically and
+recommended NFE and gamma, base model, resolution, rr, steps, rank, alpha). A video adapter's motion-module LoRA
+tensors are in the PEFT file with the rest (one v2v file, as the released ones) and alone in ``*_motion.safetensors``
+(for the ComfyUI motion-LoRA node); the kohya file holds the image layers only, since image LoRA loaders have no place
+for them. Files are written atomically and
 are world-readable (0644), so another user's ComfyUI can read them.
 
 Two layouts:
@@ -85,8 +87,9 @@ def _kohya_meta(meta: dict, rank: int, alpha: float, arch: str) -> dict:
 
 def export_lora(unet, adapter_name: str, folder: Path, name: str, rank: int, alpha: float,
                 std_values: dict, arch: str, dtype=torch.float16) -> list[Path]:
-    """Write ``<name>.safetensors`` (kohya), ``<name>_diffusers.safetensors`` (PEFT) and, if any,
-    ``<name>_motion.safetensors`` for one adapter as trained. Returns the paths written."""
+    """Write ``<name>.safetensors`` (kohya, the image layers), ``<name>_diffusers.safetensors`` (PEFT, every layer)
+    and, for a video adapter, ``<name>_motion.safetensors`` (its motion-module layers alone). Returns the paths
+    written."""
     folder.mkdir(parents=True, exist_ok=True)
     peft_sd = peft_unet_state_dict(unet, adapter_name)
     if not peft_sd:
@@ -98,8 +101,11 @@ def export_lora(unet, adapter_name: str, folder: Path, name: str, rank: int, alp
     config = unet.peft_config[adapter_name].to_dict()
     config = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     peft_meta = {**meta, "format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True, default=str)}
-    image_peft = {k: v.to(dtype) for k, v in peft_sd.items() if k not in motion}
-    paths.append(atomic_save(image_peft, folder / f"{name}_diffusers.safetensors", peft_meta))
+    # the PEFT file holds the whole adapter (a v2v LoRA's motion layers too, as the released v2v LoRAs do: the app and
+    # the batch CLI apply it whole with a motion module); kohya loaders get the image part, ComfyUI's motion node the
+    # motion part
+    paths.append(atomic_save({k: v.to(dtype) for k, v in peft_sd.items()}, folder / f"{name}_diffusers.safetensors",
+                             peft_meta))
     if motion:
         paths.append(atomic_save({k: v.to(dtype) for k, v in motion.items()}, folder / f"{name}_motion.safetensors",
                                  peft_meta))
@@ -122,8 +128,8 @@ def _canonical_text(path: str) -> str:
 def export_layers(layers: dict[tuple[str, str], LoraLayer], folder: Path, name: str, std_values: dict, arch: str,
                   dtype=torch.float16) -> list[Path]:
     """Write per-layer factors (strength folded in: alpha = rank per layer) as ``<name>.safetensors`` (kohya) and
-    ``<name>_diffusers.safetensors`` (PEFT, unet./text_encoder./text_encoder_2. keys); motion-module layers go to
-    ``<name>_motion.safetensors``. Returns the paths written."""
+    ``<name>_diffusers.safetensors`` (PEFT, unet./text_encoder./text_encoder_2. keys, motion-module layers included);
+    the motion-module layers also alone in ``<name>_motion.safetensors``. Returns the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     kohya, peft, motion = {}, {}, {}
     for (model, path), layer in sorted(layers.items()):
@@ -133,8 +139,9 @@ def export_layers(layers: dict[tuple[str, str], LoraLayer], folder: Path, name: 
         else:
             canonical = _canonical_text(path)
             key_k, key_p = KOHYA_TEXT[arch][model] + canonical.replace(".", "_"), f"{model}.{canonical}"
-        if is_motion_key(path):
+        if is_motion_key(path):  # in the PEFT file with the rest, and alone in the motion file
             motion[f"{key_p}.lora_A.weight"], motion[f"{key_p}.lora_B.weight"] = down.to(dtype), up.to(dtype)
+            peft.update(motion)
             continue
         kohya[f"{key_k}.lora_down.weight"], kohya[f"{key_k}.lora_up.weight"] = down.to(dtype), up.to(dtype)
         kohya[f"{key_k}.alpha"] = torch.tensor(float(layer.rank))

@@ -98,8 +98,10 @@ class STDConfig(CommonConfig):
     frame_stride: int = option(4, "Source frames between clip frames (video mode; the paper: 4).")
     random_clip_offset: bool = option(True, "Video mode: each clip starts at a random frame (seeded) instead of the "
                                             "first.")
-    motion_adapter: str = option("", "diffusers MotionAdapter folder or Hub id (video mode): an SD1.5 AnimateDiff "
-                                     "adapter or an SDXL one ('tiny' = random).")
+    motion_adapter: str = option("", "Motion module (video mode): a file as ComfyUI/models/animatediff_models holds "
+                                     "them (AnimateDiff v2/v3 or AnimateDiff-SDXL .ckpt/.safetensors, Hotshot-XL "
+                                     "hsxl_temporal_layers.safetensors), a diffusers MotionAdapter folder or Hub "
+                                     "id, for the base's architecture ('tiny' = random).")
     bank_source: str = option("", "Train from trajectories precomputed by 'python -m training.bank build' (no "
                                   "teacher call per step) instead of the online bank.")
     num_workers: int = option(0, "DataLoader processes that decode and crop the coming batches while the GPU trains "
@@ -233,7 +235,7 @@ class STDMethod:
                          len(layers) - n_text, n_text)
         if cfg.video:
             from training.std.video import attach_motion_adapter
-            base.unet = attach_motion_adapter(base.unet, cfg.motion_adapter, cfg.seed)
+            base.unet = attach_motion_adapter(base.unet, cfg.motion_adapter, cfg.seed, base.arch, base.name)
         self.style_ref = None
         if cfg.style_image:
             if cfg.video:

@@ -1,45 +1,52 @@
-"""Video mode: a diffusers MotionAdapter (AnimateDiff) inserted into teacher and student."""
+"""Video mode: a motion module (AnimateDiff family) inserted into teacher and student as diffusers'
+``UNetMotionModel``, from the files users have (:func:`std_hf.motion.load_motion_adapter`) or a Hub id."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from comfyui_std.core.errors import STDInputError
+from comfyui_std.core.motion_format import check_base
 
-TINY_MOTION = dict(block_out_channels=(16, 16, 32, 32), motion_layers_per_block=1,
-                   motion_transformer_layers_per_block=1, motion_mid_block_layers_per_block=1,
-                   motion_num_attention_heads=2, motion_norm_num_groups=8, motion_max_seq_length=32,
-                   use_motion_mid_block=False)
+log = logging.getLogger("training")
 
 
-def attach_motion_adapter(unet: torch.nn.Module, spec: str, seed: int = 0) -> torch.nn.Module:
-    """The UNet with a MotionAdapter inserted: ``tiny`` (random, from ``seed``), a folder or a Hub id (safetensors
-    only, every weight loaded)."""
-    from diffusers import MotionAdapter, UNetMotionModel
+def attach_motion_adapter(unet: torch.nn.Module, spec: str, seed: int = 0, arch: str | None = None,
+                          base_label: str = "the base model") -> torch.nn.Module:
+    """The UNet with a motion module inserted: ``tiny`` (random, from ``seed``), a motion-module file (AnimateDiff
+    v2/v3, AnimateDiff-SDXL, Hotshot-XL; .safetensors, or .ckpt through torch's weights-only loader), a diffusers
+    MotionAdapter folder, or a Hub id (safetensors only). Every tensor is loaded; a module for the other base is
+    refused naming both."""
+    from std_hf.motion import load_motion_adapter, motion_unet
 
     if not spec:
-        raise STDInputError("motion_adapter", "video mode needs a motion module (--motion-adapter: a diffusers "
-                                              "MotionAdapter folder such as guoyww/animatediff-motion-adapter-v1-5-3, "
+        raise STDInputError("motion_adapter", "video mode needs a motion module (--motion-adapter: a file from "
+                                              "ComfyUI/models/animatediff_models such as mm_sdxl_v10_beta.ckpt or "
+                                              "hsxl_temporal_layers.safetensors, a diffusers MotionAdapter folder, "
                                               "or 'tiny')")
-    if spec == "tiny":
-        cfg = dict(TINY_MOTION, block_out_channels=tuple(unet.config.block_out_channels))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            adapter = MotionAdapter(**cfg)
-    else:
-        path = Path(spec).expanduser()
-        if spec.startswith((".", "/", "~")) and not path.exists():
-            raise STDInputError("motion_adapter", f"{path} does not exist")
-        try:
-            adapter, info = MotionAdapter.from_pretrained(str(path) if path.exists() else spec, use_safetensors=True,
-                                                          output_loading_info=True)
-        except (OSError, ValueError) as err:
-            raise STDInputError("motion_adapter", f"could not load '{spec}' ({str(err).splitlines()[0]})") from None
-        if info.get("missing_keys"):
-            raise STDInputError("motion_adapter", f"'{spec}' lacks {len(info['missing_keys'])} weights (e.g. "
-                                                  f"{info['missing_keys'][0]})")
+    path = Path(spec).expanduser()
+    if spec != "tiny" and not path.exists() and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        return _from_hub(unet, spec)
+    module = load_motion_adapter(spec, like_unet=unet, seed=seed, label="motion_adapter")
+    if arch is not None and spec != "tiny":
+        check_base(module.info, arch, module.name, base_label)
+    log.info("motion module %s: %s", module.name, module.line())
+    return motion_unet(unet, module)
+
+
+def _from_hub(unet, spec: str):
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    try:
+        adapter, info = MotionAdapter.from_pretrained(spec, use_safetensors=True, output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise STDInputError("motion_adapter", f"could not load '{spec}' ({str(err).splitlines()[0]})") from None
+    if info.get("missing_keys"):
+        raise STDInputError("motion_adapter", f"'{spec}' lacks {len(info['missing_keys'])} weights (e.g. "
+                                              f"{info['missing_keys'][0]})")
     try:
         return UNetMotionModel.from_unet2d(unet, adapter)
     except (RuntimeError, ValueError, KeyError) as err:
