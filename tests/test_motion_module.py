@@ -288,3 +288,35 @@ def test_batch_cli_motion_errors_are_one_line(modules, tmp_path, args, message):
     proc = run_cli(["--tiny", *args, clip, "--output", tmp_path / "out", "--nfe", "2"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"error: " in proc.stderr and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+# -- train, then use ---------------------------------------------------------------------------------------------------
+
+def test_a_video_lora_trained_on_a_module_file_runs_whole_in_the_batch_cli(modules, zoo, tmp_path):
+    """Trainer --motion-adapter <AnimateDiff-layout file> -> the exported v2v file (PEFT, both parts) -> the batch CLI
+    with the same module applies every motion tensor. Bug caught: an export the app cannot use (motion layers only
+    in a side file, or named otherwise than the motion model's paths)."""
+    from safetensors import safe_open
+
+    from training.std.__main__ import main as train
+
+    folder, _ = modules
+    module = folder / "mm_tiny_v3.safetensors"
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(2):
+        write_clip(clips / f"c{i}.mp4", frames=10 + i, fps=8, size=(48, 64))
+    out = tmp_path / "run"
+    assert train(["--preset", "tiny-video", "--data", str(clips), "--output", str(out), "--max-steps", "1",
+                  "--num-previews", "0", "--motion-adapter", str(module)]) == 0
+    exported = out / "std_sd15_tiny_eta0.75_diffusers.safetensors"
+    with safe_open(str(exported), "pt") as f:
+        keys = list(f.keys())
+    motion = [k for k in keys if "motion_modules" in k]
+    assert motion and len(motion) < len(keys)
+    proc = run_cli(["--models-dir", zoo, "--base", "tiny-sd15", "--device", "cpu", "--dtype", "fp32",
+                    "--motion-module", module, "--lora", exported, "--use-lora", exported.stem,
+                    write_clip(tmp_path / "clip.mp4", frames=6, fps=8, size=(32, 32)), "--output", tmp_path / "out",
+                    "--nfe", "2"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"motion LoRA: {len(motion)}/{len(motion)} tensors applied" in proc.stderr, proc.stderr[-3000:]
