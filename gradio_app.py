@@ -22,6 +22,7 @@ import gradio as gr  # noqa: E402
 from comfyui_std.core import STDInputError  # noqa: E402
 from comfyui_std.core.noise import NOISE_MODES  # noqa: E402
 from std_app.handlers import Limits, StyleApp  # noqa: E402
+from std_app.engine import NO_MOTION  # noqa: E402
 from std_app.models import NO_LORA  # noqa: E402
 from std_app.settings import DEFAULTS, declared, start_strength_for  # noqa: E402
 from std_app.cli import add_model_arguments, bounded, model_options  # noqa: E402
@@ -284,6 +285,13 @@ def video_tab(app: StyleApp) -> None:
                 cap = gr.Slider(0, app.limits.max_frames, value=min(48, app.limits.max_frames), step=1,
                                 label="Frame load cap (0 = up to the app's limit)")
                 nth = gr.Slider(1, 10, value=1, step=1, label="Select every nth frame")
+                modules = app.engine.motion_modules()
+                motion = gr.Dropdown(modules + [NO_MOTION], value=modules[0] if modules else NO_MOTION,
+                                     label="Motion module", interactive=bool(modules), elem_id="video-motion",
+                                     info="each batch runs as one clip through it, as the v2v LoRAs were trained "
+                                          "(files of models/animatediff_models)" if modules else
+                                          "start the app with --motion-module to run videos as the v2v LoRAs "
+                                          "were trained")
         with gr.Column():
             result = gr.Video(label="Result", interactive=False, height=RESULT_HEIGHT)
             info = gr.Markdown(label="run info", elem_id="video-info")
@@ -293,7 +301,7 @@ def video_tab(app: StyleApp) -> None:
     check_on_upload(style, app.check_style, info)
     gpu_event(app, run, app.stylize_video,
               dict(c, video=content, style=style, frames_per_batch=fpb, overlap=overlap, noise=noise,
-                   frame_load_cap=cap, select_every_nth=nth),
+                   frame_load_cap=cap, select_every_nth=nth, motion_module=motion),
               [result, download, info, c["seed"]], "stylize_video", info)
 
 

@@ -50,6 +50,8 @@ log = logging.getLogger("std_app")
 #: the most frames :meth:`STDEngine.run_video_file` stylizes from one file (about an hour at 30 fps); front ends
 #: state their own, lower limit with ``max_frames``
 MAX_VIDEO_FRAMES = 100_000
+#: the motion-module choice that stylizes a video frame by frame (the module bypassed)
+NO_MOTION = "none (frame by frame)"
 
 
 def app_plan(nfe, start_strength, plan: str = "official") -> STDPlan:
@@ -143,10 +145,12 @@ class STDEngine:
 
     def __init__(self, pipe, catalog: LoraCatalog, base_label: str, style: str | None = None,
                  max_loaded_loras: int = 2, *, device: torch.device | str | None = None, offload: str = "none",
-                 vram_budget: int | None = None, fuse_loras: bool = True, motion=None):
+                 vram_budget: int | None = None, fuse_loras: bool = True, motion=None, motion_folder=None):
         self.pipe = pipe
         self.motion = motion
-        self._motion_layers: dict[str, dict] = {}   # adapter name -> its motion LoRA layers
+        self.motion_folder = motion_folder          # models/animatediff_models: the modules a run may switch to
+        self._motion_raw: dict[str, tuple] = {}     # adapter name -> (motion tensors, metadata, LoRA name)
+        self._motion_layers: dict[str, dict] = {}   # adapter name -> its motion LoRA layers (for self.motion)
         self._motion_fused = None                   # (adapter name, scale, FusedMotionLora) while fused
         self.exec_device = torch.device(device) if device is not None else pipe.unet.device
         self.offload = check_offload(offload)
@@ -263,6 +267,7 @@ class STDEngine:
                 self.pipe.disable_lora()
             return
         if self._fused == wanted:
+            self._fuse_motion(entry, wanted)
             return
         if entry.adapter_name not in self._loaded:
             self._load_lora(entry)
@@ -275,15 +280,100 @@ class STDEngine:
         if self.fuse_loras and self.offload != "sequential":  # sequential offload keeps weights off the device
             self.pipe.fuse_lora(adapter_names=[entry.adapter_name], lora_scale=1.0)
             self._fused = wanted
+        self._fuse_motion(entry, wanted)
+
+    def _fuse_motion(self, entry: LoraEntry, wanted: tuple[str, float]) -> None:
+        """Fuse the active v2v LoRA's motion layers into the motion modules (once; restored by _unfuse_motion)."""
         layers = self._motion_layers.get(entry.adapter_name)
         if layers and self._motion_fused is None:
             from std_hf.motion import FusedMotionLora
 
-            self._motion_fused = (*wanted, FusedMotionLora(self.pipe.unet, layers, float(scale)))
+            self._motion_fused = (*wanted, FusedMotionLora(self.pipe.unet, layers, wanted[1]))
 
     def _unfuse(self) -> None:
         self.pipe.unfuse_lora()
         self._fused = None
+
+    def _fit_motion_lora(self, adapter: str) -> None:
+        """The motion layers of a loaded v2v LoRA for the current motion module (refused when they do not fit)."""
+        from std_hf.motion import motion_lora
+
+        tensors, metadata, name = self._motion_raw[adapter]
+        layers = motion_lora(self.pipe.unet, tensors, metadata, name, f"{self.motion.info.label()} "
+                                                                      f"'{self.motion.name}'")
+        self._motion_layers[adapter] = layers
+        logging.getLogger("std_app.motion").info("LoRA %s: motion LoRA: %d/%d tensors applied to the motion module %s",
+                                                 name, 2 * len(layers), len(tensors), self.motion.name)
+
+    # Motion modules -----------------------------------------------------------------------------------------------
+    def motion_modules(self) -> list[str]:
+        """The motion modules a video run may use: the loaded one first, then the other files of the
+        animatediff_models folder (a switch loads one whose structure fits the loaded one)."""
+        if self.motion is None:
+            return []
+        from std_hf.motion import PICKLED
+
+        names = [self.motion.name]
+        folder = self.motion_folder
+        if folder is not None and folder.is_dir():
+            names += sorted(p.name for p in folder.iterdir() if p.name != self.motion.name and p.is_file()
+                            and p.suffix in (".safetensors", *PICKLED))
+        return names
+
+    def _switch_motion(self, name: str) -> None:
+        """Load motion module ``name`` (a file of :meth:`motion_modules`) into the motion model in place of the
+        current one: same base and structure (channels, modules per block, mid block), any context length. The
+        loaded v2v LoRAs' motion layers are fitted to it again."""
+        from comfyui_std.core.motion_format import check_base
+        from std_hf.motion import load_motion_adapter
+
+        if name == self.motion.name:
+            return
+        if name not in self.motion_modules():
+            raise STDInputError("motion_module", f"'{name}' is not one of the motion modules on offer "
+                                                 f"({', '.join(self.motion_modules())})")
+        module = load_motion_adapter(str(self.motion_folder / name))
+        check_base(module.info, self.arch, module.name, self.base_label)
+        shape = (lambda i: (i.block_channels, i.layers_per_block, i.mid_block))
+        if shape(module.info) != shape(self.motion.info):
+            raise STDInputError("motion_module", f"'{name}' ({module.info.label()}) is built otherwise than the "
+                                                 f"loaded '{self.motion.name}' (channels, modules per block or mid "
+                                                 "block); restart the app with --motion-module "
+                                                 f"{name} to use it")
+        if self._motion_fused is not None:
+            self._unfuse_motion()
+        targets = dict(self.pipe.unet.named_parameters())
+        targets.update(self.pipe.unet.named_buffers())
+        new = module.adapter.state_dict()
+        missing = sorted(set(new) - set(targets))
+        if missing:
+            raise STDInputError("motion_module", f"'{name}': {len(missing)} tensors have no place in the motion "
+                                                 f"model (e.g. {missing[0]})")
+        old = (self.motion, {k: targets[k].detach().clone() for k in new})
+        try:
+            with torch.no_grad():
+                for key, value in new.items():
+                    owner, leaf = key.rsplit(".", 1)
+                    module_ = self.pipe.unet.get_submodule(owner)
+                    current = getattr(module_, leaf)
+                    if current.shape == value.shape:
+                        current.copy_(value.to(current.device, current.dtype))
+                    else:  # a positional table of another length: a buffer, replaced
+                        setattr(module_, leaf, value.to(current.device, current.dtype))
+            self.motion = module
+            for adapter in list(self._motion_raw):
+                self._fit_motion_lora(adapter)
+        except BaseException:
+            self.motion = old[0]
+            with torch.no_grad():
+                for key, value in old[1].items():
+                    owner, leaf = key.rsplit(".", 1)
+                    setattr(self.pipe.unet.get_submodule(owner), leaf, value) if leaf == "pe" else \
+                        getattr(self.pipe.unet.get_submodule(owner), leaf).copy_(value)
+            for adapter in list(self._motion_raw):
+                self._fit_motion_lora(adapter)
+            raise
+        logging.getLogger("std_app.motion").info("motion module %s: %s", module.name, module.line())
 
     def _unfuse_motion(self) -> None:
         self._motion_fused[2].restore(self.pipe.unet)
@@ -300,14 +390,8 @@ class STDEngine:
                         "videos run frame by frame; start with --motion-module (the module it was trained with, "
                         "from models/animatediff_models) to run it as trained", entry.name, len(motion))
         elif motion:
-            from std_hf.motion import motion_lora
-
-            layers = motion_lora(self.pipe.unet, {k: state_dict[k] for k in motion}, metadata, entry.name,
-                                 self.motion.info.label())
-            self._motion_layers[entry.adapter_name] = layers
-            logging.getLogger("std_app.motion").info(
-                "LoRA %s: motion LoRA: %d/%d tensors applied to the motion module %s", entry.name, 2 * len(layers),
-                len(motion), self.motion.name)
+            self._motion_raw[entry.adapter_name] = ({k: state_dict[k] for k in motion}, metadata, entry.name)
+            self._fit_motion_lora(entry.adapter_name)
         state_dict = {k: v for k, v in state_dict.items() if k not in motion}
         sequential = self.offload == "sequential"
         if sequential:  # the weights come back from the offload hooks while the LoRA is added
@@ -585,7 +669,8 @@ class STDEngine:
                        chunking: Chunking = Chunking(), frame_load_cap: int = 0,
                        skip_first_frames: int = 0, select_every_nth: int = 1, force_rate: float = 0.0,
                        max_frames: int = MAX_VIDEO_FRAMES, tiled_vae: bool = False, audio: bool = True,
-                       fmt: str | None = None, record: dict | None = None, progress=None) -> VideoRunResult:
+                       fmt: str | None = None, record: dict | None = None, progress=None,
+                       motion_module: str | None = None) -> VideoRunResult:
         """Stylize a video file into ``output`` chunk by chunk (:func:`comfyui_std.core.stream.stylize_video_file`):
         memory follows ``chunking.frames_per_batch``, not the clip length, and the frames equal :meth:`run` on the
         same frames with the same settings (the VAE runs in blocks of ``frames_per_batch`` in both).
@@ -605,12 +690,16 @@ class STDEngine:
             audio: keep the source's audio (copied, or re-encoded when the container needs it).
             record: extra fields for the settings record written into the file.
             progress: ``progress(frames_done, frames_total_or_None)`` after every chunk.
+            motion_module: with a motion model loaded, one of :meth:`motion_modules` to run this video with
+                (switched in place), :data:`NO_MOTION` to stylize frame by frame, None for the loaded one.
         """
         settings = settings.validated()
+        frame_by_frame = motion_module == NO_MOTION
+        if motion_module is not None and not frame_by_frame and self.motion is None:
+            raise STDInputError("motion_module", "no motion module is loaded; start with --motion-module to choose one")
         if chunking.frames_per_batch is None:
             raise STDInputError("frames_per_batch", "a video file is stylized in chunks: set frames_per_batch")
         frames_per_batch = chunking.frames_per_batch
-        self.check_clip(chunking)
         max_frames = check_range("max_frames", max_frames, 1, MAX_VIDEO_FRAMES, kind=int)
         cap = check_range("frame_load_cap", frame_load_cap, 0, max_frames, kind=int) or max_frames
         if size is not None:
@@ -630,12 +719,19 @@ class STDEngine:
                              **{"fps": info.fps, **chunking.as_dict(), "source": info.path.name, **(record or {})})
             with self._lock:
                 start = time.perf_counter()
+                if motion_module is not None and not frame_by_frame:
+                    self._switch_motion(motion_module)
+                if not frame_by_frame:
+                    self.check_clip(chunking)
+                if self.motion is not None:
+                    rec["motion_module"] = None if frame_by_frame else self.motion.name
                 self.use_lora(entry, settings.lora_scale)
                 memory = self.memory_plan(height, width, frames_per_batch)
                 vae_batch = memory.vae_calls(frames_per_batch)  # the same blocks as run() on these frames
                 with self.vae_tiling(tiled_vae, planned=memory.vae_tiling):
                     branches = self.branches(settings, height, width, style_image)
-                    run_chunk = std_chunk_runner(self.denoiser(branches, settings.cfg, True), self.sigmas(plan),
+                    run_chunk = std_chunk_runner(self.denoiser(branches, settings.cfg, not frame_by_frame),
+                                                 self.sigmas(plan),
                                                  settings.seed, chunking.noise, gamma=settings.gamma,
                                                  schedule=self.schedule, disable=True)
                     with self.placed("unet", "vae"):  # both alternate chunk by chunk

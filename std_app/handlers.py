@@ -302,10 +302,23 @@ class StyleApp:
         path = self.save_image(result, "image", style_image is not None)
         return str(path), str(path), self.info(result, notices), settings.seed
 
+    def motion_choice(self, value) -> str | None:
+        """The Video tab's motion-module choice: one of the engine's modules or frame by frame (None: the loaded
+        module, or frame by frame without one)."""
+        from .engine import NO_MOTION
+
+        if value in (None, ""):
+            return None
+        offered = self.engine.motion_modules()
+        if not isinstance(value, str) or (value != NO_MOTION and value not in offered):
+            raise STDInputError("motion module", f"choose one of: {', '.join(offered + [NO_MOTION])}" if offered
+                                else "no motion module is loaded (start the app with --motion-module)")
+        return value
+
     @user_errors
     def stylize_video(self, video, style, prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
                       seed, randomize_seed, output_size, plan, style_preset, style_weight, lora_scale,
-                      frames_per_batch, overlap, noise, frame_load_cap, select_every_nth,
+                      frames_per_batch, overlap, noise, frame_load_cap, select_every_nth, motion_module=None,
                       progress=gr.Progress(track_tqdm=True)):
         """Video tab: frames stylized in chunks with shared noise, written as mp4 at the source frame rate.
         Returns (video, downloads, info, seed)."""
@@ -331,7 +344,8 @@ class StyleApp:
         with self.video_errors(path):
             result = self.engine.run_video_file(
                 path, stem.with_suffix(".mp4"), settings, style_image, size=size, chunking=chunking, frame_load_cap=cap, select_every_nth=select_every_nth,
-                max_frames=self.limits.max_frames, fmt="mp4", progress=chunk_done)
+                max_frames=self.limits.max_frames, fmt="mp4", progress=chunk_done,
+                motion_module=self.motion_choice(motion_module))
         notices += [n for n in result.notices if n not in notices]
         for notice in result.notices:
             gr.Warning(notice)

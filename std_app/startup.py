@@ -128,8 +128,9 @@ def load_engine(options: ModelOptions) -> STDEngine:
     else:
         style = attach_ip_adapter(pipe, files[0], files[1], ref.label)
     budget = None if options.vram_budget is None else device_budget(device, options.vram_budget)
+    folder = motion.path.parent if motion is not None and motion.path is not None and motion.path.is_file() else None
     engine = STDEngine(pipe, catalog, ref.label, style, device=device, offload=options.offload, vram_budget=budget,
-                       motion=motion)
+                       motion=motion, motion_folder=folder)
     logging.getLogger("std_app.memory").info("%s; %s", device_line(device), engine.start_plan.describe())
     return engine
 

@@ -35,6 +35,7 @@ class MotionModule:
     adapter: object          # diffusers MotionAdapter
     info: MotionInfo
     name: str
+    path: Path | None = None  # the file or folder it came from (None: tiny)
 
     def line(self) -> str:
         return f"{self.info.label()}: {self.info.tensors}/{self.info.tensors} tensors loaded"
@@ -113,7 +114,7 @@ def load_motion_adapter(spec: str, models_dir: Path | None = None, like_unet=Non
         raise STDInputError(label, f"'{path.name}': {len(bad)} tensors have unexpected shapes (e.g. {bad[0]} "
                                    f"{list(sd[bad[0]].shape)} vs {list(expected[bad[0]].shape)})")
     adapter.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
-    return MotionModule(adapter, info, path.name)
+    return MotionModule(adapter, info, path.name, path)
 
 
 def motion_unet(unet, module: MotionModule):

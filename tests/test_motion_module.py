@@ -320,3 +320,100 @@ def test_a_video_lora_trained_on_a_module_file_runs_whole_in_the_batch_cli(modul
                     "--nfe", "2"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"motion LoRA: {len(motion)}/{len(motion)} tensors applied" in proc.stderr, proc.stderr[-3000:]
+
+
+# -- choosing the module per video (the Video tab) ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folder_engine(zoo, tmp_path_factory):
+    """An engine started with a module from a folder that holds others: same structure (another context length),
+    another structure (no mid block), and one for SDXL."""
+    from diffusers import MotionAdapter, UNet2DConditionModel
+
+    folder = tmp_path_factory.mktemp("modules") / "animatediff_models"
+    folder.mkdir()
+    unet = UNet2DConditionModel.from_pretrained(str(zoo / "diffusers" / "tiny-sd15"), subfolder="unet")
+    shape = dict(block_out_channels=tuple(unet.config.block_out_channels), motion_layers_per_block=1,
+                 motion_num_attention_heads=8, motion_norm_num_groups=16)
+    for name, seed, extra in (("mm_a.safetensors", 0, {}), ("mm_b.safetensors", 1, {"motion_max_seq_length": 24}),
+                              ("mm_nomid.safetensors", 2, {"use_motion_mid_block": False})):
+        torch.manual_seed(seed)
+        adapter = MotionAdapter(**shape, **extra)
+        save_file(from_diffusers(adapter.state_dict(), "animatediff"), str(folder / name))
+    xl = load_motion_adapter("tiny", like_unet=make_unet("sdxl")).adapter.state_dict()
+    save_file(from_diffusers(xl, "animatediff"), str(folder / "mm_sdxl.safetensors"))
+    return load_engine(dataclass_replace(tiny_options("sd15", zoo), motion_module=str(folder / "mm_a.safetensors")))
+
+
+def _video(engine, clip, out, module):
+    import comfyui_std.core.stream as stream
+
+    got = []
+    real = stream.VideoWriter
+
+    class Capture(real):
+        def write(self, frames):
+            got.append(frames.clone())
+            super().write(frames)
+
+    stream.VideoWriter = Capture
+    try:
+        result = engine.run_video_file(clip, out, settings(), size=32, chunking=Chunking(4), motion_module=module)
+    finally:
+        stream.VideoWriter = real
+    return torch.cat(got), result
+
+
+def test_the_video_run_switches_modules_in_place_and_back_exactly(folder_engine, engines, tmp_path):
+    """Bug caught: a switch that leaves the old weights or positional table, or LoRA motion layers fitted to the
+    previous module."""
+    engine = folder_engine
+    assert engine.motion_modules() == ["mm_a.safetensors", "mm_b.safetensors", "mm_nomid.safetensors",
+                                       "mm_sdxl.safetensors"]
+    clip = write_clip(tmp_path / "clip.mp4", frames=6, fps=8, size=(32, 32))
+    a, result = _video(engine, clip, tmp_path / "a.mp4", None)
+    assert result.record["motion_module"] == "mm_a.safetensors"
+    b, result = _video(engine, clip, tmp_path / "b.mp4", "mm_b.safetensors")
+    assert result.record["motion_module"] == "mm_b.safetensors" and engine.motion.info.max_frames == 24
+    assert not torch.allclose(a, b, atol=1e-3)
+    again, _ = _video(engine, clip, tmp_path / "a2.mp4", "mm_a.safetensors")
+    assert torch.equal(again, a) and engine.motion.info.max_frames == 32
+    none, result = _video(engine, clip, tmp_path / "n.mp4", "none (frame by frame)")
+    plain, _ = _video(engines["plain"], clip, tmp_path / "p.mp4", None)
+    assert result.record["motion_module"] is None and torch.allclose(none, plain, atol=1e-4)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("choice, message", [("mm_nomid.safetensors", "is built otherwise than the loaded"),
+                                             ("mm_sdxl.safetensors", "but the base model tiny-sd15 is SD1.5"),
+                                             ("../loras/std_tiny_v2v_eta0.75.safetensors", "is not one of the motion"),
+                                             ("/etc/passwd", "is not one of the motion modules on offer")])
+def test_a_module_that_cannot_be_switched_to_is_refused_and_nothing_changes(folder_engine, tmp_path, choice,
+                                                                            message):
+    engine = folder_engine
+    before = {k: v.clone() for k, v in engine.pipe.unet.state_dict().items() if "motion_modules" in k}
+    name = engine.motion.name
+    clip = write_clip(tmp_path / "clip.mp4", frames=4, fps=8, size=(16, 16))
+    with pytest.raises(STDInputError, match=message):
+        engine.run_video_file(clip, tmp_path / "x.mp4", settings(), chunking=Chunking(4), motion_module=choice)
+    assert engine.motion.name == name and not (tmp_path / "x.mp4").exists()
+    after = engine.pipe.unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.bad_input
+def test_the_video_tab_takes_only_offered_modules(folder_engine, engines, tmp_path):
+    import gradio as gr
+
+    from std_app.handlers import StyleApp
+
+    app = StyleApp(folder_engine, tmp_path, local_files=True)
+    assert app.motion_choice("mm_b.safetensors") == "mm_b.safetensors"
+    assert app.motion_choice(None) is None and app.motion_choice("none (frame by frame)") == "none (frame by frame)"
+    for bad in ("../../x.ckpt", 3, ["mm_a.safetensors"]):
+        with pytest.raises(STDInputError, match="choose one of: mm_a.safetensors"):
+            app.motion_choice(bad)
+    plain = StyleApp(engines["plain"], tmp_path, local_files=True)
+    with pytest.raises(STDInputError, match="no motion module is loaded"):
+        plain.motion_choice("mm_a.safetensors")
+    assert isinstance(gr.Error("x"), Exception)
