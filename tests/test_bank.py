@@ -47,6 +47,27 @@ def test_draws_are_uniform_over_filled_entries_and_respect_rho(tmp_path):
         assert abs(c / 2400 - 1 / 3) < 0.04
 
 
+@pytest.mark.parametrize("buckets", [1, 4, 8])
+def test_the_share_of_fresh_starts_is_one_minus_rho_whatever_the_bucket_count(tmp_path, buckets):
+    """Bug caught: one capacity shared by all buckets (with 8 buckets about 65 % of steps restart at the start index
+    instead of the official bank's 20 %, so later trajectory states are under-trained)."""
+    bank = TrajectoryBank(tmp_path, capacity=4, rho=0.8, seed=1)
+    g = torch.Generator().manual_seed(buckets)
+    n0, steps, warm = 20, 3000, 400
+    fresh = 0
+    for step in range(steps):
+        bucket = (64, 64 + 8 * int(torch.randint(buckets, (), generator=g)))  # batches of one bucket, as the sampler
+        entry = bank.draw_batch(1, bucket)[0]
+        index = n0 if entry is None else entry.index
+        fresh += step >= warm and index == n0
+        bank.step(entry, index - 1, torch.zeros(1, 2, 2), {"z0": torch.zeros(1, 2, 2)}, last_index=1,
+                  meta={"group": bucket})
+    share = fresh / (steps - warm)
+    assert 0.17 < share < 0.24, share
+    assert all(sum(e.meta["group"] == k for e in bank.entries.values()) <= 4 for k in {e.meta["group"]
+                                                                                       for e in bank.entries.values()})
+
+
 def test_trajectories_retire_at_the_last_index(tmp_path):
     bank = TrajectoryBank(tmp_path, capacity=1, rho=1.0)
     bank.step(None, 3, torch.zeros(2), {}, last_index=1)

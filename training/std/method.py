@@ -61,7 +61,8 @@ class STDConfig(CommonConfig):
                                        "paper's lower-bound ratio).", choices=S_WINDOWS)
     s_gamma: float = option(0.7, "γ of --s-window paper: s lies in [γ·t, t) (the paper's ablation: 0.7 best).")
     rho: float = option(0.8, "Probability of training on a trajectory-bank state instead of a fresh start.")
-    bank_size: int = option(4, "Trajectories kept in the bank at once (states stored fp16 on disk).")
+    bank_size: int = option(4, "Trajectories kept in the bank at once per aspect bucket (states stored fp16 on "
+                                "disk); the official run keeps 4.")
     w_min: float = option(5.0, "Lower bound of the distilled guidance scale w (teacher CFG 1 + w, LCM form).")
     w_max: float = option(15.0, "Upper bound of w.")
     huber_c: float = option(1e-3, "Pseudo-Huber c of the distillation loss (on latents).")
