@@ -58,6 +58,47 @@ def test_hinge_and_gradient_penalty_values(adv, monkeypatch):
     assert with_gp > without
 
 
+def test_dino_sees_224_px_with_the_official_random_crop_whatever_its_config_says():
+    """Bug caught: the input size taken from the model config (the Hub's DINOv2 says 518: 1369 tokens, and a 512-px
+    image is never cropped), or a crop that is never (or always) taken."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                     image_size=518, patch_size=14))
+    features = DinoFeatures(model, hooks=[0, 1])
+    images = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    tokens = features(images, torch.Generator().manual_seed(0))
+    assert [tuple(t.shape) for t in tokens] == [(2, 256, 32)] * 2  # (224 / 14)² patches
+    plain = DinoFeatures(model, hooks=[0, 1], augment=False).preprocess(images)
+    resized = (torch.nn.functional.interpolate((images + 1) / 2, size=(224, 224), mode="area") -
+               plain.new_tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)) / plain.new_tensor(
+        (0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    assert torch.allclose(plain, resized, atol=1e-6)  # no augmentation: the whole image, area-resized
+    taken = sum(_crop_drawn(seed) for seed in range(40))
+    assert 10 <= taken <= 30, taken  # p = 0.5
+
+
+def _crop_drawn(seed: int) -> bool:
+    """Whether preprocess took the random crop for this seed (augmentation off except the crop): on a horizontal
+    ramp over 512 columns, the whole image spans the ramp's full range after the resize, a 224-px crop 224/512 of
+    it."""
+    import training.std.adversarial as adversarial
+
+    features = DinoFeatures(tiny_dino(), hooks=[0], augment=True, crop_p=0.5)
+    image = torch.linspace(-1, 1, 512).view(1, 1, 1, 512).expand(1, 3, 512, 512).contiguous()
+    real = adversarial.diff_augment
+    adversarial.diff_augment = lambda x, g: x
+    try:
+        x = features.preprocess(image, torch.Generator().manual_seed(seed))
+    finally:
+        adversarial.diff_augment = real
+    assert x.shape[-2:] == (224, 224)
+    span = float(x[0, 0, 0, -1] - x[0, 0, 0, 0]) * 0.229  # back to [0, 1] units: ~1 whole, ~0.44 a crop
+    assert span > 0.4
+    return span < 0.7
+
+
 def test_real_level_is_always_below_the_students_level():
     g = torch.Generator().manual_seed(0)
     draws = [AdversarialLoss.asymmetric_real_level(s, g) for s in (1, 5, 379, 739) for _ in range(200)]

@@ -5,7 +5,9 @@
   than its own level (sharper style, less texture noise). :meth:`AdversarialLoss.asymmetric_real_level` draws r.
 * **Features**: a frozen DINOv2 ViT-S/14 (``transformers.Dinov2Model``), patch tokens of the hooked blocks (default
   2, 5, 8, 11) after the final layer norm, under differentiable augmentation (colour, translation 1/8, cutout 0.2),
-  a random crop with probability 0.5 and a resize to the model's input size, then ImageNet normalisation.
+  with probability 0.5 a random 224×224 crop (the same for the whole batch), an area resize to 224×224, then ImageNet
+  normalisation: 256 patch tokens per block, as the official discriminator sees, whatever input size the DINOv2
+  config states (the Hub's config says 518, which would give 1369 tokens and never take the crop at 512 px).
 * **Discriminator**: one StyleGAN-T-style head per hook (spectral-normalised 1-D convolutions, local batch norm over
   virtual batches of 8, a circular k=9 residual block), projected onto the text condition. The condition is the
   pooled text embedding the base model already computes (no 1.4 B-parameter extra text model).
@@ -28,6 +30,8 @@ from comfyui_std.core.errors import STDInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the discriminator's input side (the official 224, not the model config's image_size)
+DINO_SIZE = 224
 
 
 def _check_images(images: torch.Tensor, name: str) -> None:
@@ -80,7 +84,7 @@ class DinoFeatures(nn.Module):
         self.hooks = hooks
         self.augment = augment
         self.crop_p = crop_p
-        self.size = int(model.config.image_size)
+        self.size = DINO_SIZE
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -103,7 +107,7 @@ class DinoFeatures(nn.Module):
             left = int(torch.randint(w - self.size + 1, (), generator=generator))
             x = x[..., top:top + self.size, left:left + self.size]  # the same crop for the whole batch
         if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(self.size, self.size), mode="area")
         return (x - self.mean.to(x)) / self.std.to(x)
 
     def tokens(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -288,10 +292,11 @@ def load_dino(dino: str):
     return model
 
 
-def build_adversarial(dino: str, hooks, cond_dim: int, gp_weight: float = 1e-5, seed: int = 0) -> AdversarialLoss:
+def build_adversarial(dino: str, hooks, cond_dim: int, gp_weight: float = 1e-5, seed: int = 0,
+                      adaptive_gp: bool = False) -> AdversarialLoss:
     """The adversarial loss with DINOv2 from a local folder or Hub id (``facebook/dinov2-small``), or ``tiny``; the
     discriminator heads are initialised from ``seed``."""
     model = tiny_dino(max(int(h) for h in hooks) + 1) if dino == "tiny" else load_dino(dino)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AdversarialLoss(DinoFeatures(model, hooks), cond_dim, gp_weight)
+        return AdversarialLoss(DinoFeatures(model, hooks), cond_dim, gp_weight, adaptive_gp=adaptive_gp)

@@ -90,6 +90,9 @@ class STDConfig(CommonConfig):
     dino: str = option("facebook/dinov2-small", "DINOv2 ViT-S/14: a local folder or Hub id ('tiny' = random).")
     dino_hooks: list = option([2, 5, 8, 11], "DINOv2 blocks whose tokens the discriminator heads read.")
     gp_weight: float = option(1e-5, "Weight of the gradient penalty on DINO features.")
+    adaptive_gp: bool = option(False, "The official code's adaptive penalty: the gradient-penalty weight is multiplied "
+                                      "by 5 whenever the penalty reaches 100, at most once every 500 discriminator "
+                                      "steps (the weight then changes during the run; off: a fixed weight).")
     preview_nfe: list = option([4, 8], "Student NFEs shown in preview grids (next to the teacher).", free=True)
     preview_teacher_nfe: int = option(20, "Teacher steps in preview grids (grid levels from the start index; fewer "
                                           "is cheaper, at most ceil(50 η)).", free=True)
@@ -118,12 +121,12 @@ PRESETS = {
     "sd15-8gb": {"_doc": "SD1.5 at 512 on an 8 GB GPU (bf16 weights, checkpointing, 8-bit Adam, text encoders "
                          "offloaded)", "resolution": 512, "mixed_precision": "bf16", "gradient_checkpointing": True,
                  "use_8bit_adam": True, "offload_text_encoders": True, "lora_rank": 32, "lora_alpha": 32.0,
-                 "num_workers": 2, "max_steps": 2000},
+                 "num_workers": 2, "grad_accum": 8, "lr_warmup": 500, "max_steps": 2000},
     "sdxl-12gb": {"_doc": "SDXL at 512 on a 12 GB GPU (bf16 weights and VAE, checkpointing, 8-bit Adam, rank 32, "
                           "text encoders offloaded, no adversary)", "resolution": 512, "mixed_precision": "bf16",
                   "vae_dtype": "bf16", "gradient_checkpointing": True, "use_8bit_adam": True,
                   "offload_text_encoders": True, "lora_rank": 32, "lora_alpha": 32.0, "num_workers": 2,
-                  "max_steps": 2000},
+                  "grad_accum": 8, "lr_warmup": 500, "max_steps": 2000},
     "tiny-video": {"_doc": "CPU smoke run of video mode (tiny random model and motion module)", "base": "tiny",
                    "resolution": 64, "max_steps": 4, "lora_rank": 4, "lora_alpha": 4.0, "learning_rate": 1e-4,
                    "lr_warmup": 1, "checkpoint_every": 2, "device": "cpu", "video": True, "num_frames": 3,
@@ -133,7 +136,7 @@ PRESETS = {
     "sdxl-24gb": {"_doc": "SDXL at 512 on a 24 GB GPU, the paper's rank 64 and the adversarial loss",
                   "resolution": 512, "mixed_precision": "bf16", "gradient_checkpointing": True,
                   "offload_text_encoders": True, "lora_rank": 64, "lora_alpha": 64.0, "adversarial": True,
-                  "num_workers": 2, "max_steps": 3000},
+                  "num_workers": 2, "grad_accum": 8, "lr_warmup": 500, "max_steps": 3000},
 }
 
 
@@ -280,7 +283,7 @@ class STDMethod:
         if cfg.adversarial:
             from training.std.adversarial import build_adversarial
             self.adv = build_adversarial(cfg.dino, cfg.dino_hooks, base.cond_dim, cfg.gp_weight,
-                                         seed=cfg.seed + 1).to(device)
+                                         seed=cfg.seed + 1, adaptive_gp=cfg.adaptive_gp).to(device)
         if cfg.offload_text_encoders:
             self._cache_all_text()
 
