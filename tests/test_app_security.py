@@ -94,7 +94,7 @@ def endpoint_args(endpoint: str, field: int, hostile, good) -> list:
     if endpoint == "stylize_video":
         if field == 1:
             files[0] = None  # the style image is read first, so the refusal comes before the missing video
-        return [*files, *settings("std_tiny_v2v_eta0.75"), 4, 0, "shared", 0, 1]
+        return [*files, *settings("std_tiny_v2v_eta0.75"), 4, 0, "shared", 0, 1, "none (frame by frame)"]
     if endpoint == "compare":
         s = settings()
         return [*files, *s[:6], 2, *s[6:]]

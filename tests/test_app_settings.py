@@ -38,7 +38,7 @@ PUBLIC_API = {
     "/stylize_video": ["video", "style", "prompt", "negative_prompt", "lora", "start_strength", "snap_eta", "nfe",
                        "gamma", "cfg", "seed", "randomize_seed", "output_size", "plan", "style_preset",
                        "style_weight", "lora_scale", "frames_per_batch", "overlap", "noise", "frame_load_cap",
-                       "select_every_nth"],
+                       "select_every_nth", "motion_module"],
     "/compare": ["content", "style", "prompt", "negative_prompt", "lora", "start_strength", "snap_eta", "nfe",
                  "teacher_steps", "gamma", "cfg", "seed", "randomize_seed", "output_size", "plan", "style_preset",
                  "style_weight", "lora_scale"],
