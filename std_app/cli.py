@@ -98,8 +98,8 @@ def model_options(args: argparse.Namespace, tiny_root: Path | None = None) -> Mo
     builds its models; a temporary folder by default)."""
     memory = {"offload": getattr(args, "offload", "auto"), "vram_budget": getattr(args, "vram_budget", None),
               "motion_module": getattr(args, "motion_module", None)}
-    if args.tiny:
-        return dataclasses.replace(tiny_options(args.tiny, tiny_root), **memory)
+    if args.tiny:  # the tiny zoo's base; --lora still names the LoRAs (e.g. one just trained with --preset tiny)
+        return dataclasses.replace(tiny_options(args.tiny, tiny_root), loras=list(args.lora), **memory)
     return ModelOptions(base=args.base, base_config=args.base_config, tokenizer=args.tokenizer, loras=args.lora,
                         ip_adapter=args.ip_adapter, image_encoder=args.image_encoder, models_dir=args.models_dir,
                         device=args.device, dtype=args.dtype, **memory)

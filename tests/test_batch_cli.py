@@ -334,3 +334,16 @@ def test_accelerate_splits_the_inputs_across_two_processes(tmp_path):
     assert sorted(o["rank"] for o in outcomes) == [0, 0, 1, 1]  # each input once, two per process
     assert res.stdout.count("4 stylized") == 1  # one summary, from the first process
     assert streams(out / "clip.mp4") == (6, ["video", "audio"])
+
+
+def test_tiny_mode_takes_the_lora_files_named_with_lora(zoo, tmp_path):
+    """Bug caught: --lora ignored with --tiny (then --use-lora says the LoRA is not loaded)."""
+    mine = tmp_path / "my_style.safetensors"
+    mine.write_bytes((zoo / "loras" / "std_tiny_i2i_eta0.75.safetensors").read_bytes())
+    assert main("--tiny", "--lora", mine, "--use-lora", "my_style", image(tmp_path / "in" / "a.png"),
+                "--output", tmp_path / "out", "--nfe", "2", "--size", "32", "--report", tmp_path / "r.json") == 0
+    assert report(tmp_path / "r.json")["a.png"]["status"] == "done"
+    from PIL import Image as PILImage
+
+    with PILImage.open(tmp_path / "out" / "a.png") as im:
+        assert json.loads(im.info["std"] if "std" in im.info else im.info["parameters"])["lora"] == "my_style"
