@@ -426,8 +426,25 @@ def main(argv=None) -> int:
     warning = exposure_warning(args)
     if warning:
         print(warning, file=sys.stderr)
+    from std_app.exits import Stopped, received, stop_on_signals
+
+    with tempfile.TemporaryDirectory(prefix="std-tiny-") as scratch:  # --tiny's models, removed on every exit
+        try:
+            with stop_on_signals():
+                code = serve(args, model_options(args, Path(scratch) if args.tiny else None), warning)
+                stop = received()  # Gradio's server loop catches the stop itself
+        except Stopped as caught:
+            stop = caught
+        if stop is None:
+            return code
+        print(f"stopped ({stop.name})", file=sys.stderr)
+        return stop.exit_code
+
+
+def serve(args: argparse.Namespace, options, warning: str | None) -> int:
+    """Load the models and serve until stopped."""
     try:
-        engine = load_engine(model_options(args))
+        engine = load_engine(options)
     except STDInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -443,8 +460,6 @@ def main(argv=None) -> int:
         print(warning, file=sys.stderr, flush=True)
     try:
         demo.block_thread()
-    except KeyboardInterrupt:
-        pass
     finally:
         demo.close()
     return 0

@@ -364,6 +364,18 @@ def _distributed():
 
 
 def main(argv=None) -> int:
+    from .exits import Stopped, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            return _main(argv)
+    except Stopped as stop:
+        print(f"stopped ({stop.name}): finished outputs are kept, the file being written was removed",
+              file=sys.stderr)
+        return stop.exit_code
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("std_app.memory").setLevel(logging.INFO)  # the device and memory plan, stated at start

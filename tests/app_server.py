@@ -85,11 +85,11 @@ def upload_raw(base: str, path: Path, headers: dict | None = None) -> str:
     return json.loads(reply)[0]
 
 
-def start_cli(args: list[str], log: Path, port: int) -> subprocess.Popen:
+def start_cli(args: list[str], log: Path, port: int, env: dict | None = None) -> subprocess.Popen:
     """``python gradio_app.py <args> --port <port>`` from the repository root, its output in ``log``."""
     with log.open("w") as out:
         return subprocess.Popen([sys.executable, "gradio_app.py", *args, "--port", str(port)], cwd=REPO,
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_for_config(proc: subprocess.Popen, port: int, log: Path, timeout: float = 240) -> dict:
