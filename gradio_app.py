@@ -103,7 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     r = p.add_argument_group("runtime")
-    r.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where results are written (created)")
+    r.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where results are written (created; "
+                                                                         "default: outputs)")
     r.add_argument("--max-frames", type=_frames, default=DEFAULT_MAX_FRAMES,
                    help=f"most video frames stylized per run (default {DEFAULT_MAX_FRAMES}: a minute at 30 fps; videos "
                         "are streamed, so memory does not grow with the length)")

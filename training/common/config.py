@@ -43,7 +43,7 @@ class CommonConfig:
                            "read offline), a diffusers folder, a Hub id, or 'tiny' (random, for CPU smoke runs).")
     tokenizer: str = option("", "Folder with the CLIP tokenizer files (vocab.json, merges.txt) for a single-file "
                                 "base, when no ComfyUI install is found (ComfyUI ships them in comfy/sd1_tokenizer).")
-    output: str = option("output/std", "Run folder: config.json, train.log, checkpoints/, logs/, previews/ and the "
+    output: str = option("outputs/std", "Run folder (inside the app's outputs/ folder by default, which git ignores): config.json, train.log, checkpoints/, logs/, previews/ and the "
                                        "exported LoRA.", free=True)
     name: str = option("", "Base name of the exported LoRA files (default: derived from method and settings).",
                        free=True)
@@ -168,7 +168,7 @@ def load_file(path: str) -> dict:
 
 def build_parser(cls, prog: str, description: str, presets: dict[str, dict]) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=description,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # one default per flag
     ap.add_argument("--config", help="TOML, YAML or JSON file with any of the options below (a run folder's "
                                      "config.json works too).")
     ap.add_argument("--preset", choices=sorted(presets), help="Start from a preset: " + "; ".join(

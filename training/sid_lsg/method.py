@@ -38,7 +38,7 @@ GEN, FAKE = "gen", "fake"
 
 @dataclasses.dataclass
 class SiDConfig(CommonConfig):
-    output: str = option("output/sid_lsg", "Run folder: config.json, train.log, checkpoints/, logs/, previews/ and "
+    output: str = option("outputs/sid_lsg", "Run folder (inside outputs/, which git ignores): config.json, train.log, checkpoints/, logs/, previews/ and "
                                            "the exported LoRA.", free=True)
     prompts: str = option("", "UTF-8 text file with one training prompt per line (no images are used).")
     t_init: int = option(625, "Timestep the one-step generator is evaluated at (625: sigma_init ≈ 2.5).")
