@@ -424,6 +424,9 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests are not news
+    from std_hf.quiet import quiet_libraries
+
+    quiet_libraries(args.verbose)
     warning = exposure_warning(args)
     if warning:
         print(warning, file=sys.stderr)

@@ -376,7 +376,10 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
+    from std_hf.quiet import quiet_libraries
+
     args = parse_args(argv)
+    quiet_libraries(args.verbose)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("std_app.memory").setLevel(logging.INFO)  # the device and memory plan, stated at start
     logging.getLogger("std_app.motion").setLevel(logging.INFO)  # the motion module and motion-LoRA counts

@@ -79,6 +79,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "sequential (layer by layer; the smallest cards); auto chooses from the GPU's free memory")
     d.add_argument("--vram-budget", type=_budget, metavar="GIB",
                    help="plan for this many GiB of GPU memory instead of the free memory the GPU reports")
+    d.add_argument("--verbose", action="store_true", help="also show the libraries' own warnings (transformers, "
+                                                          "diffusers), which are hidden by default")
 
 
 def tiny_before_positionals(argv: list[str]) -> list[str]:

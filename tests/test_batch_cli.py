@@ -347,3 +347,19 @@ def test_tiny_mode_takes_the_lora_files_named_with_lora(zoo, tmp_path):
 
     with PILImage.open(tmp_path / "out" / "a.png") as im:
         assert json.loads(im.info["std"] if "std" in im.info else im.info["parameters"])["lora"] == "my_style"
+
+
+LIBRARY_NOISE = ("requires torchvision", "Writing model shards", "should be kept in float32",
+                 "No LoRA keys associated")
+
+
+def test_a_quiet_start_shows_only_the_projects_messages_and_verbose_shows_the_rest(tmp_path):
+    """Bug caught: library chatter back at every start (or --verbose that hides it too)."""
+    src = image(tmp_path / "in" / "a.png")
+    quiet = run_cli(["--tiny", src, "--output", tmp_path / "q", "--nfe", "2", "--size", "32"], cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert not [n for n in LIBRARY_NOISE if n in quiet.stderr], quiet.stderr[-3000:]
+    assert "memory plan" in quiet.stderr  # the project's own start line stays
+    loud = run_cli(["--tiny", src, "--output", tmp_path / "v", "--nfe", "2", "--size", "32", "--verbose"],
+                   cwd=tmp_path)
+    assert loud.returncode == 0 and [n for n in LIBRARY_NOISE if n in loud.stderr], loud.stderr[-3000:]
