@@ -285,8 +285,9 @@ class StyleApp:
 
     # Tabs ---------------------------------------------------------------------------------------------------------
     @user_errors
-    def stylize_image(self, content, style, prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
-                      seed, randomize_seed, output_size, plan, style_preset, style_weight, lora_scale,
+    def stylize_image(self, content, style=None, prompt=None, negative_prompt=None, lora=None, start_strength=None,
+                      snap_eta=None, nfe=None, gamma=None, cfg=None, seed=None, randomize_seed=None, output_size=None,
+                      plan=None, style_preset=None, style_weight=None, lora_scale=None,
                       progress=gr.Progress(track_tqdm=True)):
         """Image tab: one content image, stylized with STD. Returns (image, download, info, seed)."""
         settings, notices = self.settings(
@@ -316,9 +317,10 @@ class StyleApp:
         return value
 
     @user_errors
-    def stylize_video(self, video, style, prompt, negative_prompt, lora, start_strength, snap_eta, nfe, gamma, cfg,
-                      seed, randomize_seed, output_size, plan, style_preset, style_weight, lora_scale,
-                      frames_per_batch, overlap, noise, frame_load_cap, select_every_nth, motion_module=None,
+    def stylize_video(self, video, style=None, prompt=None, negative_prompt=None, lora=None, start_strength=None,
+                      snap_eta=None, nfe=None, gamma=None, cfg=None, seed=None, randomize_seed=None, output_size=None,
+                      plan=None, style_preset=None, style_weight=None, lora_scale=None, frames_per_batch=None,
+                      overlap=None, noise=None, frame_load_cap=None, select_every_nth=None, motion_module=None,
                       progress=gr.Progress(track_tqdm=True)):
         """Video tab: frames stylized in chunks with shared noise, written as mp4 at the source frame rate.
         Returns (video, downloads, info, seed)."""
@@ -360,8 +362,9 @@ class StyleApp:
         return str(result.path), [str(result.path), str(sidecar)], text, settings.seed
 
     @user_errors
-    def compare(self, content, style, prompt, negative_prompt, lora, start_strength, snap_eta, nfe, teacher_steps,
-                gamma, cfg, seed, randomize_seed, output_size, plan, style_preset, style_weight, lora_scale,
+    def compare(self, content, style=None, prompt=None, negative_prompt=None, lora=None, start_strength=None,
+                snap_eta=None, nfe=None, teacher_steps=None, gamma=None, cfg=None, seed=None, randomize_seed=None,
+                output_size=None, plan=None, style_preset=None, style_weight=None, lora_scale=None,
                 progress=gr.Progress(track_tqdm=True)):
         """Compare tab: the teacher (base model, many DDIM steps) and STD (LoRA, few steps) from the same start
         timestep and noise. Returns (teacher image, STD image, info, seed)."""

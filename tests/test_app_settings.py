@@ -315,3 +315,13 @@ def test_the_run_record_keeps_its_fields(tmp_path):
     with Image.open(path) as im:
         assert json.loads(im.text["std"]) == record
         assert "CFG scale: 3.0" in im.text["parameters"] and math.isfinite(record["seconds"])
+
+
+def test_only_the_content_or_prompt_is_required_in_the_api(demo):
+    """Bug caught: the optional style image (and everything after it) marked required, so the obvious
+    ``predict(handle_file(img), api_name="/stylize_image")`` fails."""
+    api = demo.get_api_info()["named_endpoints"]
+    required = {name: [p["parameter_name"] for p in v["parameters"] if not p["parameter_has_default"]]
+                for name, v in api.items()}
+    assert required == {"/stylize_image": ["content"], "/stylize_video": ["video"], "/compare": ["content"],
+                        "/one_step": ["prompt"], "/plan": []}
