@@ -52,6 +52,9 @@ EXPORTS = ("with_style", "delta")
 @dataclasses.dataclass
 class STDConfig(CommonConfig):
     data: str = option("", "Folder of training images and/or videos, with optional same-stem .txt captions (UTF-8).")
+    make_demo_data: str = option("", "Write the project's small demo data set (12 captioned 96-px images) into this "
+                                     "new folder and train on it (for a first tiny run without pictures of your "
+                                     "own; --data is then that folder).")
     start_strength: float = option(0.75, "η: the student starts from the content noised to grid index ceil(50η) "
                                          "(0.75 -> t 779); load the LoRA with the same η at inference.")
     range_rate: float = option(0.5, "rr: with --s-window official the target level s lies within R = ceil(50·η·rr) "
@@ -166,8 +169,12 @@ def validate(cfg: STDConfig) -> None:
         raise STDInputError("preview_nfe", "give at least one NFE (e.g. 4,8)")
     for nfe in cfg.preview_nfe:
         std_plan(check_nfe(nfe), cfg.start_strength, "trained_start")
-    if not cfg.data:
-        raise STDInputError("data", "give a folder of training images (--data)")
+    if not cfg.data and not cfg.make_demo_data:
+        raise STDInputError("data", "give a folder of training images (--data), or --make-demo-data DIR for the "
+                                    "project's demo images")
+    if cfg.data and cfg.make_demo_data and Path(cfg.data).expanduser() != Path(cfg.make_demo_data).expanduser():
+        raise STDInputError("make_demo_data", "trains on the demo folder it writes; leave out --data, or give the "
+                                              "same folder")
 
 
 def file_digest(path: str) -> str:
@@ -190,6 +197,11 @@ class STDMethod:
     def setup(self):
         cfg, device = self.cfg, self.trainer.device
         validate(cfg)
+        if cfg.make_demo_data:
+            from training.std.demo_data import make_demo_data
+
+            cfg.data = str(make_demo_data(cfg.make_demo_data))
+            log.info("data: the demo images are in %s", cfg.data)
         span = (cfg.num_frames - 1) * cfg.frame_stride + 1 if cfg.video else 1
         items, skipped = scan_folder(cfg.data, cfg.style_prompt, videos=cfg.video, clip_span=span)
         if skipped:
