@@ -121,8 +121,10 @@ def collect_jobs(inputs: list[Path], output: Path, recursive: bool = False, fram
             if frames_folder:
                 jobs.append(Job(item, output / f"{item.resolve().name}.mp4", "video"))
                 continue
+            out_root = output.resolve()
             files = sorted(p for p in (item.rglob("*") if recursive else item.iterdir())
-                           if p.is_file() and not p.name.startswith(".") and _kind(p))
+                           if p.is_file() and not p.name.startswith(".") and _kind(p)
+                           and not p.resolve().is_relative_to(out_root))  # never this run's own outputs
             if not files:
                 raise UsageError(f"folder '{item}' has no images or videos "
                                  f"({', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})"
@@ -152,6 +154,16 @@ def collect_jobs(inputs: list[Path], output: Path, recursive: bool = False, fram
                              f"stylize them into different --output folders")
         seen[key] = job
     return list(seen.values())
+
+
+def check_written_file(path: Path, flag: str, jobs: list[Job]) -> None:
+    """A file the run writes besides its outputs (the report) must not be an input or an output of the run."""
+    target = path.resolve()
+    for job in jobs:
+        if target == job.source.resolve():
+            raise UsageError(f"{flag} '{path}' is an input of this run; writing it would destroy the input")
+        if target == job.output.resolve():
+            raise UsageError(f"{flag} '{path}' is where the output for '{job.source}' goes; give another file name")
 
 
 def prepare_output(output: Path) -> None:
@@ -386,6 +398,8 @@ def _main(argv=None) -> int:
     try:
         check_arguments(args)
         jobs = collect_jobs(args.inputs, args.output, args.recursive, args.frames_folder)
+        if args.report is not None:
+            check_written_file(args.report, "--report", jobs)
         prepare_output(args.output)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -363,3 +363,32 @@ def test_a_quiet_start_shows_only_the_projects_messages_and_verbose_shows_the_re
     loud = run_cli(["--tiny", src, "--output", tmp_path / "v", "--nfe", "2", "--size", "32", "--verbose"],
                    cwd=tmp_path)
     assert loud.returncode == 0 and [n for n in LIBRARY_NOISE if n in loud.stderr], loud.stderr[-3000:]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_the_report_never_replaces_an_input_or_an_output(tmp_path, capsys, where):
+    """Bug caught: --report in/x.png overwrote the input with JSON; --report OUT/x.png replaced the stylized image
+    (and the next run skipped it as done)."""
+    src = image(tmp_path / "in" / "x.png")
+    before = src.read_bytes()
+    report_path = src if where == "input" else tmp_path / "out" / "x.png"
+    (tmp_path / "out").mkdir()
+    assert main("--tiny", src, "--output", tmp_path / "out", "--report", report_path, "--nfe", "2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --report") and ("is an input" in err if where == "input" else "output for" in err), err
+    assert src.read_bytes() == before and not list((tmp_path / "out").iterdir())
+
+
+def test_recursive_runs_skip_their_own_outputs_inside_the_input_tree(tmp_path):
+    """Bug caught: with the output folder inside the input tree, a second --recursive run stylized the first run's
+    outputs (and could not resume)."""
+    src = tmp_path / "in"
+    image(src / "a.png")
+    out = src / "stylized"
+    args = ["--tiny", src, "--recursive", "--output", out, "--nfe", "2", "--size", "32", "--report",
+            tmp_path / "r.json"]
+    assert main(*args) == 0 and sorted(p.name for p in out.iterdir()) == ["a.png"]
+    assert main(*args) == 0
+    assert [o["status"] for o in report(tmp_path / "r.json").values()] == ["skipped"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a.png"]
