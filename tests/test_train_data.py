@@ -71,3 +71,72 @@ def test_tiff_images_are_data_and_a_video_is_probed_by_the_core_reader(tmp_path)
     assert [c.path.name for c in clips] == ["clip.mp4"]
     with pytest.raises(ValueError, match="no readable videos"):
         scan_folder(str(tmp_path), videos=True, clip_span=8)  # one frame short of a clip
+
+
+# -- hostile folders --------------------------------------------------------------------------------------------------
+
+def _img(path, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("kind, message", [("fifo", "not a regular file"), ("folder", "not a regular file"),
+                                           ("dev_zero", "outside the data folder"), ("huge", "captions are at most"),
+                                           ("outside", "outside the data folder")])
+def test_a_caption_that_is_not_a_small_text_file_inside_the_folder_is_refused(tmp_path, kind, message):
+    """Bug caught: a FIFO caption blocked the trainer forever, a folder gave a traceback, a link to /dev/zero ate
+    memory, a 10 MB caption was taken whole (into every bank checkpoint), a link out of the folder was read."""
+    import os
+
+    from training.common.data import DataError
+
+    data = tmp_path / "data"
+    _img(data / "img1.png")
+    cap = data / "img1.txt"
+    if kind == "fifo":
+        os.mkfifo(cap)
+    elif kind == "folder":
+        cap.mkdir()
+    elif kind == "dev_zero":
+        cap.symlink_to("/dev/zero")
+    elif kind == "huge":
+        cap.write_text("a watercolour " * 10_000)
+    else:
+        (tmp_path / "secret.txt").write_text("not yours")
+        cap.symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(DataError, match=message):
+        scan_folder(str(data))
+
+
+@pytest.mark.bad_input
+def test_links_out_of_the_folder_loops_and_pipes_are_skipped_with_a_notice(tmp_path, caplog):
+    import os
+
+    data = tmp_path / "data"
+    _img(data / "a.png")
+    outside = _img(tmp_path / "elsewhere" / "b.png", 1)
+    (data / "b.png").symlink_to(outside)  # a file link out of the folder
+    (data / "loop").symlink_to(data)  # a folder link back into the folder
+    (data / "gone.png").symlink_to(tmp_path / "missing.png")
+    os.mkfifo(data / "pipe.png")
+    _img(data / "inside" / "c.png", 2)
+    (data / "c_link.png").symlink_to(data / "inside" / "c.png")  # a link inside the folder is followed
+    with caplog.at_level(logging.WARNING, logger="training"):
+        items, _ = scan_folder(str(data))
+    assert sorted(i.path.name for i in items) == ["a.png", "c.png", "c_link.png"]
+    text = caplog.text
+    assert "b.png links out of the data folder" in text and "links back into a folder already read" in text
+    assert "gone.png is a broken or circular link" in text and "pipe.png is not a regular file" in text
+
+
+def test_a_run_folder_inside_the_data_folder_is_not_data(tmp_path, caplog):
+    """Bug caught: --output D/run then --resume trained on the run's own preview grid."""
+    data = tmp_path / "data"
+    for i in range(4):
+        _img(data / f"{i}.png", i)
+    _img(data / "run" / "previews" / "step-000002.png", 9)
+    with caplog.at_level(logging.WARNING, logger="training"):
+        items, _ = scan_folder(str(data), exclude=(data / "run",))
+    assert len(items) == 4 and "is the run's own folder: not read as data" in caplog.text

@@ -59,27 +59,88 @@ def _probe_video(path: Path) -> tuple[int, int, int]:
     return info.source_width, info.source_height, int(info.source_frames or 0)
 
 
-def read_caption(path: Path) -> str:
+#: the longest caption file read (a caption is a sentence or a tag list; CLIP reads 77 tokens of it)
+MAX_CAPTION_BYTES = 64 * 1024
+
+
+def read_caption(path: Path, root: Path | None = None) -> str:
+    """A same-stem caption: a regular UTF-8 file of at most :data:`MAX_CAPTION_BYTES` inside the data folder (a
+    FIFO would block, a link to /dev/zero never end, a link out of the folder read another user's file)."""
+    import stat as stat_
+
+    real = path.resolve()
+    if root is not None and not real.is_relative_to(root.resolve()):
+        raise DataError(f"data: caption {path} links to {real}, outside the data folder; copy the text into the "
+                        "folder instead")
+    info = real.stat()
+    if not stat_.S_ISREG(info.st_mode):
+        raise DataError(f"data: caption {path} is not a regular file (a folder, pipe or device); a caption is a text "
+                        "file")
+    if info.st_size > MAX_CAPTION_BYTES:
+        raise DataError(f"data: caption {path} is {info.st_size} bytes; captions are at most {MAX_CAPTION_BYTES} "
+                        "bytes (the text encoder reads 77 tokens)")
     try:
-        return path.read_bytes().decode("utf-8-sig").strip()
+        return real.read_bytes().decode("utf-8-sig").strip()
     except UnicodeDecodeError as err:
         raise DataError(f"data: caption {path} is not UTF-8 text (invalid byte at offset {err.start}); save it as "
                         "UTF-8") from None
 
 
+def data_files(root: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[Path], list[str]]:
+    """The regular files under ``root`` (sorted) and notices for what the walk left out: links that lead out of
+    the folder (or in circles), files that are not regular (pipes, devices), and the ``exclude`` folders (a run
+    folder inside the data folder: its previews are not training data). Links inside the folder are followed."""
+    import os
+    import stat as stat_
+
+    real_root = root.resolve()
+    skip = [e.resolve() for e in exclude]
+    files, notices, seen_dirs = [], [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        here = Path(folder).resolve()
+        if here in seen_dirs or not here.is_relative_to(real_root) or any(here.is_relative_to(e) for e in skip):
+            if any(here.is_relative_to(e) for e in skip):
+                notices.append(f"{Path(folder)} is the run's own folder: not read as data")
+            elif here in seen_dirs:
+                notices.append(f"{Path(folder)} links back into a folder already read: skipped")
+            else:
+                notices.append(f"{Path(folder)} links out of the data folder (to {here}): skipped")
+            dirs[:] = []
+            continue
+        seen_dirs.add(here)
+        for name in names:
+            path = Path(folder) / name
+            try:
+                real = path.resolve(strict=True)
+                mode = real.stat().st_mode
+            except (OSError, RuntimeError):  # a dangling link or a link loop
+                notices.append(f"{path} is a broken or circular link: skipped")
+                continue
+            if not real.is_relative_to(real_root):
+                notices.append(f"{path} links out of the data folder (to {real}): skipped")
+            elif not stat_.S_ISREG(mode):
+                notices.append(f"{path} is not a regular file: skipped")
+            else:
+                files.append(path)
+    return sorted(files), notices
+
+
 def scan_folder(folder: str, style_prompt: str = "", videos: bool = False,
-                clip_span: int = 1) -> tuple[list[Item], int]:
-    """Readable items of ``folder`` (recursively) and the number of files skipped (unreadable, or videos shorter
-    than ``clip_span`` frames)."""
+                clip_span: int = 1, exclude: tuple[Path, ...] = ()) -> tuple[list[Item], int]:
+    """Readable items of ``folder`` (recursively, see :func:`data_files`) and the number of files skipped
+    (unreadable, or videos shorter than ``clip_span`` frames)."""
     from PIL import Image
 
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DataError(f"data: {folder} is not a folder; give a folder of images (png/jpg/webp/tif) and/or videos")
     items, skipped = [], 0
-    for p in sorted(root.rglob("*")):
+    paths, notices = data_files(root, exclude)
+    for notice in notices:
+        log.warning("data: %s", notice)
+    for p in paths:
         suffix = p.suffix.lower()
-        if not p.is_file() or suffix not in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:
+        if suffix not in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:
             continue
         is_video = suffix in VIDEO_EXTENSIONS
         if videos and not is_video:
@@ -104,7 +165,7 @@ def scan_folder(folder: str, style_prompt: str = "", videos: bool = False,
             log.warning("data: skipping %s: %d frames, a clip needs %d", p.name, n, clip_span)
             continue
         cap = p.with_suffix(".txt")
-        caption = read_caption(cap) if cap.exists() else ""
+        caption = read_caption(cap, root) if (cap.exists() or cap.is_symlink()) else ""
         if style_prompt:
             caption = f"{caption}, {style_prompt}" if caption else style_prompt
         items.append(Item(p, caption, is_video, int(w), int(h), int(n)))

@@ -203,7 +203,8 @@ class STDMethod:
             cfg.data = str(make_demo_data(cfg.make_demo_data))
             log.info("data: the demo images are in %s", cfg.data)
         span = (cfg.num_frames - 1) * cfg.frame_stride + 1 if cfg.video else 1
-        items, skipped = scan_folder(cfg.data, cfg.style_prompt, videos=cfg.video, clip_span=span)
+        items, skipped = scan_folder(cfg.data, cfg.style_prompt, videos=cfg.video, clip_span=span,
+                                     exclude=(Path(cfg.output),))
         if skipped:
             log.warning("data: %d file(s) skipped, %d used", skipped, len(items))
         self.items, self.preview_items = self._split_previews(items, span)
