@@ -54,8 +54,16 @@ class LoraLayer:
 
 
 def read_lora(path: str | Path, label: str = "lora") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, header metadata) of a LoRA .safetensors file, with clear errors for missing or corrupt files."""
-    return read_safetensors(Path(path), label)
+    """(tensors, header metadata) of a LoRA .safetensors file, with clear errors for missing or corrupt files and for
+    tensors that cannot be applied (:func:`~comfyui_std.core.lora_format.check_lora_tensors`)."""
+    from comfyui_std.core.lora_format import check_lora_tensors
+
+    tensors, metadata = read_safetensors(Path(path), label)
+    try:
+        check_lora_tensors(tensors, f"'{Path(path).name}'")
+    except ValueError as err:
+        raise STDInputError(label, str(err)) from None
+    return tensors, metadata
 
 
 def module_index(model: torch.nn.Module) -> dict[str, str]:

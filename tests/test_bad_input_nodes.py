@@ -39,6 +39,12 @@ def files(host, host_files, tiny_models):
                "unet.up_blocks.0.attentions.1.transformer_blocks.9.attn2.to_q.lora_B.weight": torch.zeros(1280, 4)},
               str(models / "loras" / "sdxl_only.safetensors"))
     (models / "loras" / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00not a header")
+    q = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    save_file({f"{q}.lora_down.weight": torch.full((4, 32), float("nan")), f"{q}.lora_up.weight": torch.zeros(32, 4)},
+              str(models / "loras" / "nan.safetensors"))
+    save_file({f"{q}.lora_down.weight": torch.zeros(4, 32, dtype=torch.int8),
+               f"{q}.lora_up.weight": torch.zeros(32, 4, dtype=torch.int8)}, str(models / "loras" / "int8.safetensors"))
+    save_file({f"{q}.lora_down.weight": torch.zeros(4, 32)}, str(models / "loras" / "unpaired.safetensors"))
     plus = {"image_proj.latents": torch.zeros(1, 16, 768), "image_proj.proj_in.weight": torch.zeros(768, 32),
             "ip_adapter.1.to_k_ip.weight": torch.zeros(320, 768), "ip_adapter.1.to_v_ip.weight": torch.zeros(320, 768)}
     save_file(plus, str(models / "ipadapter" / "plus_like.safetensors"))
@@ -210,6 +216,12 @@ CASES = [
      "was not found in the models/loras folder"),
     ("lora-corrupt", lambda c, f: _workflow("std_image_stylize", c, f, _set("2", lora_name="corrupt.safetensors")),
      "could not read 'corrupt.safetensors'"),
+    ("lora-nan", lambda c, f: _workflow("std_image_stylize", c, f, _set("2", lora_name="nan.safetensors")),
+     "non-finite value(s) (NaN or inf)"),
+    ("lora-int8", lambda c, f: _workflow("std_image_stylize", c, f, _set("2", lora_name="int8.safetensors")),
+     "is int8; LoRA weights are float tensors"),
+    ("lora-unpaired", lambda c, f: _workflow("std_image_stylize", c, f, _set("2", lora_name="unpaired.safetensors")),
+     "has a lora_down factor but no lora_up"),
     ("lora-text-encoder-only", lambda c, f: _workflow("std_image_stylize", c, f,
                                                       _set("2", lora_name="text_only.safetensors")),
      "has no UNet LoRA weights"),

@@ -59,3 +59,28 @@ def test_eta_mismatch_warning():
     assert eta_mismatch_warning(0.75, 0.75) is None
     assert eta_mismatch_warning(None, 0.5) is None
     assert "trained for" in eta_mismatch_warning(0.75, 0.65)
+
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.update({K + ".lora_down.weight": torch.full((2, 8), float("inf"))}), "non-finite"),
+    (lambda sd: sd.update({K + ".lora_up.weight": torch.ones(8, 2, dtype=torch.int8)}), "is int8"),
+    (lambda sd: sd.pop(K + ".lora_up.weight"), "has a lora_down factor but no lora_up"),
+    (lambda sd: sd.update({"unet.x.to_q.lora_B.weight": torch.zeros(8, 2)}), "has a lora_B factor but no lora_A"),
+    (lambda sd: sd.update({K + ".alpha": torch.tensor(float("nan"))}), "non-finite"),
+])
+def test_lora_tensors_that_cannot_be_applied_are_refused(change, message):
+    """Bug caught: a NaN, inf or int8 LoRA reported as "N/N layers applied" (an all-NaN result), a lora_down
+    without its lora_up counted as a layer."""
+    from comfyui_std.core.lora_format import check_lora_tensors
+
+    sd = {K + ".lora_down.weight": torch.zeros(2, 8), K + ".lora_up.weight": torch.zeros(8, 2),
+          K + ".alpha": torch.tensor(2.0)}
+    check_lora_tensors(dict(sd), "ok.safetensors")
+    change(sd)
+    with pytest.raises(ValueError, match=message):
+        check_lora_tensors(sd, "bad.safetensors")
+
+
+K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"

@@ -79,6 +79,42 @@ def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float | None = None):
     return out, motion
 
 
+#: the dtypes a LoRA factor may have (an int8 "LoRA" is not one; quantised LoRAs are not a format this pack reads)
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FACTOR = re.compile(r"\.(lora_down|lora_up|lora_A|lora_B)(?:\.default)?\.weight$|\.lora\.(down|up)\.weight$"
+                     r"|\.lora_linear_layer\.(down|up)\.weight$")
+_PARTNER = {"lora_down": "lora_up", "lora_up": "lora_down", "lora_A": "lora_B", "lora_B": "lora_A", "down": "up",
+            "up": "down"}
+
+
+def check_lora_tensors(state_dict: dict[str, torch.Tensor], name: str) -> None:
+    """Refuse a LoRA whose tensors cannot be applied as they are: a factor that is not a float tensor, a non-finite
+    value (NaN or inf: every output would be NaN), or a factor without its partner (a ``lora_down`` without its
+    ``lora_up``, a ``lora_A`` without its ``lora_B``). Raises ``ValueError`` naming the file and the first tensor."""
+    modules: dict[str, set[str]] = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name}: {key} is not a tensor")
+        m = _FACTOR.search(key)
+        if m is None and not key.endswith(".alpha"):
+            continue
+        if value.dtype not in FACTOR_DTYPES:
+            raise ValueError(f"{name}: {key} is {str(value.dtype).replace('torch.', '')}; LoRA weights are float "
+                             "tensors (fp16, bf16 or fp32)")
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{name}: {key} holds {bad} non-finite value(s) (NaN or inf); the file is damaged")
+        if m is not None:
+            role = next(g for g in m.groups() if g)
+            modules.setdefault(key[:m.start()] + "|" + ("kohya" if role.startswith("lora_") and role in (
+                "lora_down", "lora_up") else "peft" if role in ("lora_A", "lora_B") else "old"), set()).add(role)
+    for module, roles in sorted(modules.items()):
+        for role in roles:
+            if _PARTNER[role] not in roles:
+                raise ValueError(f"{name}: the layer {module.split('|')[0]} has a {role} factor but no "
+                                 f"{_PARTNER[role]}; the file is damaged or not a LoRA")
+
+
 def lora_module_names(kohya_sd: dict[str, torch.Tensor]) -> set[str]:
     return {k.split(".")[0] for k in kohya_sd if k.endswith((".lora_down.weight", ".lora_up.weight"))}
 
