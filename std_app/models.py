@@ -100,6 +100,9 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
 
 def lora_entry(path: Path) -> LoraEntry:
     meta = std_metadata(read_safetensors_metadata(path), path.name)
+    if meta.get("invalid"):
+        log.warning("LoRA %s: its header holds values no training uses (%s); they are ignored", path.name,
+                    ", ".join(meta["invalid"]))
     eta = meta.get("start_strength")
     if meta.get("method") == "sid_lsg":
         kind = "onestep"  # a SiD-LSG one-step text-to-image generator

@@ -84,3 +84,17 @@ def test_lora_tensors_that_cannot_be_applied_are_refused(change, message):
 
 
 K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+@pytest.mark.bad_input
+def test_header_numbers_out_of_range_are_ignored_and_listed_never_shown_as_trained_values():
+    """Bug caught: std.start_strength="nan" and std.nfe="-3" shown to the user as the LoRA's trained values."""
+    from comfyui_std.core.lora_format import std_metadata
+
+    info = std_metadata({"std.start_strength": "NaN", "std.nfe": "-3", "std.gamma": '"0.2"', "std.t_init": "625.5",
+                         "std.rank": "true", "std.kind": '"v2v"'}, "std_sdxl_v2v_eta0.75.safetensors")
+    assert info["start_strength"] == 0.75 and info["source"] == "filename"  # from the name, not the header's NaN
+    assert info["gamma"] == 0.2 and info["kind"] == "v2v"
+    assert "nfe" not in info and "t_init" not in info and "rank" not in info
+    assert sorted(x.split("=")[0] for x in info["invalid"]) == ["nfe", "rank", "start_strength", "t_init"]
+    assert std_metadata({"std.start_strength": "0.6", "std.nfe": "4"}) == {"start_strength": 0.6, "nfe": 4}

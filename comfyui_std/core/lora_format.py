@@ -142,16 +142,54 @@ def peft_alpha_from_metadata(metadata: dict[str, str] | None) -> float | None:
     return None
 
 
+#: the numbers a ``std.*`` header may carry, with the range each must lie in: (kind, low, high, low excluded)
+META_RANGES = {"start_strength": (float, 0.0, 1.0, True), "nfe": (int, 1, 50, False), "gamma": (float, 0.0, 1.0, False),
+               "start_index": (int, 1, 50, False), "t_init": (int, 1, 999, False), "rank": (int, 1, 4096, False),
+               "alpha": (float, 0.0, 1e6, True), "resolution": (int, 8, 16384, False), "rr": (float, 0.0, 1.0, True),
+               "steps": (int, 0, 10**9, False), "max_rank": (int, 1, 1 << 20, False)}
+
+
+def _meta_number(name: str, value):
+    """A header number within its range, or None."""
+    kind, low, high, low_open = META_RANGES[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value) or (kind is int and not float(value).is_integer()):
+        return None
+    if value < low or value > high or (low_open and value == low):
+        return None
+    return kind(value)
+
+
 def std_metadata(metadata: dict[str, str] | None, filename: str = "") -> dict[str, object]:
-    """STD settings a LoRA carries: its ``std.*`` header keys, or η parsed from a released file's name."""
+    """STD settings a LoRA carries: its ``std.*`` header keys, or η parsed from a released file's name.
+
+    Numbers outside their range (:data:`META_RANGES`: ``start_strength = "nan"``, ``nfe = "-3"``) are not settings
+    anyone trained with: they are left out and listed under ``"invalid"`` (``name=value`` strings) for the caller to
+    say so, never shown as the LoRA's values."""
     info: dict[str, object] = {}
+    invalid: list[str] = []
     for k, v in (metadata or {}).items():
         if k.startswith(META_PREFIX):
             name = k[len(META_PREFIX):]
             try:
-                info[name] = json.loads(v)
+                value = json.loads(v)
             except (ValueError, TypeError):
-                info[name] = v
+                value = v
+            if name in META_RANGES:
+                if isinstance(value, str):
+                    try:
+                        value = float(value)
+                    except ValueError:
+                        pass
+                checked = _meta_number(name, value)
+                if checked is None:
+                    invalid.append(f"{name}={v!r}")
+                    continue
+                value = checked
+            info[name] = value
+    if invalid:
+        info["invalid"] = invalid
     if "start_strength" not in info and filename:
         m = _ETA_IN_NAME.search(filename)
         if m:
