@@ -27,6 +27,7 @@ import gradio as gr
 import torch
 
 from comfyui_std.core import STDInputError, check_range
+from comfyui_std.core.errors import check_bool
 from comfyui_std.core.chunks import Chunking
 from comfyui_std.core.errors import redact_paths
 from comfyui_std.core.plan import teacher_plan
@@ -190,8 +191,8 @@ class StyleApp:
         if entry is not None and entry.kind == "onestep":
             raise STDInputError("lora", f"'{entry.name}' is a SiD-LSG one-step text-to-image generator, not an STD "
                                         "style-transfer LoRA: use it in the One-step tab, or pick an STD LoRA")
-        eta, notice = resolve_start_strength(entry, start_strength, bool(snap_eta))
-        if randomize_seed:
+        eta, notice = resolve_start_strength(entry, start_strength, check_bool("snap_eta", snap_eta))
+        if check_bool("randomize_seed", randomize_seed):
             seed = random.randrange(SEED_RANGE)
         settings = StyleSettings(**style, lora=entry and entry.name, start_strength=eta, seed=seed).validated()
         app_plan(settings.nfe, settings.start_strength, settings.plan)  # refuse bad NFE/η before any work
@@ -402,7 +403,7 @@ class StyleApp:
         entry = self.engine.catalog.get(lora)
         if entry is None or entry.kind != "onestep":
             raise STDInputError("lora", "choose a SiD-LSG one-step LoRA (its metadata says method sid_lsg)")
-        if randomize_seed:
+        if check_bool("randomize_seed", randomize_seed):
             seed = random.randrange(SEED_RANGE)
         if not str(prompt or "").strip():
             raise STDInputError("prompt", "a one-step generator makes an image from the prompt: write one")
@@ -410,6 +411,9 @@ class StyleApp:
                 for n, v in (("width", width), ("height", height))]
         step = self.engine.vae_scale
         w, h = (max(step, v - v % step) for v in size)
+        snapped = [f"{n} {v} is not a multiple of {step}: {u} used" for n, v, u in
+                   (("width", size[0], w), ("height", size[1], h)) if u != v]
+        _notify(snapped)
         settings = StyleSettings(prompt=prompt, seed=seed, lora=entry.name, cfg=1.0).validated()
         progress(0, desc="Generating")
         result = self.engine.generate(settings, h, w, batch_size, entry.t_init)
@@ -419,5 +423,5 @@ class StyleApp:
             record = dict(self.record(result, False), index=i, t_init=entry.t_init, method="sid_lsg")
             paths.append(str(save_png(frame_to_image(result.frames[i]), path, record)))
         text = (f"**SiD-LSG**: one step from t_init {entry.t_init}, seed {settings.seed}, {w}x{h}, "
-                f"LoRA {entry.describe()}, {result.seconds:.2f} s")
+                f"LoRA {entry.describe()}, {result.seconds:.2f} s" + "".join(f"\n\n{n}" for n in snapped))
         return paths, paths, text, settings.seed

@@ -400,6 +400,7 @@ ONE_STEP_BAD = [
     pytest.param(dict(width=4096), "width: got 4096, allowed range is [32, 256]", id="width-too-large"),
     pytest.param(dict(height=0), "height: got 0, allowed range is [32, 256]", id="height-zero"),
     pytest.param(dict(seed="x"), "seed: expected an integer, got 'x' (str)", id="seed-text"),
+    pytest.param(dict(randomize="no"), "randomize_seed: expected true or false, got 'no'", id="randomize-text"),
 ]
 
 
@@ -669,3 +670,23 @@ def test_one_step_tab_generates_with_the_sid_lora_and_refuses_bad_input(client, 
         with pytest.raises(AppError, match=message):
             client.predict(*args, api_name="/one_step")
     assert client.predict("x", "sid_lsg_tiny_onestep", 1, False, 64, 64, 1, api_name="/one_step")[2]
+
+
+
+@pytest.mark.bad_input
+def test_yes_no_inputs_take_only_true_or_false(app):
+    """Bug caught: snap_eta = "no" counted as true (any non-empty string is truthy)."""
+    base = dict(prompt="p", negative_prompt="", lora="std_tiny_i2i_eta0.75", start_strength=0.6, nfe=2, gamma=0.0,
+                cfg=1.0, seed=1, plan="official", style_preset="style", style_weight=1.0, lora_scale=1.0)
+    for name, value in (("snap_eta", "no"), ("randomize_seed", "false"), ("snap_eta", 1)):
+        kw = dict(base, snap_eta=False, randomize_seed=False)
+        kw[name] = value
+        with pytest.raises(STDInputError, match=f"{name}: expected true or false, got {value!r}"):
+            app.settings(**kw)
+
+
+def test_a_one_step_size_off_the_grid_is_stated(client):
+    """Bug caught: width 65 gave a 64-px image without a word."""
+    gallery, _, info, _ = client.predict("a lighthouse", "sid_lsg_tiny_onestep", 5, False, 65, 48, 1,
+                                         api_name="/one_step")
+    assert "width 65 is not a multiple of 8: 64 used" in info

@@ -48,3 +48,11 @@ def check_range(name: str, value, low, high, *, low_open: bool = False, high_ope
         hi = ")" if high_open else "]"
         raise STDInputError(name, f"got {value}, allowed range is {lo}{low}, {high}{hi}")
     return value
+
+
+def check_bool(name: str, value) -> bool:
+    """A yes/no input: ``True`` or ``False`` (a string such as ``"no"`` is not silently true). Raises
+    :class:`STDInputError` naming the input."""
+    if isinstance(value, bool):
+        return value
+    raise STDInputError(name, f"expected true or false, got {value!r}")
