@@ -7,6 +7,8 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from app_server import REPO, free_port, start_cli, stop, wait_for_config
 
 
@@ -54,3 +56,16 @@ def test_demo_data_never_mixes_with_or_overwrites_the_users_files(tmp_path, caps
     assert main(["--preset", "tiny", "--make-demo-data", str(tmp_path / "d"), "--data", str(mine), "--output",
                  str(tmp_path / "o")]) == 2
     assert "leave out --data" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("text", ["output: null\n", "max_steps: null\n", "style_prompt: ~\n"])
+def test_a_config_null_is_refused_not_turned_into_a_none_folder(tmp_path, capsys, monkeypatch, text):
+    """Bug caught: output: null in a YAML config wrote the run into ./None/."""
+    from training.std.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text(text)
+    assert main(["--preset", "tiny", "--make-demo-data", "demo", "--config", "run.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "got no value (null)" in err and not (tmp_path / "None").exists()

@@ -99,6 +99,8 @@ class CommonConfig:
 
 
 def _parse_value(kind, raw):
+    if raw is None:  # a config file's null: not a value (a str() of it would be the folder "None")
+        raise ValueError("got no value (null); give a value or leave the option out")
     if kind is bool:
         if isinstance(raw, bool):
             return raw
