@@ -26,6 +26,11 @@ def files(host, host_files, tiny_models):
     (inp / "mixed_frames").mkdir(exist_ok=True)
     Image.new("RGB", (16, 16)).save(inp / "mixed_frames" / "a.png")
     Image.new("RGB", (24, 16)).save(inp / "mixed_frames" / "b.png")
+    (inp / "linked_out").mkdir(exist_ok=True)
+    Image.new("RGB", (16, 16)).save(inp / "linked_out" / "a.png")
+    (host.base / "private.png").write_bytes((inp / "linked_out" / "a.png").read_bytes())
+    if not (inp / "linked_out" / "b.png").is_symlink():
+        (inp / "linked_out" / "b.png").symlink_to(host.base / "private.png")
     outside = host.base / "secret"
     outside.mkdir(exist_ok=True)
     (outside / "private.mp4").write_bytes((inp / "std_content.mp4").read_bytes())
@@ -148,6 +153,10 @@ CASES = [
     ("image-folder-mixed-sizes-refused", lambda c, f: _image_folder(mismatch="refuse"),
      "'photo3.png' is 96x80 but the first image is 64x64"),
     ("image-folder-empty", lambda c, f: _image_folder(folder="empty_frames"), "'empty_frames' has no images"),
+    ("image-folder-file-link-out", lambda c, f: _image_folder(folder="linked_out"),
+     "'b.png' in 'linked_out' links to a file outside the folder"),
+    ("load-video-frames-link-out", lambda c, f: _load_video(path="linked_out"),
+     "'b.png' in 'linked_out' links to a file outside the folder"),
     ("image-folder-skip-all", lambda c, f: _image_folder(skip_first_images=50), "skipping 50 leaves none"),
     # STD Save Video
     ("save-video-fps-zero", lambda c, f: _save_video(fps=0.0), _range("Value 0.0 smaller than min of 0.01", "fps")),

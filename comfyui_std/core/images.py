@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import STDInputError, check_range
+from .folders import folder_files
 from .frames import RESIZE_MODES, fit, snap_frame
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -140,7 +141,7 @@ def load_image_folder(folder, image_load_cap: int = 0, skip_first_images: int = 
     folder = Path(folder)
     if not folder.is_dir():
         raise STDInputError("folder", f"'{folder.name}' is not a folder")
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    files = folder_files(folder, IMAGE_EXTENSIONS)
     if sort == "modified":
         files.sort(key=lambda p: (os.stat(p).st_mtime_ns, p.name))
     else:

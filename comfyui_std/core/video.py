@@ -24,6 +24,7 @@ import torch
 
 from .audio import AudioFile, check_audio_track, open_audio_mux
 from .errors import STDInputError, check_range, redact_paths
+from .folders import folder_files
 from .frames import RESIZE_MODES, snap_frame
 from .images import IMAGE_EXTENSIONS, image_to_float
 
@@ -197,7 +198,7 @@ class VideoReader:
         self.decoded_frames = 0
         self._notices = notices = []
         if path.is_dir():
-            self._files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            self._files = sorted(folder_files(path, IMAGE_EXTENSIONS, "video"))
             if not self._files:
                 raise STDInputError("video", f"folder '{path.name}' has no image frames ({', '.join(IMAGE_EXTENSIONS)})")
             src_fps, container, source_frames, variable = float(folder_fps), "folder", len(self._files), False
