@@ -1,5 +1,7 @@
 """The core's one message format and its path redaction (what a ComfyUI or app client may be told)."""
 
+import re
+
 import pytest
 
 from comfyui_std.core.errors import STDInputError, check_range, redact_paths
@@ -21,3 +23,24 @@ def test_absolute_paths_are_cut_to_their_last_part(message, expected):
 def test_messages_name_the_input_and_the_range():
     with pytest.raises(STDInputError, match=r"^nfe: got 0, allowed range is \[1, 50\]$"):
         check_range("nfe", 0, 1, 50, kind=int)
+
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("prefix, message", [
+    ("STD/a\x00b", "control characters (U+0000)"), ("a\nb", "control characters (U+000A)"),
+    ("a\u202eb", "control characters (U+202E)"), ("x" * 201, "at most 200"), ("STD/" + "y" * 121, "at most 120 a part"),
+    ("../x", "inside the output folder"), ("/etc/x", "inside the output folder"), ("", "inside the output folder"),
+    ("C:/x", "inside the output folder"), ("STD/../../x", "inside the output folder"), (3, "expected text")])
+def test_file_name_prefixes_are_checked_in_one_place(prefix, message):
+    from comfyui_std.core.filenames import check_prefix
+
+    with pytest.raises(STDInputError, match=re.escape(message)):
+        check_prefix(prefix)
+
+
+def test_good_prefixes_pass_normalised():
+    from comfyui_std.core.filenames import check_prefix
+
+    assert check_prefix(" STD/video ") == "STD/video" and check_prefix("a\\b/./c") == "a/b/c"
+    assert check_prefix("Stil/видео_1") == "Stil/видео_1"

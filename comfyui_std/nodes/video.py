@@ -13,6 +13,7 @@ import folder_paths
 import torch
 from comfy_api.latest import InputImpl, io, ui
 
+from ..core.filenames import check_prefix
 from ..core.chunks import Chunking
 from ..core.plan import check_gamma
 from ..core.audio import read_audio
@@ -198,12 +199,9 @@ class STDStylizeVideo(io.ComfyNode):
 
 def _output_file(filename_prefix: str, ext: str, width: int, height: int) -> tuple[Path, str, str]:
     """(path, file name, subfolder) of a new file in ComfyUI's output folder; prefixes that leave it are refused."""
-    prefix = os.path.normpath(str(filename_prefix or "").strip())
-    if not prefix or prefix == "." or os.path.isabs(prefix) or prefix.split(os.sep)[0] == "..":
-        raise ValueError(f"filename_prefix: '{filename_prefix}' must be a name inside the output folder "
-                         "(subfolders allowed, e.g. STD/video)")
+    prefix = check_prefix(filename_prefix)
     folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
-        filename_prefix, folder_paths.get_output_directory(), width, height)
+        prefix, folder_paths.get_output_directory(), width, height)
     file = f"{filename}_{counter:05}_.{ext}"
     return Path(folder) / file, file, subfolder
 
