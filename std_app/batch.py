@@ -122,9 +122,10 @@ def collect_jobs(inputs: list[Path], output: Path, recursive: bool = False, fram
                 jobs.append(Job(item, output / f"{item.resolve().name}.mp4", "video"))
                 continue
             out_root = output.resolve()
+            own = out_root != item.resolve()  # an output folder inside the input tree: never read its files
             files = sorted(p for p in (item.rglob("*") if recursive else item.iterdir())
                            if p.is_file() and not p.name.startswith(".") and _kind(p)
-                           and not p.resolve().is_relative_to(out_root))  # never this run's own outputs
+                           and not (own and p.resolve().is_relative_to(out_root)))
             if not files:
                 raise UsageError(f"folder '{item}' has no images or videos "
                                  f"({', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})"
@@ -185,7 +186,9 @@ def check_arguments(args: argparse.Namespace) -> None:
             values["start_strength"] = DEFAULTS.start_strength
         StyleSettings(**values).validated()
         if args.size is not None and args.size != 0:
-            check_range("size", args.size, 8, 16384, kind=int)
+            from .media import MIN_SIDE
+
+            check_range("size", args.size, MIN_SIDE, 16384, kind=int)
         args.chunking = Chunking(args.frames_per_batch or 16, args.overlap, args.noise)
         check_selection(args.frame_load_cap, args.skip_first_frames, args.select_every_nth, args.force_rate, "none")
     except STDInputError as err:

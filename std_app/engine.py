@@ -42,7 +42,7 @@ from std_hf.memory import (
     plan_memory,
 )
 
-from .media import fit_size, run_record
+from .media import MIN_SIDE, fit_size, run_record
 from .models import LoraCatalog, LoraEntry, architecture
 from .settings import StyleSettings
 
@@ -703,7 +703,7 @@ class STDEngine:
         max_frames = check_range("max_frames", max_frames, 1, MAX_VIDEO_FRAMES, kind=int)
         cap = check_range("frame_load_cap", frame_load_cap, 0, max_frames, kind=int) or max_frames
         if size is not None:
-            size = check_range("size", size, self.vae_scale, 16384, kind=int)
+            size = check_range("size", size, MIN_SIDE, 16384, kind=int)
         entry = self.catalog.get(settings.lora)
         plan = app_plan(settings.nfe, settings.start_strength, settings.plan)
         from comfyui_std.core.video import open_video

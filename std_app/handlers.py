@@ -34,8 +34,8 @@ from comfyui_std.core.plan import teacher_plan
 from comfyui_std.core.video import open_video
 
 from .engine import RunResult, STDEngine, app_plan, resolve_start_strength
-from .media import (MIN_SOURCE_SIDE, checked_upload, fit_size, frame_to_image, image_to_frames, payload_path,
-                    read_image, received_files, run_record, save_png, scrub, size_notices)
+from .media import (MIN_SIDE, MIN_SOURCE_SIDE, checked_upload, fit_size, frame_to_image, image_to_frames,
+                    payload_path, read_image, received_files, run_record, save_png, scrub, size_notices)
 from .settings import StyleSettings
 
 log = logging.getLogger("std_app")
@@ -92,7 +92,7 @@ class Limits:
     @classmethod
     def for_engine(cls, engine: STDEngine, max_frames: int = 1800) -> "Limits":
         native = engine.native_size
-        return cls(default_size=native, min_size=max(8, native // 4), max_size=native * 2, max_side=native * 4,
+        return cls(default_size=native, min_size=max(MIN_SIDE, native // 4), max_size=native * 2, max_side=native * 4,
                    max_frames=max_frames)
 
 

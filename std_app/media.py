@@ -30,6 +30,9 @@ ASPECT_TOLERANCE = 1.05
 IMAGE_FORMATS = "PNG, JPEG, WebP, BMP, TIFF, GIF"
 
 
+#: the smallest long side a run stylizes (smaller frames give latents the UNet cannot downsample: a torch error)
+MIN_SIDE = 32
+
 def refused(what: str) -> STDInputError:
     """The one answer for a file that was not uploaded to this app (the same whether or not it exists)."""
     return STDInputError(what, "only files uploaded to this app can be used: upload the file (paths on the server "

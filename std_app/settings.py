@@ -29,6 +29,27 @@ from comfyui_std.core.style_blocks import PRESET_NAMES
 MAX_SEED = 2 ** 63 - 1
 
 
+#: the longest text setting (a prompt): CLIP reads 77 tokens, so more is a pasted file, not a prompt
+MAX_TEXT = 4096
+
+
+def check_text(name: str, value) -> str:
+    """A text setting: a string (None is empty) of valid Unicode (bytes that were not UTF-8 on the command line
+    arrive as lone surrogates) of at most :data:`MAX_TEXT` characters."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise STDInputError(name, f"expected text, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise STDInputError(name, f"is not valid UTF-8 text (at character {err.start}); write it in UTF-8") from None
+    if len(value) > MAX_TEXT:
+        raise STDInputError(name, f"is {len(value)} characters long; at most {MAX_TEXT} (the text encoder reads 77 "
+                                  "tokens)")
+    return value
+
+
 @dataclass(frozen=True)
 class Spec:
     """The declaration of one setting (the metadata of its :class:`StyleSettings` field)."""
@@ -59,7 +80,7 @@ class Spec:
         if self.kind is None:
             return value
         if self.kind is str:
-            return str(value or "")
+            return check_text(self.name, value)
         return check_range(self.name, value, self.low, self.high, low_open=self.low_open, kind=self.kind)
 
     @property

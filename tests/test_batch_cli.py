@@ -392,3 +392,21 @@ def test_recursive_runs_skip_their_own_outputs_inside_the_input_tree(tmp_path):
     assert main(*args) == 0
     assert [o["status"] for o in report(tmp_path / "r.json").values()] == ["skipped"]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a.png"]
+
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("args, message", [
+    (["--size", "8"], "error: size: got 8, allowed range is [32, 16384]"),
+    (["--prompt", "an oil painting \udcff"], "error: prompt: is not valid UTF-8 text (at character 16)"),
+    (["--prompt", "x" * 5000], "error: prompt: is 5000 characters long; at most 4096"),
+    (["--negative-prompt", "\udcfe"], "error: negative_prompt: is not valid UTF-8 text"),
+])
+def test_sizes_and_texts_that_cannot_run_are_refused_before_loading(tmp_path, capsys, args, message):
+    """Bug caught: --size 8 gave a torch error about channels (and squashed clips silently); a non-UTF-8 prompt gave
+    a tokenizer TypeError per file; a 10 MB prompt was taken whole."""
+    src = image(tmp_path / "in" / "a.png")
+    assert main("--tiny", src, "--output", tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
