@@ -110,3 +110,20 @@ def write_unknown_codec(path: Path) -> Path:
 def dominant_frequency(wave: np.ndarray, rate: int) -> float:
     spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
     return float(np.fft.rfftfreq(len(wave), 1 / rate)[int(spectrum.argmax())])
+
+
+def capture_written_frames(monkeypatch) -> list:
+    """The frames the streamed video path hands to its writer from now on (the file itself is lossy h264); the list
+    fills as videos are written."""
+    import comfyui_std.core.stream as stream
+    from comfyui_std.core.video import VideoWriter
+
+    seen = []
+
+    class Capture(VideoWriter):
+        def write(self, frames):
+            seen.append(frames.clone())
+            super().write(frames)
+
+    monkeypatch.setattr(stream, "VideoWriter", Capture)
+    return seen

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from media_files import write_clip
+from media_files import capture_written_frames, write_clip
 from comfyui_std.core import STDInputError
 from comfyui_std.core.chunks import Chunking
 from comfyui_std.core.motion_format import from_diffusers, to_diffusers
@@ -184,17 +184,7 @@ def test_the_v2v_lora_is_applied_whole_and_restored_exactly(engines, caplog):
 
 
 def test_the_motion_path_streams_like_it_runs_in_memory(engines, tmp_path, monkeypatch):
-    import comfyui_std.core.stream as stream
-    from comfyui_std.core.video import VideoWriter
-
-    seen = []
-
-    class Capture(VideoWriter):
-        def write(self, frames):
-            seen.append(frames.clone())
-            super().write(frames)
-
-    monkeypatch.setattr(stream, "VideoWriter", Capture)
+    seen = capture_written_frames(monkeypatch)
     clip = write_clip(tmp_path / "clip.mp4", frames=10, fps=12, size=(32, 32))
     engine = engines["motion"]
     chunking = Chunking(4, 1, "shared")
@@ -346,21 +336,9 @@ def folder_engine(zoo, tmp_path_factory):
 
 
 def _video(engine, clip, out, module):
-    import comfyui_std.core.stream as stream
-
-    got = []
-    real = stream.VideoWriter
-
-    class Capture(real):
-        def write(self, frames):
-            got.append(frames.clone())
-            super().write(frames)
-
-    stream.VideoWriter = Capture
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        got = capture_written_frames(patch)
         result = engine.run_video_file(clip, out, settings(), size=32, chunking=Chunking(4), motion_module=module)
-    finally:
-        stream.VideoWriter = real
     return torch.cat(got), result
 
 

@@ -9,13 +9,12 @@ import json
 import av
 import pytest
 import torch
-from media_files import write_clip
+from media_files import capture_written_frames, write_clip
 
-import comfyui_std.core.stream as stream
 from comfyui_std.core import STDInputError
 from comfyui_std.core.chunks import Chunking
 from comfyui_std.core.frames import resize_frames
-from comfyui_std.core.video import VideoWriter, load_video
+from comfyui_std.core.video import load_video
 from std_app import tiny
 from std_app.engine import StyleSettings
 from std_app.media import fit_size
@@ -36,15 +35,7 @@ def clip(tmp_path_factory):
 @pytest.fixture
 def captured(monkeypatch):
     """The frames the streamed path hands to its writer (the file itself is lossy h264)."""
-    seen = []
-
-    class Capture(VideoWriter):
-        def write(self, frames):
-            seen.append(frames.clone())
-            super().write(frames)
-
-    monkeypatch.setattr(stream, "VideoWriter", Capture)
-    return seen
+    return capture_written_frames(monkeypatch)
 
 
 def settings(**kw):
