@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -23,12 +23,12 @@ from safetensors.torch import load_file, save_file
 from media_files import capture_written_frames, write_clip
 from comfyui_std.core import STDInputError
 from comfyui_std.core.chunks import Chunking
-from comfyui_std.core.motion_format import from_diffusers, to_diffusers
+from comfyui_std.core.motion_format import from_diffusers
 from comfyui_std.core.video import load_video
-from std_app import batch, tiny
+from std_app import tiny
 from std_app.engine import StyleSettings
 from std_app.startup import load_engine, tiny_options
-from std_hf.motion import load_motion_adapter, motion_unet
+from std_hf.motion import load_motion_adapter
 from std_hf.tiny import make_unet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -277,7 +277,7 @@ def test_batch_cli_motion_errors_are_one_line(modules, tmp_path, args, message):
     clip = write_clip(tmp_path / "clip.mp4", frames=40 if "40" in args else 4, fps=12, size=(16, 16))
     proc = run_cli(["--tiny", *args, clip, "--output", tmp_path / "out", "--nfe", "2"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"error: " in proc.stderr and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: " in proc.stderr and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 # -- train, then use ---------------------------------------------------------------------------------------------------
