@@ -50,8 +50,8 @@ def apply_std_lora(model, name: str, strength: float):
         log.warning("STD LoRA %s: %d of %d layers do not exist in this model (first: %s)", name, len(missing),
                     len(unet_modules), missing[0])
     if motion:
-        log.warning("STD LoRA %s: %d motion-module tensors are not applied by this loader (load them with the "
-                    "motion model)", name, len(motion))
+        log.warning("STD LoRA %s: %d motion-module tensors: apply them to the AnimateDiff-Evolved motion model with "
+                    "STD Motion LoRA (AnimateDiff-Evolved)", name, len(motion))
     patched = model
     if strength != 0:
         unet_only = {k: v for k, v in kohya.items() if k.split(".")[0] in matched}
