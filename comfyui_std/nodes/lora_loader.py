@@ -10,7 +10,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..core.lora_format import lora_module_names, peft_alpha_from_metadata, std_metadata, to_kohya
+from ..core.lora_format import (check_lora_tensors, lora_module_names, peft_alpha_from_metadata, std_metadata,
+                                to_kohya)
 from .comfy_compat import OWN_CHECK
 from .common import CATEGORY_LOADERS
 
@@ -28,6 +29,7 @@ def load_lora_file(name: str):
         raise ValueError(f"lora_name: could not read '{name}' as a LoRA file ({type(err).__name__}: {err})") from None
     if not isinstance(sd, dict) or not sd:
         raise ValueError(f"lora_name: '{name}' holds no tensors")
+    check_lora_tensors(sd, f"lora_name: '{name}'")
     return sd, metadata or {}
 
 
@@ -60,7 +62,9 @@ def apply_std_lora(model, name: str, strength: float):
     report = (f"STD LoRA {name}: {len(matched)}/{len(unet_modules)} layers applied"
               + (f", trained for start_strength {eta}" if eta is not None else "")
               + (f", recommended nfe {info['nfe']}" if "nfe" in info else "")
-              + (f", one-step generator at t_init {info['t_init']}" if "t_init" in info else ""))
+              + (f", one-step generator at t_init {info['t_init']}" if "t_init" in info else "")
+              + (f"; header values ignored (out of range): {', '.join(info['invalid'])}" if info.get("invalid")
+                 else ""))
     return patched, info, report
 
 
