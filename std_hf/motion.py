@@ -120,9 +120,11 @@ def load_motion_adapter(spec: str, models_dir: Path | None = None, like_unet=Non
 def motion_unet(unet, module: MotionModule):
     """``UNetMotionModel`` of a 2-D UNet with the module inserted (the UNet's weights copied)."""
     from diffusers import UNetMotionModel
+    from diffusers.models.modeling_utils import no_init_weights
 
     try:
-        model = UNetMotionModel.from_unet2d(unet, module.adapter)
+        with no_init_weights():  # every weight is copied from the UNet and the adapter: no random init first
+            model = UNetMotionModel.from_unet2d(unet, module.adapter)
     except (RuntimeError, ValueError, KeyError, AttributeError) as err:
         raise STDInputError("motion_module", f"'{module.name}' ({module.info.label()}) does not fit this base "
                                              f"model ({first_line(err)})") from None
