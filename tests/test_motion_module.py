@@ -216,7 +216,7 @@ def test_motion_loras_that_do_not_fit_are_refused(engines, zoo, tmp_path):
     bad["another module"] = (wrong, "do not fit the")
     half = dict(sd)
     half.pop(key.replace("lora_A", "lora_B"))
-    bad["no up factor"] = (half, "has no up factor")
+    bad["no up factor"] = (half, "has a lora_A factor but no lora_B")  # the LoRA check before any use
     for label, (state, message) in bad.items():
         path = tmp_path / f"std_tiny_v2v_{label.replace(' ', '_')}.safetensors"
         save_file(state, str(path), metadata=meta)
