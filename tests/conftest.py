@@ -3,7 +3,7 @@
 * Real-host fixtures skip (with the reason shown by -ra) unless COMFYUI_PATH is set.
 * ``STD_NO_SKIP=1`` (what ``.ci/run`` sets) turns every skip into a failure, so CI cannot pass with host or browser
   tests silently skipped.
-* Tests marked ``bad_input`` are counted; the summary line ``bad-input cases: N passed`` is what the README quotes.
+* Tests marked ``bad_input`` are counted; the summary line ``bad-input cases: N passed`` is what docs/measured.md quotes.
 * The real-host tests must not write into the ComfyUI tree: its file list, sizes and mtimes are recorded when the
   host boots and compared when the session ends (a difference fails the run).
 """

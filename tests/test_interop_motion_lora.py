@@ -165,7 +165,7 @@ def test_comfyui_with_animatediff_evolved_gives_the_diffusers_output_when_frames
 
 
 def test_group_norm_over_all_frames_is_the_difference_that_remains(results):
-    """What the README and motion_format.NORM_ACROSS_FRAMES state: diffusers (what STD trained with) normalises a
+    """What docs/video.md and motion_format.NORM_ACROSS_FRAMES state: diffusers (what STD trained with) normalises a
     motion module's input over the clip's frames together, AnimateDiff-Evolved frame by frame; on frames of different
     brightness that difference is far above the tolerance the implementations otherwise meet."""
     assert NORM_ACROSS_FRAMES == {"diffusers": True, "animatediff-evolved": False}

@@ -1,13 +1,14 @@
-"""Every command in the README's code blocks is run: here (in a safe form), or by a test or CI step named in a map.
+"""Every command in the code blocks of the README, of ``docs/*.md`` and of ``training/README.md`` is run: here (in a
+safe form), or by a test or CI step named in a map.
 
-The commands are read from the README's fenced ``bash``/``sh``/``console`` blocks (comments dropped, ``\\``
+The commands are read from the pages' fenced ``bash``/``sh``/``console`` blocks (comments dropped, ``\\``
 continuations joined, ``a && b`` split into ``a`` and ``b``). Each must be either
 
 * in ``RUN_HERE``: a test in this file runs it, taking the command text from the README itself, or
 * in ``RUN_ELSEWHERE``: the test or CI step that runs it, with a piece of that file's text as evidence, which is
   checked (so an entry cannot outlive the step it points at).
 
-A command added to the README without an entry fails ``test_every_readme_command_is_run_somewhere``, naming the
+A command added to a page without an entry fails ``test_every_readme_command_is_run_somewhere``, naming the
 command and this file. To add one: run it in a test here and list it in ``RUN_HERE``, or point ``RUN_ELSEWHERE`` at
 the test or CI step that runs it.
 """
@@ -27,6 +28,8 @@ from gradio_client import Client
 from app_server import REPO, free_port, start_cli, stop, wait_for_config
 
 README = REPO / "README.md"
+#: the pages whose shell blocks are commands a user runs
+PAGES = (README, REPO / "training" / "README.md", *sorted((REPO / "docs").glob("*.md")))
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 FENCE = re.compile(r"^\s*```\s*([\w-]*)\s*$")
 
@@ -70,31 +73,35 @@ APP_HAS_NODES = Evidence("requirements-app.txt", "-r requirements.txt")
 RUNS_PYTEST = Evidence(CI, "python -m pytest")
 PINNED_COMFY = Evidence(CI, "MAIN_HOST=$SHARED/comfyui")
 CLONE_IN_CUSTOM_NODES = Evidence("tools/comfy_host.py", 'custom = base / "custom_nodes"')
+TRAIN_THEN_USE = Evidence("tests/test_train_then_use.py", "def test_the_first_run_loop_runs_as_written")
+MODEL_COMMANDS = "test_the_model_commands_take_their_flags"
 
 #: commands a test in this file runs (the value names that test)
 RUN_HERE = {
     "python -m venv .venv": "test_the_fresh_venv_commands",
     ". .venv/bin/activate": "test_the_fresh_venv_commands",
     "python gradio_app.py --tiny": "test_the_tiny_app_command_serves_all_tabs",
-    "python gradio_app.py --models-dir /path/to/ComfyUI/models --base sd_xl_base_1.0.safetensors":
-        "test_the_model_commands_take_their_flags",
+    "python gradio_app.py --models-dir /path/to/ComfyUI/models --base sd_xl_base_1.0.safetensors": MODEL_COMMANDS,
     "python -m std_app.batch --models-dir /path/to/ComfyUI/models --base sd_xl_base_1.0.safetensors photos/ "
-    "clips/trailer.mp4 --output stylized/ --prompt \"an oil painting, thick impasto\"":
-        "test_the_model_commands_take_their_flags",
-    "python -m training.check_base --base ComfyUI/models/checkpoints/sd_xl_base_1.0.safetensors":
-        "test_the_model_commands_take_their_flags",
+    "clips/trailer.mp4 --output stylized/ --prompt \"an oil painting, thick impasto\"": MODEL_COMMANDS,
+    "python -m training.check_base --base ComfyUI/models/checkpoints/sd_xl_base_1.0.safetensors": MODEL_COMMANDS,
     "python -m training.std --preset sdxl-12gb --base ComfyUI/models/checkpoints/sd_xl_base_1.0.safetensors "
     "--style-lora my_style.safetensors --style-prompt \"watercolour painting\" --data photos/ --output "
-    "runs/watercolour --start-strength 0.75":
-        "test_the_model_commands_take_their_flags",
+    "runs/watercolour --start-strength 0.75": MODEL_COMMANDS,
+    "python -m training.std --preset sdxl-12gb --base ComfyUI/models/checkpoints/sd_xl_base_1.0.safetensors "
+    "--style-lora ComfyUI/models/loras/my_watercolour.safetensors --style-prompt \"watercolour painting, soft washes\" "
+    "--data photos/ --output runs/watercolour --start-strength 0.75": MODEL_COMMANDS,
+    "python -m training.sid_lsg --preset sd15-24gb --base v1-5-pruned-emaonly.safetensors --prompts prompts.txt "
+    "--output runs/sid --kappa1 2 --kappa2 2 --kappa4 2": MODEL_COMMANDS,
 }
 
 #: commands run by another test or by CI: (what runs them, evidence that must hold)
 RUN_ELSEWHERE = {
     "cd ComfyUI/custom_nodes": ("the real-host tests install the pack as a clone in custom_nodes/ (a symlink to this "
                                 "checkout) and load it with ComfyUI's loader", [CLONE_IN_CUSTOM_NODES]),
-    "git clone <this-repository-url> comfyui-std": ("the same: tools/comfy_host.py puts the checkout into "
-                                                    "custom_nodes/ under the pack's name", [CLONE_IN_CUSTOM_NODES]),
+    "git clone https://github.com/std-style-transfer/std-style-transfer comfyui-std": (
+        "the same: tools/comfy_host.py puts the checkout into custom_nodes/ under the pack's name (CI has no network "
+        "to clone from; test_the_clone_url_is_the_projects checks the URL)", [CLONE_IN_CUSTOM_NODES]),
     "pip install -r comfyui-std/requirements.txt": (".ci/run installs requirements-dev.txt, which includes "
                                                     "requirements-app.txt, which includes requirements.txt",
                                                     [INSTALLS_DEV, DEV_HAS_APP, APP_HAS_NODES]),
@@ -110,6 +117,13 @@ RUN_ELSEWHERE = {
     "git -C /path/ComfyUI checkout a125cd84": ("the same pinned checkout", [PINNED_COMFY]),
     "pip install -r /path/ComfyUI/requirements.txt": (".ci/run installs ComfyUI's requirements minus the torch family",
                                                       [Evidence(CI, '"$MAIN_HOST/requirements.txt"')]),
+    "python -m training.std --preset tiny --make-demo-data outputs/demo_data --output outputs/std-demo": (
+        "tests/test_train_then_use.py runs the README's train-then-use loop as written", [TRAIN_THEN_USE]),
+    "python -m std_app.batch --tiny --lora outputs/std-demo/std_sd15_tiny_eta0.75.safetensors --use-lora "
+    "std_sd15_tiny_eta0.75 outputs/demo_data --output outputs/stylized": (
+        "tests/test_train_then_use.py runs the README's train-then-use loop as written", [TRAIN_THEN_USE]),
+    "python gradio_app.py --tiny --lora outputs/std-demo/std_sd15_tiny_eta0.75.safetensors": (
+        "tests/test_train_then_use.py starts it and stylizes with the trained LoRA", [TRAIN_THEN_USE]),
     "python -m std_app.batch --tiny photos/ --output /tmp/stylized": (
         "tests/test_batch_cli.py runs the batch CLI in tiny mode on a folder of images and a clip with audio",
         [Evidence("tests/test_batch_cli.py", '"--tiny"')]),
@@ -122,7 +136,9 @@ RUN_ELSEWHERE = {
 
 
 def commands() -> list[str]:
-    return readme_commands(README.read_text(encoding="utf-8"))
+    """Every page's commands, each once, in page order."""
+    found = [c for page in PAGES for c in readme_commands(page.read_text(encoding="utf-8"))]
+    return list(dict.fromkeys(found))
 
 
 def test_the_extractor_reads_blocks_comments_continuations_and_chains():
@@ -133,12 +149,12 @@ def test_the_extractor_reads_blocks_comments_continuations_and_chains():
 
 def test_every_readme_command_is_run_somewhere():
     found = commands()
-    assert len(found) >= 10, found  # the extractor found the README's blocks
+    assert len(found) >= 20, found  # the extractor found the pages' blocks
     missing = [c for c in found if c not in RUN_HERE and c not in RUN_ELSEWHERE]
-    assert not missing, (f"README commands that no test or CI step runs: {missing}. Run each in a test and list it "
+    assert not missing, (f"commands of the README or docs/ that no test or CI step runs: {missing}. Run each in a test and list it "
                          f"in RUN_HERE, or point RUN_ELSEWHERE at what runs it (tests/test_readme_commands.py).")
     stale = [c for c in (*RUN_HERE, *RUN_ELSEWHERE) if c not in found]
-    assert not stale, f"no longer in the README, remove from tests/test_readme_commands.py: {stale}"
+    assert not stale, f"no longer in any page, remove from tests/test_readme_commands.py: {stale}"
     module = sys.modules[__name__]
     assert all(callable(getattr(module, name, None)) for name in RUN_HERE.values())
     broken = [(c, e) for c, (_, evidence) in RUN_ELSEWHERE.items() for e in evidence if not e.holds()]
@@ -146,10 +162,19 @@ def test_every_readme_command_is_run_somewhere():
 
 
 def the(command_start: str) -> str:
-    """The README's command that starts with ``command_start`` (exactly one, however often it is repeated)."""
+    """The pages' command that starts with ``command_start`` (exactly one, however often it is repeated)."""
     matches = sorted({c for c in commands() if c.startswith(command_start)})
     assert len(matches) == 1, (command_start, matches)
     return matches[0]
+
+
+def test_the_clone_url_is_the_projects():
+    """The README's clone command names the repository of pyproject.toml (bug: a placeholder or a stale URL)."""
+    import tomllib
+
+    url = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    clones = [c for c in commands() if c.startswith("git clone") and "ComfyUI" not in c]
+    assert clones == [f"git clone {url} comfyui-std"]
 
 
 def test_the_fresh_venv_commands(tmp_path):
@@ -160,13 +185,18 @@ def test_the_fresh_venv_commands(tmp_path):
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).resolve() == (tmp_path / ".venv").resolve()
+    made = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / ".venv").rglob("*") if p.is_file())
+    check = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", "--stdin"], input="\n".join(made),
+                           capture_output=True, text=True)
+    assert set(made) <= set(check.stdout.split("\n")), "the venv made in a clone would show in git status"
 
 
 def test_the_tiny_app_command_serves_all_tabs(tmp_path):
     """``python gradio_app.py --tiny`` as a newcomer runs it (on a free port, results in a scratch folder): the page
     and its API come up with its four tabs, it prints where it serves, and Gradio's own "set share=True in
     launch()" hint (which contradicts the --share flag) is not shown."""
-    command = the("python gradio_app.py --tiny").split()
+    assert "python gradio_app.py --tiny" in commands()
+    command = "python gradio_app.py --tiny".split()
     assert command[:2] == ["python", "gradio_app.py"]
     port, log = free_port(), tmp_path / "server.log"
     proc = start_cli([*command[2:], "--output-dir", str(tmp_path / "out")], log, port)
@@ -185,12 +215,10 @@ def test_the_tiny_app_command_serves_all_tabs(tmp_path):
         stop(proc)
 
 
-@pytest.mark.parametrize("start", ["python gradio_app.py --models-dir", "python -m training.std",
-                                   "python -m training.check_base", "python -m std_app.batch --models-dir"])
-def test_the_model_commands_take_their_flags(start, tmp_path):
+@pytest.mark.parametrize("command", sorted(c for c, test in RUN_HERE.items() if test == MODEL_COMMANDS))
+def test_the_model_commands_take_their_flags(command, tmp_path):
     """The commands that need real model files, run as written from a scratch folder: every flag is accepted, and
     the placeholder paths end in one clear ``error:`` line and exit code 2 (nothing downloads, no traceback)."""
-    command = the(start)
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     script = command.replace("python gradio_app.py", f"{sys.executable} {REPO / 'gradio_app.py'}", 1)
     script = script.replace("python -m", f"{sys.executable} -m", 1)

@@ -21,9 +21,9 @@ HOST_MODULES = {"torch", "comfy", "comfy_api", "comfy_execution", "folder_paths"
 DISTRIBUTIONS = {"PIL": "Pillow", "av": "av", "numpy": "numpy", "tqdm": "tqdm", "safetensors": "safetensors"}
 
 
-def _readme_nodes() -> dict[str, tuple[str, str]]:
-    """id -> (display name, category) from the README's node table."""
-    rows = re.findall(r"^\| \*\*(.+?)\*\* \| `(\w+)` \| ([\w/]+) \|", (REPO / "README.md").read_text(), re.M)
+def _documented_nodes() -> dict[str, tuple[str, str]]:
+    """id -> (display name, category) from the node table of docs/nodes.md."""
+    rows = re.findall(r"^\| \*\*(.+?)\*\* \| `(\w+)` \| ([\w/]+) \|", (REPO / "docs" / "nodes.md").read_text(), re.M)
     return {node_id: (name, category) for name, node_id, category in rows}
 
 
@@ -109,7 +109,7 @@ def test_every_example_workflow_has_a_thumbnail_and_an_api_twin():
 
 
 def test_nodes_ids_categories_and_help_pages_are_as_documented(host):
-    documented = _readme_nodes()
+    documented = _documented_nodes()
     ours = {k: cls for k, cls in host.M.items() if ".comfyui_std.nodes." in cls.__module__}  # as ComfyUI loaded them
     schemas = {node_id: cls.GET_NODE_INFO_V1() for node_id, cls in ours.items()}
     assert set(schemas) == set(documented)
@@ -121,6 +121,13 @@ def test_nodes_ids_categories_and_help_pages_are_as_documented(host):
         for name in inputs + list(info["output_name"]):
             assert f"**{name}**" in page, f"{node_id}: help page does not describe {name}"
     assert {Path(p).resolve() for p in host.nodes.EXTENSION_WEB_DIRS.values()} >= {(REPO / "web").resolve()}
+
+
+def test_the_front_door_names_every_node():
+    """The README's short node table names every node of docs/nodes.md (bug: a new node documented only deep down)."""
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name, _ in _documented_nodes().values() if name not in readme]
+    assert not missing, missing
 
 
 def test_template_browser_lists_the_example_workflows(host):
@@ -142,5 +149,5 @@ def test_template_browser_lists_the_example_workflows(host):
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "example_workflows").glob("*.json")))
-def test_readme_lists_every_example_workflow(name):
-    assert f"`{name}.json`" in (REPO / "README.md").read_text()
+def test_the_workflows_page_lists_every_example_workflow(name):
+    assert f"`{name}.json`" in (REPO / "docs" / "workflows.md").read_text()
