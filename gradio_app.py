@@ -20,6 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local, offline-c
 import gradio as gr  # noqa: E402
 
 from comfyui_std.core import STDInputError  # noqa: E402
+from comfyui_std.core.argv import parse_args as parse_argv  # noqa: E402
 from comfyui_std.core.noise import NOISE_MODES  # noqa: E402
 from std_app.handlers import Limits, StyleApp  # noqa: E402
 from std_app.engine import NO_MOTION  # noqa: E402
@@ -115,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--auth", type=_credential, action="append", default=[], metavar="USER:PASS",
                    help="ask for this login (repeatable); use it with --listen or --share")
     s.add_argument("--auth-file", type=Path, help="logins from a file: one user:password per line (# comments)")
-    args = p.parse_args(argv)
+    args = parse_argv(p, sys.argv[1:] if argv is None else argv)
     if args.auth_file is not None:
         try:
             args.auth = args.auth + read_auth_file(args.auth_file)

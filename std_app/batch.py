@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from comfyui_std.core import STDInputError, check_range
+from comfyui_std.core.argv import parse_args as parse_argv
 from comfyui_std.core.chunks import Chunking
 from comfyui_std.core.noise import NOISE_MODES
 from comfyui_std.core.stream import output_format
@@ -52,7 +53,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(tiny_before_positionals(sys.argv[1:] if argv is None else argv))
+    return parse_argv(build_parser(), tiny_before_positionals(sys.argv[1:] if argv is None else argv))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -127,3 +127,26 @@ def capture_written_frames(monkeypatch) -> list:
 
     monkeypatch.setattr(stream, "VideoWriter", Capture)
     return seen
+
+
+def write_damaged_clip(path: Path, frames: int = 24, size: int = 128) -> Path:
+    """An h264 mp4 whose container is intact but 600 bytes in the middle of its ``mdat`` are overwritten (seeded):
+    it opens and every frame decodes, but the decoder logs errors and some frames have broken blocks."""
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("h264", rate=8)
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for i in range(frames):
+            img = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+            img[:, 2 * i:2 * i + 16] = 255
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    data = bytearray(path.read_bytes())
+    start = data.find(b"mdat")
+    middle = start + (len(data) - start) // 2
+    data[middle:middle + 600] = np.random.default_rng(1).integers(0, 256, 600, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from media_files import write_audio_only, write_clip, write_unknown_codec
+from media_files import write_audio_only, write_clip, write_damaged_clip, write_unknown_codec
 from std_app import batch, tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,6 +152,7 @@ def bad_run(tmp_path_factory, flags):
     write_clip(src / "one_frame.mp4", frames=1)
     write_clip(src / "vfr.mp4", frames=12, pts_ms=[0, 40, 80, 200, 320, 360, 400, 520, 640, 680, 720, 840])
     write_clip(src / "odd.webm", frames=5, size=(27, 41))
+    write_damaged_clip(src / "damaged.mp4")
     (out / "blocked.png").mkdir(parents=True)
     status = main(src, "--output", out, *flags, *FAST, "--report", d / "r.json")
     return status, report(d / "r.json"), out
@@ -161,9 +162,9 @@ def test_bad_files_fail_alone_and_the_exit_status_says_so(bad_run):
     status, outcomes, out = bad_run
     assert status == 1
     assert {n for n, o in outcomes.items() if o["status"] == "done"} == {"good.png", "odd.png", "one_frame.mp4",
-                                                                        "vfr.mp4", "odd.webm"}
+                                                                        "vfr.mp4", "odd.webm", "damaged.mp4"}
     assert not [p for p in out.rglob("*") if ".partial" in p.name]
-    assert sorted(p.name for p in out.iterdir()) == ["blocked.png", "good.png", "odd.png", "odd.webm",
+    assert sorted(p.name for p in out.iterdir()) == ["blocked.png", "damaged.mp4", "good.png", "odd.png", "odd.webm",
                                                      "one_frame.mp4", "vfr.mp4"]
 
 
@@ -190,6 +191,17 @@ def test_variable_frame_rate_video_is_resampled_with_a_notice(bad_run):
     with av.open(str(out / "vfr.mp4")) as c:
         rate = float(c.streams.video[0].average_rate)
     assert abs(streams(out / "vfr.mp4")[0] / rate - 0.88) < 0.15  # the clip's duration is kept
+
+
+@pytest.mark.bad_input
+def test_a_damaged_video_is_stylized_with_a_notice_that_says_so(bad_run):
+    """600 bytes of the clip's frame data overwritten: it decodes, but the decoder reports errors; the run says the
+    file is damaged instead of a plain "done". Intact clips get no such notice."""
+    _, outcomes, out = bad_run
+    assert outcomes["damaged.mp4"]["status"] == "done"
+    assert any("'damaged.mp4' is damaged: the decoder reported" in n for n in outcomes["damaged.mp4"]["notices"])
+    assert not any("damaged" in n for name in ("vfr.mp4", "odd.webm", "one_frame.mp4")
+                   for n in outcomes[name]["notices"])
 
 
 @pytest.mark.bad_input

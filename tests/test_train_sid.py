@@ -4,15 +4,17 @@ and bad input."""
 
 import json
 import os
+import signal
 import stat
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
-from train_helpers import same_tensors, stop_at, tensors
+from train_helpers import same_tensors, stop_a_training_run, stop_at, tensors
 
 from training.common.config import config_from_argv
-from training.common.trainer import Trainer
+from training.common.trainer import Trainer, checkpoints
 from training.sid_lsg.__main__ import main as cli
 from training.sid_lsg.losses import ema_beta, guided, sid_generator_loss, x0_from_eps
 from training.sid_lsg.method import FAKE, GEN, PRESETS, SiDConfig, SiDMethod
@@ -262,3 +264,15 @@ def test_two_processes_keep_identical_replicas(prompts, tmp_path):
     ckpt = checkpoints(tmp_path / "checkpoints")[-1]
     r0, r1 = (json.loads((ckpt / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["trainable_sha256"] == r1["trainable_sha256"]
+
+
+def test_sigterm_stops_a_sid_run_with_a_checkpoint_and_exits_143(prompts, tmp_path):
+    """The SiD-LSG trainer ends on SIGTERM as the STD one does: the step finishes, a checkpoint is written, the resume
+    command is printed, exit 143. Bug caught: SIGTERM killed the run with no checkpoint."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "training.sid_lsg", "--preset", "tiny", "--prompts", str(prompts), "--output",
+           str(out), "--max-steps", "100000", "--checkpoint-every", "0", "--num-previews", "0", "--log-every", "1"]
+    returncode, err = stop_a_training_run(cmd, out, signal.SIGTERM)
+    assert returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "terminated (SIGTERM) at step" in err and "--resume latest" in err
+    assert len(checkpoints(out / "checkpoints")) == 1

@@ -4,6 +4,7 @@ video, buckets, caches, precision, and refuses bad input clearly."""
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from train_helpers import REPO, image_folder, same_tensors, stop_at, tensors
+from train_helpers import REPO, image_folder, same_tensors, stop_a_training_run, stop_at, tensors
 
 from training.common.config import config_from_argv
 from training.common.trainer import NaNLossError, Trainer, checkpoints
@@ -267,26 +268,69 @@ def test_a_checkpoint_carrying_a_pickle_is_refused_and_never_unpickled(trained, 
     assert not marker.exists()
 
 
-def test_ctrl_c_writes_a_checkpoint_and_exits_130_with_the_resume_command(data, tmp_path):
-    import signal
-    import time
-
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted at step"),
+                                                (signal.SIGTERM, 143, "terminated (SIGTERM) at step")])
+def test_a_stop_signal_writes_a_checkpoint_and_exits_with_the_resume_command(data, tmp_path, signum, code, said):
+    """Ctrl-C and SIGTERM (a scheduler, systemd, docker stop) end the STD trainer the same way: the step finishes, a
+    checkpoint is written and the resume command printed; exit 130 / 143. Bug caught: SIGTERM killed the run with
+    no checkpoint (it had no handler)."""
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "training.std", "--preset", "tiny", "--data", str(data), "--output", str(out),
            "--max-steps", "100000", "--checkpoint-every", "0", "--num-previews", "0", "--log-every", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    log = out / "train.log"
-    while time.time() < deadline and not (log.exists() and "step 1/" in log.read_text()):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-2000:]
-    assert "Traceback" not in err
+    returncode, err = stop_a_training_run(cmd, out, signum)
+    assert returncode == code, err[-2000:]
+    assert "Traceback" not in err and said in err
     ckpt = checkpoints(out / "checkpoints")
     assert len(ckpt) == 1 and int(ckpt[0].name.split("-")[1]) >= 1
     assert "--resume latest" in err and f"--output {out}" in err
+    assert not list((out / "checkpoints").glob(".*")), "a temporary checkpoint folder was left behind"
+
+
+def test_sigterm_before_training_starts_exits_143_without_a_traceback(data, tmp_path):
+    """SIGTERM while the run is still loading (no training loop yet): exit 143, one line, no traceback."""
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    code = ("import os, signal, sys, time\nimport training.common.cli as c\n"
+            "sys.exit(c.guarded(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))))\n")
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 143 and proc.stderr.strip() == "terminated (SIGTERM)", proc.stderr[-2000:]
+    assert time.time() - start < 30
+
+
+def test_a_checkpoint_saved_again_is_never_missing(tmp_path, monkeypatch):
+    """Saving step N again (a stop right after a scheduled checkpoint) used to delete checkpoint-N before renaming
+    the new one in: a crash or second Ctrl-C in that gap left no checkpoint N. Now the old one is set aside, the new
+    one renamed in, the old one deleted; a crash between the renames still leaves a complete checkpoint N."""
+    import training.common.trainer as tr
+
+    folder = tmp_path / "checkpoints"
+
+    def complete(path, tag):
+        path.mkdir(parents=True)
+        (path / "state.json").write_text(json.dumps({"step": 3, "tag": tag}))
+        return path
+
+    final = complete(folder / "checkpoint-3", "old")
+    tmp = complete(folder / ".checkpoint-3.tmp", "new")
+    real = os.replace
+
+    def crash_on_the_second_rename(src, dst):
+        if Path(src) == tmp:
+            raise OSError("power cut")
+        return real(src, dst)
+
+    monkeypatch.setattr(tr.os, "replace", crash_on_the_second_rename)
+    with pytest.raises(OSError, match="power cut"):
+        tr.install_checkpoint(tmp, final)
+    kept = checkpoints(folder)
+    assert len(kept) == 1 and json.loads((kept[0] / "state.json").read_text())["tag"] == "old"
+    monkeypatch.setattr(tr.os, "replace", real)
+    tr.install_checkpoint(tmp, final)
+    assert checkpoints(folder) == [final] and json.loads((final / "state.json").read_text())["tag"] == "new"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-3"]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,3 +47,18 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def stop_a_training_run(cmd, out, signum):
+    """Start ``cmd`` (a trainer), wait until it has logged step 1, send ``signum``; (exit code, stderr)."""
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    log = out / "train.log"
+    while time.time() < deadline and proc.poll() is None and not (log.exists() and "step 1/" in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from comfyui_std.core.argv import parse_args as parse_argv
+
 
 def check(base_spec: str, tokenizer: str | None, models_dir: str | None, header_only: bool) -> int:
     from std_hf.base import load_base
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
                                          "diffusers/; its ComfyUI's tokenizer files are found)")
     ap.add_argument("--header-only", action="store_true", help="check names and shapes only, without reading the "
                                                                 "tensors")
-    args = ap.parse_args(argv)
+    args = parse_argv(ap, sys.argv[1:] if argv is None else argv)
     return guarded(check, args.base, args.tokenizer, args.models_dir, args.header_only)
 
 

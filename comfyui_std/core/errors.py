@@ -38,15 +38,14 @@ def check_range(name: str, value, low, high, *, low_open: bool = False, high_ope
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float) and not float(value).is_integer()):
         raise STDInputError(name, f"expected {'an integer' if kind is int else 'a number'}, got {value!r} ({type(value).__name__})")
+    allowed = f"allowed range is {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     if value != value:  # NaN
-        raise STDInputError(name, "got NaN")
+        raise STDInputError(name, f"got NaN, {allowed}")
     value = kind(value)
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
     if below or above:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise STDInputError(name, f"got {value}, allowed range is {lo}{low}, {high}{hi}")
+        raise STDInputError(name, f"got {value}, {allowed}")
     return value
 
 

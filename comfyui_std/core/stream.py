@@ -239,12 +239,12 @@ def stylize_video_file(reader: VideoReader, output, *, encode: Callable, run_chu
         metadata: container tags (see :class:`~.video.VideoWriter`).
 
     Returns:
-        :class:`StreamReport`; its notices include the reader's (e.g. a variable frame rate resampled) and say when
-        the source's audio could not be kept (gif).
+        :class:`StreamReport`; its notices include the reader's (e.g. a variable frame rate resampled, decoder
+        errors in a damaged file) and say when the source's audio could not be kept (gif).
     """
     info = reader.info
     fmt = (fmt or output_format(info.container)).lower()
-    notices = list(info.notices)
+    notices = []
     if audio is True:
         track = AudioFile(info.path, start=info.start_time) if info.has_audio else None
         if track is not None and fmt in ("gif", "webp"):
@@ -259,4 +259,4 @@ def stylize_video_file(reader: VideoReader, output, *, encode: Callable, run_chu
                                 write=writer.write, seed=seed, chunking=chunking, vae_batch=vae_batch, total=info.frame_estimate, progress=progress)
     h, w = writer.size
     return StreamReport(Path(output), result.frames, info.fps, w, h, result.chunks, writer.audio_description,
-                        time.perf_counter() - start, notices)
+                        time.perf_counter() - start, [*reader.notices, *notices])

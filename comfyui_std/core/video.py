@@ -196,6 +196,7 @@ class VideoReader:
         self._window = window
         self.frame_count = 0
         self.decoded_frames = 0
+        self.decode_errors = 0  # errors the decoder reported while frames were read (damaged data)
         self._notices = notices = []
         if path.is_dir():
             self._files = sorted(folder_files(path, IMAGE_EXTENSIONS, "video"))
@@ -280,7 +281,7 @@ class VideoReader:
         try:
             container = av.open(str(self.path))
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            stream.thread_type = "SLICE"  # threads inside each frame's decode: its errors are logged during it
             start, duration = self._window
             # A trimmed source keeps the frames whose pts lie in [start, start + duration), as ComfyUI's own
             # VideoFromFile reads its trim window (pts compared in the stream's time base; duration 0: to the end).
@@ -289,7 +290,7 @@ class VideoReader:
             end_pts = int((start + duration) / tb) if tb and duration else None
             if start_pts > 0:
                 container.seek(start_pts, stream=stream)
-            for frame in container.decode(stream):
+            for frame in _counting_errors(container.decode(stream), self):
                 self.decoded_frames += 1
                 if frame.pts is not None and tb:
                     if frame.pts < start_pts:
@@ -376,6 +377,17 @@ class VideoReader:
         """Every kept frame as one float batch ``[T, H, W, 3]`` in 0..1 (converted from uint8 once)."""
         return _stack(list(self))
 
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """:attr:`StreamInfo.notices` plus what reading found: the decoder's error reports (a damaged file decodes
+        to frames with broken blocks, and only the decoder's log says so). Ask after reading."""
+        if not self.decode_errors:
+            return self.info.notices
+        return (*self.info.notices,
+                f"'{self.path.name}' is damaged: the decoder reported {self.decode_errors} error(s) in the "
+                f"{self.decoded_frames} frames read, so some frames may show broken blocks or smears; re-encode or "
+                f"re-download the file if they matter")
+
     def video_info(self) -> VideoInfo:
         """The :class:`VideoInfo` of the frames read so far (what :func:`load_video` returns)."""
         i = self.info
@@ -390,6 +402,26 @@ class VideoReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _counting_errors(frames, reader: VideoReader):
+    """``frames`` (a PyAV decode iterator) with the errors libav logs while each frame is decoded added to
+    ``reader.decode_errors``. PyAV keeps libav's log off by default; it is switched to errors only for the
+    duration of each ``next()``, and captured, so nothing is printed and other decoders are left as they were."""
+    import av.logging
+
+    while True:
+        previous = av.logging.get_level()
+        av.logging.set_level(av.logging.ERROR)
+        try:
+            with av.logging.Capture(local=False) as logs:
+                frame = next(frames, None)
+        finally:
+            av.logging.set_level(previous)
+        reader.decode_errors += sum(1 for level, _, _ in logs if level <= av.logging.ERROR)
+        if frame is None:
+            return
+        yield frame
 
 
 def open_video(path, frame_load_cap: int = 0, skip_first_frames: int = 0, select_every_nth: int = 1,

@@ -153,7 +153,7 @@ class STDLoadVideo(io.ComfyNode):
         with _opened(video, path, source, frame_load_cap, skip_first_frames, select_every_nth, force_rate, resize,
                      8.0, probe=False) as reader:
             frames = reader.read_all()
-            info, stream = reader.video_info(), reader.info
+            info, stream, notices = reader.video_info(), reader.info, reader.notices
             track = (read_audio(stream.path, stream.start_time, info.frame_count / info.fps)
                      if stream.has_audio else None)
         audio = "no audio" if track is None else f"audio {track.sample_rate} Hz x{track.waveform.shape[0]}"
@@ -161,7 +161,7 @@ class STDLoadVideo(io.ComfyNode):
                 f"(source {info.source_width}x{info.source_height} at {info.source_fps:g} fps; "
                 f"{info.decoded_frames} decoded), {audio}")
         return io.NodeOutput(frames, info.frame_count, float(info.fps), info.source_width, info.source_height,
-                             _comfy_audio(track), ui={"text": [text, *stream.notices]})
+                             _comfy_audio(track), ui={"text": [text, *notices]})
 
 
 class STDStylizeVideo(io.ComfyNode):

@@ -3,7 +3,8 @@
 Exit codes: 0 done; 2 ``error: ...`` for the user's problems: bad options, files, paths or data
 (:class:`~comfyui_std.core.errors.STDInputError`, the trainer's data and disk errors, a full disk or a path this
 process may not write), never a traceback; 3 a NaN/Inf loss (the message names the last good checkpoint); 130
-interrupted (Ctrl-C: a checkpoint is written first when training had started, and the message says how to continue);
+interrupted (Ctrl-C: a checkpoint is written first when training had started, and the message says how to continue)
+and 143 terminated (SIGTERM, the same way);
 1 a check that found a problem (``training.check_base``), or an internal error: anything else is a bug, whose
 traceback goes to stderr and to the run's ``train.log``, followed by a one-line ``error: internal error ...`` that
 points to it.
@@ -11,10 +12,13 @@ points to it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import shlex
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -73,6 +77,29 @@ def internal_error(err: BaseException, log_file: Path | None) -> int:
     return 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived outside the training loop (loading, exporting): the program unwinds as for Ctrl-C, so every
+    ``finally`` runs and nothing half-written stays, and exits 143."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM raises :class:`Terminated` inside the block (main thread only); inside the training loop the trainer
+    takes SIGTERM over and stops after the step with a checkpoint, as for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(_signum, _frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def guarded(fn, *args, log_file: Callable[[], Path | None] | None = None, **kwargs) -> int:
     """Call ``fn`` and turn its problems into exit codes (see the module docstring): the user's into
     ``error: ...`` (exit 2), a bug into its traceback (also appended to ``log_file()``, the run's train.log) and
@@ -80,7 +107,11 @@ def guarded(fn, *args, log_file: Callable[[], Path | None] | None = None, **kwar
     from training.common.trainer import NaNLossError
 
     try:
-        return fn(*args, **kwargs)
+        with terminate_as_interrupt():
+            return fn(*args, **kwargs)
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -124,9 +155,10 @@ def train(method_cls, config_cls, presets: dict, argv, prog: str, description: s
         trainer = Trainer(cfg, method_cls)
         trainer.run()
         if trainer.interrupted:
-            print(f"interrupted at step {trainer.step}: checkpoint {trainer.last_checkpoint} written. Continue "
+            how = "terminated (SIGTERM)" if trainer.stop_signal == signal.SIGTERM else "interrupted"
+            print(f"{how} at step {trainer.step}: checkpoint {trainer.last_checkpoint} written. Continue "
                   f"with:\n  {resume_command(prog, argv)}", file=sys.stderr)
-            return 130
+            return 143 if trainer.stop_signal == signal.SIGTERM else 130
         return 0
 
     return guarded(run, log_file=lambda: where.get("log"))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 from comfyui_std.core.errors import STDInputError, check_range
+from comfyui_std.core.argv import parse_args as parse_argv
 from std_hf.devices import DTYPES as DTYPE_MAP
 from std_hf.devices import check_device
 
@@ -225,7 +226,7 @@ def resolve(cls, args: argparse.Namespace, presets: dict[str, dict]):
 def config_from_argv(cls, presets: dict[str, dict], argv, prog: str = "", description: str = "", **overrides):
     """Parse ``argv`` like the command line does (--help and usage errors exit), resolve it, then apply
     ``overrides`` (field names, already typed)."""
-    args = build_parser(cls, prog, description, presets).parse_args(argv)
+    args = parse_argv(build_parser(cls, prog, description, presets), argv)
     return dataclasses.replace(resolve(cls, args, presets), **overrides)
 
 

@@ -12,8 +12,8 @@ exact resume, logs. The contract with a method is written down in :mod:`training
   temporary folder and renamed, and old ones are deleted only after a new one is complete;
 * the run folder holds ``config.json`` (the resolved options), ``train.log``, ``logs/`` (TensorBoard) and
   ``previews/``; a resume whose method-defining options differ from the checkpoint's is refused, naming them;
-* Ctrl-C finishes the step, writes a checkpoint and returns with ``interrupted`` set (the CLI exits 130 with the
-  resume command); a NaN/Inf loss stops the run before the optimiser step and names the last good checkpoint.
+* Ctrl-C or SIGTERM finishes the step, writes a checkpoint and returns with ``interrupted`` set (the CLI exits 130
+  or 143 with the resume command); a NaN/Inf loss stops the run before the optimiser step and names the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -69,13 +69,56 @@ def make_optimizer(params, lr: float, use_8bit: bool, betas=(0.9, 0.999)):
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
 
 
+def _step_of(name: str) -> int | None:
+    """The step of a checkpoint folder's name: ``checkpoint-N``, or ``.checkpoint-N.old`` (one set aside while a new
+    checkpoint of the same step was put in place)."""
+    core = name[1:-4] if name.startswith(".") and name.endswith(".old") else name
+    head, _, step = core.partition("-")
+    return int(step) if head == "checkpoint" and step.isdigit() else None
+
+
 def checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first. A checkpoint set aside by :func:`install_checkpoint` counts only when
+    its replacement never arrived (the process died between the two renames)."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
-             and p.name.split("-")[1].isdigit() and (p / "state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = {}
+    for p in folder.iterdir():
+        step = _step_of(p.name)
+        if step is not None and p.is_dir() and (p / "state.json").exists():
+            if step not in found or not p.name.startswith("."):
+                found[step] = p
+    return [found[s] for s in sorted(found)]
+
+
+@contextlib.contextmanager
+def held_signals():
+    """SIGINT and SIGTERM wait (are delivered after the block) in the main thread; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def install_checkpoint(tmp: Path, final: Path) -> None:
+    """Put the complete checkpoint folder ``tmp`` in place as ``final``, never leaving a moment without a complete
+    checkpoint of that step: one already at ``final`` (the same step saved again, e.g. a stop right after a
+    scheduled checkpoint) is renamed aside first, the new one renamed in, and only then the old one deleted; the
+    renames run with SIGINT and SIGTERM held, and :func:`checkpoints` finds the one set aside if a crash comes
+    between them."""
+    aside = final.with_name(f".{final.name}.old")
+    with held_signals():
+        if final.exists():
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(final, aside)
+        os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def placement(asked: str, device: torch.device, world: int, given: torch.device) -> torch.device:
@@ -128,6 +171,7 @@ class Trainer:
         self.writer = None
         self.stop_requested = False
         self.interrupted = False
+        self.stop_signal = 0  # the signal that asked the run to stop (SIGINT or SIGTERM), 0 without one
         self.last_checkpoint: Path | None = None
         self.scalers: dict[str, torch.amp.GradScaler] = {}
         self.phase_seconds: dict[str, float] = {}
@@ -148,12 +192,15 @@ class Trainer:
             sync()
             self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def request_stop(self, *_):
-        """Finish the current step, write a checkpoint and return (Ctrl-C does this; a second Ctrl-C aborts)."""
+    def request_stop(self, signum=signal.SIGINT, _frame=None):
+        """Finish the current step, write a checkpoint and return (Ctrl-C or SIGTERM does this; a second Ctrl-C
+        aborts). ``stop_signal`` keeps which one, for the exit code (130 or 143)."""
         self.stop_requested = True
+        self.stop_signal = int(signum)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        log.warning("stopping after this step (Ctrl-C again aborts without a checkpoint)")
+        log.warning("%s: stopping after this step (Ctrl-C again aborts without a checkpoint)",
+                    signal.Signals(signum).name)
 
     # -- helpers for methods ---------------------------------------------------------------------------------
     def generator(self, micro_step: int, salt: int = 0) -> torch.Generator:
@@ -247,9 +294,7 @@ class Trainer:
         if self.is_main:
             write_json(tmp / "state.json", {"step": self.step, "method": self.method.name, "world": self.world,
                                             "history": self.history[-1000:]})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            install_checkpoint(tmp, final)
             for old in checkpoints(self.ckpt_dir)[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
@@ -392,8 +437,10 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.is_main, desc=self.method.name,
                    dynamic_ncols=True)
         last_good = checkpoints(self.ckpt_dir)[-1] if checkpoints(self.ckpt_dir) else None
+        previous_term = None
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self.request_stop)
+            previous_term = signal.signal(signal.SIGTERM, self.request_stop)
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
@@ -453,6 +500,7 @@ class Trainer:
             bar.close()
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGTERM, previous_term if previous_term is not None else signal.SIG_DFL)
             if self.writer and (self.interrupted or self.step < cfg.max_steps):
                 self.writer.close()
         self.save_checkpoint()
