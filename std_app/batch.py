@@ -35,6 +35,7 @@ from pathlib import Path
 from comfyui_std.core import STDInputError, check_range
 from comfyui_std.core.argv import parse_args as parse_argv
 from comfyui_std.core.chunks import Chunking
+from comfyui_std.core.folders import walk_files
 from comfyui_std.core.noise import NOISE_MODES
 from comfyui_std.core.stream import output_format
 from comfyui_std.core.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, check_selection
@@ -112,9 +113,14 @@ def _output_name(path: Path, kind: str) -> str:
     return path.stem + ("." + ("png" if kind == "image" else output_format(path.suffix.lower().lstrip("."))))
 
 
-def collect_jobs(inputs: list[Path], output: Path, recursive: bool = False, frames_folder: bool = False) -> list[Job]:
-    """One job per input file (folders expanded); raises :class:`UsageError` for paths that cannot be used."""
+def collect_jobs(inputs: list[Path], output: Path, recursive: bool = False, frames_folder: bool = False,
+                 notices: list[str] | None = None) -> list[Job]:
+    """One job per input file (folders expanded through the project's one folder walk,
+    :func:`comfyui_std.core.folders.walk_files`: links out of the folder, link loops, pipes and the run's own output
+    folder are left out, each with a line added to ``notices``); raises :class:`UsageError` for paths that cannot be
+    used."""
     jobs: list[Job] = []
+    notices = [] if notices is None else notices
     for item in inputs:
         if not item.exists():
             raise UsageError(f"input '{item}' does not exist")
@@ -123,10 +129,10 @@ def collect_jobs(inputs: list[Path], output: Path, recursive: bool = False, fram
                 jobs.append(Job(item, output / f"{item.resolve().name}.mp4", "video"))
                 continue
             out_root = output.resolve()
-            own = out_root != item.resolve()  # an output folder inside the input tree: never read its files
-            files = sorted(p for p in (item.rglob("*") if recursive else item.iterdir())
-                           if p.is_file() and not p.name.startswith(".") and _kind(p)
-                           and not (own and p.resolve().is_relative_to(out_root)))
+            own = (out_root,) if out_root != item.resolve() else ()  # an output folder inside the input tree
+            files, skipped = walk_files(item, recursive=recursive, suffixes=IMAGE_EXTENSIONS + VIDEO_EXTENSIONS,
+                                        exclude=own, outside="skip")
+            notices += skipped
             if not files:
                 raise UsageError(f"folder '{item}' has no images or videos "
                                  f"({', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})"
@@ -401,7 +407,10 @@ def _main(argv=None) -> int:
     logging.getLogger("std_app.motion").setLevel(logging.INFO)  # the motion module and motion-LoRA counts
     try:
         check_arguments(args)
-        jobs = collect_jobs(args.inputs, args.output, args.recursive, args.frames_folder)
+        walk_notices: list[str] = []
+        jobs = collect_jobs(args.inputs, args.output, args.recursive, args.frames_folder, walk_notices)
+        for notice in walk_notices:
+            print(f"notice: {notice}", file=sys.stderr)
         if args.report is not None:
             check_written_file(args.report, "--report", jobs)
         prepare_output(args.output)

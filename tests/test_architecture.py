@@ -162,3 +162,24 @@ def test_the_checker_sees_a_circle_and_an_upward_import():
             "std_app.x": set()}
     assert cycles(fake) == [["comfyui_std.core.a", "comfyui_std.core.b"]]
     assert part_of("std_app.x") not in ALLOWED[part_of("comfyui_std.core.b")]
+
+
+#: files allowed to walk a folder tree themselves: the one walk, and folders the project itself writes (a checkpoint
+#: or export being assembled, a checkpoint whose every file is checked for pickles) or the test host's snapshot of
+#: a ComfyUI tree (proving the tests write nothing into it)
+OWN_WALKS = {"comfyui_std/core/folders.py", "training/common/export.py", "training/common/state.py",
+             "tools/comfy_host.py"}
+
+
+def test_one_folder_walk():
+    """A recursive walk over a user's folder lives once, in comfyui_std/core/folders.py (links resolved and kept
+    inside, pipes skipped, loops cut, each with a notice). Bug caught: a second walk (the batch CLI had its own
+    rglob) that follows a link out of the folder or blocks on a FIFO without a word."""
+    walks = []
+    for path in sorted(REPO.glob("**/*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith(("tests/", "bench/", ".")) or rel in OWN_WALKS:
+            continue
+        text = path.read_text(encoding="utf-8")
+        walks += [f"{rel}: {m.group(0)}" for m in re.finditer(r"os\.walk\(|\.rglob\(", text)]
+    assert not walks, walks

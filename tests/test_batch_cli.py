@@ -422,3 +422,37 @@ def test_sizes_and_texts_that_cannot_run_are_refused_before_loading(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith(message) and "Traceback" not in err, err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.bad_input
+def test_input_folder_links_loops_and_pipes_are_left_out_with_a_notice(tmp_path):
+    """The batch CLI walks input folders with the project's one folder walk: a link to a file outside the folder, a
+    link loop, a dangling link and a FIFO are each left out with a notice naming them (before: skipped without a
+    word, or a FIFO taken for a file), and the good image is still found. Bug caught: a second walk in the CLI."""
+    from std_app.batch import collect_jobs
+
+    src, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    (src / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    image(src / "good.png")
+    image(elsewhere / "secret.png")
+    (src / "outside.png").symlink_to(elsewhere / "secret.png")
+    (src / "sub" / "loop").symlink_to(src, target_is_directory=True)
+    (src / "dangling.png").symlink_to(tmp_path / "missing.png")
+    os.mkfifo(src / "pipe.png")
+    notices: list[str] = []
+    jobs = collect_jobs([src], tmp_path / "out", recursive=True, notices=notices)
+    assert [j.source.name for j in jobs] == ["good.png"]
+    text = "\n".join(notices)
+    assert "outside.png links out of 'in'" in text and "loop links back into a folder already read" in text
+    assert "dangling.png is a broken or circular link" in text and "pipe.png is not a regular file" in text
+
+
+@pytest.mark.bad_input
+def test_the_walk_notices_reach_the_user(tmp_path, capsys, flags):
+    src = tmp_path / "in"
+    src.mkdir()
+    image(src / "good.png")
+    (src / "loop").symlink_to(src, target_is_directory=True)
+    assert main(src, "--recursive", "--output", tmp_path / "out", *flags, *FAST) == 0
+    assert "notice: " in capsys.readouterr().err and (tmp_path / "out" / "good.png").exists()

@@ -127,7 +127,7 @@ def test_links_out_of_the_folder_loops_and_pipes_are_skipped_with_a_notice(tmp_p
         items, _ = scan_folder(str(data))
     assert sorted(i.path.name for i in items) == ["a.png", "c.png", "c_link.png"]
     text = caplog.text
-    assert "b.png links out of the data folder" in text and "links back into a folder already read" in text
+    assert "b.png links out of 'data'" in text and "links back into a folder already read" in text
     assert "gone.png is a broken or circular link" in text and "pipe.png is not a regular file" in text
 
 
@@ -139,4 +139,4 @@ def test_a_run_folder_inside_the_data_folder_is_not_data(tmp_path, caplog):
     _img(data / "run" / "previews" / "step-000002.png", 9)
     with caplog.at_level(logging.WARNING, logger="training"):
         items, _ = scan_folder(str(data), exclude=(data / "run",))
-    assert len(items) == 4 and "is the run's own folder: not read as data" in caplog.text
+    assert len(items) == 4 and "is the run's own output folder: not read" in caplog.text

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.utils.data
 
+from comfyui_std.core.folders import walk_files
 from comfyui_std.core.frames import cover_size, resize
 from comfyui_std.core.images import IMAGE_EXTENSIONS, image_to_float
 from comfyui_std.core.video import VIDEO_EXTENSIONS, load_video, open_video
@@ -87,42 +88,10 @@ def read_caption(path: Path, root: Path | None = None) -> str:
 
 
 def data_files(root: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[Path], list[str]]:
-    """The regular files under ``root`` (sorted) and notices for what the walk left out: links that lead out of
-    the folder (or in circles), files that are not regular (pipes, devices), and the ``exclude`` folders (a run
-    folder inside the data folder: its previews are not training data). Links inside the folder are followed."""
-    import os
-    import stat as stat_
-
-    real_root = root.resolve()
-    skip = [e.resolve() for e in exclude]
-    files, notices, seen_dirs = [], [], set()
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        here = Path(folder).resolve()
-        if here in seen_dirs or not here.is_relative_to(real_root) or any(here.is_relative_to(e) for e in skip):
-            if any(here.is_relative_to(e) for e in skip):
-                notices.append(f"{Path(folder)} is the run's own folder: not read as data")
-            elif here in seen_dirs:
-                notices.append(f"{Path(folder)} links back into a folder already read: skipped")
-            else:
-                notices.append(f"{Path(folder)} links out of the data folder (to {here}): skipped")
-            dirs[:] = []
-            continue
-        seen_dirs.add(here)
-        for name in names:
-            path = Path(folder) / name
-            try:
-                real = path.resolve(strict=True)
-                mode = real.stat().st_mode
-            except (OSError, RuntimeError):  # a dangling link or a link loop
-                notices.append(f"{path} is a broken or circular link: skipped")
-                continue
-            if not real.is_relative_to(real_root):
-                notices.append(f"{path} links out of the data folder (to {real}): skipped")
-            elif not stat_.S_ISREG(mode):
-                notices.append(f"{path} is not a regular file: skipped")
-            else:
-                files.append(path)
-    return sorted(files), notices
+    """The regular files under ``root`` (recursively, sorted) and notices for what the walk left out: the project's
+    one folder walk (:func:`comfyui_std.core.folders.walk_files`) with links out of the folder skipped and the
+    ``exclude`` folders (a run folder inside the data folder: its previews are not training data) not read."""
+    return walk_files(root, recursive=True, exclude=exclude, outside="skip")
 
 
 def scan_folder(folder: str, style_prompt: str = "", videos: bool = False,
