@@ -19,7 +19,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from comfyui_std.core import STDInputError, STDPlan
 from comfyui_std.core.frames import resize_frames
-from comfyui_std.core.images import image_to_float
+from comfyui_std.core.images import EXIF_ORIENTATION, image_to_float
 
 #: what PIL is allowed to decode at all (pixels); larger files are refused before decoding (decompression bombs)
 MAX_DECODE_PIXELS = 100_000_000
@@ -120,7 +120,8 @@ def read_image(path: Path, what: str, max_side: int) -> tuple[Image.Image, list[
     name = path.name
     try:
         with Image.open(path) as im:
-            source_size = im.size
+            turned = im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)  # shown turned by 90 degrees
+            source_size = (im.height, im.width) if turned else im.size  # the size the picture is seen at
             if im.width * im.height > MAX_DECODE_PIXELS:
                 raise STDInputError(what, f"'{name}' is {im.width}x{im.height} ({im.width * im.height / 1e6:.0f} "
                                           f"megapixels), too large to decode; the limit is "

@@ -456,3 +456,20 @@ def test_the_walk_notices_reach_the_user(tmp_path, capsys, flags):
     (src / "loop").symlink_to(src, target_is_directory=True)
     assert main(src, "--recursive", "--output", tmp_path / "out", *flags, *FAST) == 0
     assert "notice: " in capsys.readouterr().err and (tmp_path / "out" / "good.png").exists()
+
+
+@pytest.mark.bad_input
+def test_an_exif_rotated_image_is_not_called_squashed(tmp_path, capsys, flags):
+    """A 48x96 photo stored with EXIF orientation 6 is seen (and stylized) as 96x48. The size notice compared the
+    stored size with the turned one and told the user it was "squashed" although the rotation was right."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 48, 3), dtype=np.uint8)).save(
+        src / "turned.jpg", exif=exif)
+    assert main(src / "turned.jpg", "--output", out, *flags, *FAST, "--report", tmp_path / "r.json") == 0
+    notices = report(tmp_path / "r.json")["turned.jpg"]["notices"]
+    assert not any("squashed" in n for n in notices), notices
+    with Image.open(out / "turned.png") as im:
+        assert im.width > im.height  # turned as the EXIF says

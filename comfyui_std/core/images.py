@@ -24,6 +24,8 @@ from .folders import folder_files
 from .frames import RESIZE_MODES, fit, snap_frame
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+#: the EXIF tag of the orientation; values 5-8 show the stored pixels turned by 90 degrees
+EXIF_ORIENTATION = 0x0112
 
 SORT_ORDERS = ("name", "natural", "modified")
 MISMATCH_MODES = ("refuse", "crop to first", "stretch to first")

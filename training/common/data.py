@@ -30,12 +30,11 @@ import torch.utils.data
 
 from comfyui_std.core.folders import walk_files
 from comfyui_std.core.frames import cover_size, resize
-from comfyui_std.core.images import IMAGE_EXTENSIONS, image_to_float
+from comfyui_std.core.images import EXIF_ORIENTATION, IMAGE_EXTENSIONS, image_to_float
 from comfyui_std.core.video import VIDEO_EXTENSIONS, load_video, open_video
 from training.common.errors import TrainingUserError
 
 log = logging.getLogger("training")
-EXIF_ORIENTATION = 0x0112
 MAX_ASPECT = 2.0
 
 
