@@ -22,7 +22,7 @@ import gradio as gr  # noqa: E402
 from comfyui_std.core import STDInputError  # noqa: E402
 from comfyui_std.core.argv import parse_args as parse_argv  # noqa: E402
 from comfyui_std.core.noise import NOISE_MODES  # noqa: E402
-from std_app.handlers import Limits, StyleApp  # noqa: E402
+from std_app.handlers import CheckedBlocks, Limits, StyleApp  # noqa: E402
 from std_app.engine import NO_MOTION  # noqa: E402
 from std_app.models import NO_LORA  # noqa: E402
 from std_app.settings import DEFAULTS, declared, start_strength_for  # noqa: E402
@@ -358,7 +358,7 @@ def onestep_tab(app: StyleApp) -> None:
 
 def build_demo(app: StyleApp) -> gr.Blocks:
     """The whole UI around a :class:`StyleApp`; the queue has one worker for everything that runs the model."""
-    with gr.Blocks(title=TITLE) as demo:
+    with CheckedBlocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nFew-step style transfer with Single Trajectory Distillation (arXiv 2412.18945).")
         gr.Markdown(banner(app), elem_id="banner")
         with gr.Tabs():

@@ -53,6 +53,49 @@ def _event_context():
     return LocalContext.blocks.get(None), getattr(request, "session_hash", None)
 
 
+#: what a file input's data model holds, in words, for the messages of :func:`api_input_problem`
+FILE_KINDS = {"ImageData": "an image file", "VideoData": "a video file", "FileData": "a file",
+              "ListFiles": "a list of files"}
+
+
+def api_input_problem(block_fn, inputs: list) -> str | None:
+    """What is wrong with the raw inputs of an API call before Gradio reads them, in words, or None.
+
+    Gradio checks the count and the file payloads itself, before any handler runs, and answers a mistake with "the
+    upstream Gradio app has raised an exception" (or ``{"error": null}`` over raw HTTP): a call with too few
+    inputs, or a string or number where an image belongs. Those two are named here instead; everything else goes
+    on to Gradio unchanged (its path checks answer alike whether a file exists or not)."""
+    blocks = list(block_fn.inputs)
+    labels = [getattr(b, "label", None) or type(b).__name__ for b in blocks]
+    endpoint = f"/{block_fn.api_name}" if isinstance(block_fn.api_name, str) else "this event"
+    if len(inputs) < len(blocks):
+        return (f"{endpoint} takes {len(blocks)} inputs, in this order: {', '.join(labels)}; the call sent "
+                f"{len(inputs)}. Send them all (None for an empty one), or call it with gradio_client, which fills in "
+                "the inputs left out (docs/api.md)")
+    for index, (block, value) in enumerate(zip(blocks, inputs)):
+        model = getattr(block, "data_model", None)
+        if model is None or value is None:
+            continue
+        try:
+            model.model_validate(value)
+        except Exception:  # noqa: BLE001 -- pydantic's ValidationError: the payload is not this kind of file
+            kind = FILE_KINDS.get(getattr(model, "__name__", ""), "a file")
+            return (f"{endpoint}: input {index + 1} ({labels[index]}) must be {kind} (with gradio_client: "
+                    f"handle_file(path)), not a {type(value).__name__}")
+    return None
+
+
+class CheckedBlocks(gr.Blocks):
+    """``gr.Blocks`` whose API calls are checked by :func:`api_input_problem` first, so that a client's mistake gets
+    a message (``gr.Error``) instead of Gradio's anonymous exception."""
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+        problem = api_input_problem(block_fn, list(inputs or []))
+        if problem:
+            raise gr.Error(problem, print_exception=False)
+        return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+
+
 def user_errors(fn):
     """Show input errors as they are (``gr.Error``); anything unexpected is logged with its traceback and shown as
     one line, so the server keeps serving. The message is also kept as the session's last error."""

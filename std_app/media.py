@@ -120,12 +120,13 @@ def read_image(path: Path, what: str, max_side: int) -> tuple[Image.Image, list[
     name = path.name
     try:
         with Image.open(path) as im:
-            turned = im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)  # shown turned by 90 degrees
-            source_size = (im.height, im.width) if turned else im.size  # the size the picture is seen at
+            source_size = im.size
             if im.width * im.height > MAX_DECODE_PIXELS:
                 raise STDInputError(what, f"'{name}' is {im.width}x{im.height} ({im.width * im.height / 1e6:.0f} "
                                           f"megapixels), too large to decode; the limit is "
                                           f"{MAX_DECODE_PIXELS / 1e6:.0f} megapixels")
+            if im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # shown turned by 90 degrees:
+                source_size = (im.height, im.width)  # the size the picture is seen at
             if min(source_size) < MIN_SOURCE_SIDE:
                 raise STDInputError(what, f"'{name}' is {im.width}x{im.height}, too small to stylize: both sides "
                                           f"need at least {MIN_SOURCE_SIDE} pixels")

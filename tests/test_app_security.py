@@ -143,10 +143,11 @@ KINDS = ["never-uploaded", "missing", "never-uploaded-with-meta", "missing-with-
 def refused_by_gradio(kind: str, what: str) -> bool:
     """Gradio's own preprocessing refuses some values before the handler runs, with no message to the client (the
     same for an existing and a missing file): FileData-marked paths outside its cache folder or through a symlink
-    ("not uploaded by a user"), values that are not FileData dicts, and video payloads without the meta marker
-    (gr.Video validates it). Everything else reaches the app's allow-list."""
+    ("not uploaded by a user") and video payloads without the meta marker (gr.Video validates it). Values that are
+    not file payloads at all are named by the app's input check first. Everything else reaches the app's
+    allow-list."""
     if kind in ("never-uploaded-with-meta", "missing-with-meta", "traversal-with-meta",
-                "symlink-in-upload-folder-with-meta", "plain-string"):
+                "symlink-in-upload-folder-with-meta"):
         return True
     return what == "video" and not kind.endswith("with-meta")
 
@@ -162,7 +163,10 @@ def test_a_file_the_app_did_not_receive_is_refused(server, app, secrets_dir, pla
     hostile = hostile_payload(kind, what, secrets_dir, planted, uploaded, server[0])
     good = {"path": uploaded, "meta": META}
     event, data = call_raw(server[0], endpoint, endpoint_args(endpoint, field, hostile, good))
-    assert event == "error" and data == (None if refused_by_gradio(kind, what) else REFUSAL[what]), data
+    if kind == "plain-string":  # not a file payload at all: named by the app's input check, the path not echoed
+        assert event == "error" and "must be" in data and "not a str" in data and "secret" not in data, data
+    else:
+        assert event == "error" and data == (None if refused_by_gradio(kind, what) else REFUSAL[what]), data
     assert sorted(app.output_dir.iterdir()) == before  # nothing was stylized
 
 
@@ -275,3 +279,39 @@ def test_the_server_still_serves_after_all_that(client, uploaded):
     image, _, info, _ = client.predict({"path": uploaded, "meta": META}, None, *settings(), api_name="/stylize_image")
     assert Path(image).is_file() and "NFE 1" in info
 
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("endpoint, value, kind", [
+    ("/stylize_image", "hello", "an image file"), ("/stylize_image", 5, "an image file"),
+    ("/stylize_image", [1, 2], "an image file"), ("/compare", 7.5, "an image file"),
+    ("/stylize_video", "clip.mp4", "a file")])
+def test_a_wrong_type_where_a_file_belongs_is_named(client, endpoint, value, kind):
+    """A string or number where a file belongs: Gradio refused it before any handler with "the upstream Gradio app
+    has raised an exception". Now the answer names the endpoint, the input and what it takes."""
+    with pytest.raises(AppError) as err:
+        client.predict(value, api_name=endpoint)
+    message = str(err.value)
+    assert f"{endpoint}: input 1 (Content" in message and f"must be {kind}" in message and "upstream" not in message
+
+
+@pytest.mark.bad_input
+def test_a_raw_call_with_too_few_inputs_says_how_many(server):
+    """POST /gradio_api/call/stylize_image with 3 of its 17 inputs answered ``{"error": null}``."""
+    event, message = call_raw(server[0], "stylize_image", [None, None, None])
+    assert event == "error" and message, message
+    assert "/stylize_image takes 17 inputs" in message and "the call sent 3" in message
+
+
+def test_the_input_check_passes_what_gradio_accepts():
+    """The pre-check lets through a well-formed file payload and None (bug: a check that refuses real uploads)."""
+    import gradio as gr
+
+    from std_app.handlers import api_input_problem
+
+    class Fn:
+        api_name, inputs = "x", [gr.Image(label="Content image")]
+    assert api_input_problem(Fn, [{"path": "a.png", "meta": META}]) is None
+    assert api_input_problem(Fn, [None]) is None
+    assert "must be an image file" in api_input_problem(Fn, ["a.png"])
+    assert "takes 1 inputs" in api_input_problem(Fn, [])
