@@ -19,6 +19,7 @@ import torch
 from comfyui_std.core.errors import STDInputError
 from comfyui_std.core.motion_format import (MotionInfo, MotionLoraLayer, adapter_config, check_motion_lora,
                                             motion_lora_layers, to_diffusers)
+from comfyui_std.core.tensors import check_weights
 from std_hf.files import first_line, read_safetensors, resolve
 
 log = logging.getLogger("std_hf")
@@ -44,7 +45,9 @@ class MotionModule:
 def read_weights(path: Path, label: str = "motion_module") -> dict[str, torch.Tensor]:
     """The tensors of a motion-module file: safetensors directly, pickled files only with ``weights_only=True``."""
     if path.suffix == ".safetensors":
-        return read_safetensors(path, label)[0]
+        data = read_safetensors(path, label)[0]
+        check_weights(data, label, path.name)
+        return data
     if path.suffix not in PICKLED:
         raise STDInputError(label, f"'{path.name}': a motion module is a .safetensors or .ckpt file (or a diffusers "
                                    "MotionAdapter folder)")
@@ -58,6 +61,7 @@ def read_weights(path: Path, label: str = "motion_module") -> dict[str, torch.Te
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise STDInputError(label, f"'{path.name}' holds no table of tensors")
+    check_weights(data, label, path.name)
     return data
 
 
@@ -68,7 +72,9 @@ def _folder_weights(folder: Path, label: str) -> dict[str, torch.Tensor]:
                                    "config.json and diffusion_pytorch_model.safetensors)")
     out = {}
     for f in files:
-        out.update(read_safetensors(f, label)[0])
+        weights = read_safetensors(f, label)[0]
+        check_weights(weights, label, f.name)
+        out.update(weights)
     return out
 
 

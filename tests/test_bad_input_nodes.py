@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tools import comfy_host
 
@@ -52,7 +52,19 @@ def files(host, host_files, tiny_models):
     plus = {"image_proj.latents": torch.zeros(1, 16, 768), "image_proj.proj_in.weight": torch.zeros(768, 32),
             "ip_adapter.1.to_k_ip.weight": torch.zeros(320, 768), "ip_adapter.1.to_v_ip.weight": torch.zeros(320, 768)}
     save_file(plus, str(models / "ipadapter" / "plus_like.safetensors"))
+    adapter = load_file(str(models / "ipadapter" / host_files["ipadapter"]))
+    first = sorted(adapter)[0]
+    adapter[first] = torch.full_like(adapter[first], float("inf"))
+    save_file(adapter, str(models / "ipadapter" / "inf_adapter.safetensors"))
+    save_file({"latent_tensor": torch.full((1, 4, 8, 8), float("nan"))}, str(inp / "nan.latent"))
     return {"outside": outside}
+
+
+def _nan_latent(prompt):
+    """std_image_stylize with its latent from core Load Latent (input/nan.latent: all NaN)."""
+    stylize = next(k for k, v in prompt.items() if v["class_type"] == "STDStylize")
+    prompt["99"] = {"class_type": "LoadLatent", "inputs": {"latent": "nan.latent"}}
+    prompt[stylize]["inputs"]["latent_image"] = ["99", 0]
 
 
 def _load_video(**inputs):
@@ -250,6 +262,11 @@ CASES = [
     ("ipadapter-corrupt", lambda c, f: _workflow("std_image_style_reference", c, f,
                                                  _style(ipadapter_file="corrupt.safetensors")),
      "could not read 'corrupt.safetensors'"),
+    ("ipadapter-inf", lambda c, f: _workflow("std_image_style_reference", c, f,
+                                             _style(ipadapter_file="inf_adapter.safetensors")),
+     "non-finite value(s) (NaN or inf); the file is damaged"),
+    ("latent-nan", lambda c, f: _workflow("std_image_stylize", c, f, _nan_latent),
+     "latent_image: the latent holds 256 non-finite value(s) (NaN or inf) of 256"),
     ("ipadapter-plus-file", lambda c, f: _workflow("std_image_style_reference", c, f,
                                                    _style(ipadapter_file="plus_like.safetensors")),
      "IP-Adapter Plus (resampler) files are not supported"),

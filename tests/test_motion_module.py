@@ -8,6 +8,7 @@ skip the module. The batch CLI stylizes a 20-frame clip with audio this way.
 """
 
 import json
+import re
 import logging
 import os
 import pickle
@@ -134,6 +135,21 @@ def test_truncated_foreign_and_image_lora_files_are_refused(modules, zoo, tmp_pa
     save_file(odd, str(tmp_path / "two_blocks.safetensors"))
     with pytest.raises(STDInputError, match="neither an SD1.5 .4. nor an SDXL .3. motion module"):
         load_motion_adapter(str(tmp_path / "two_blocks.safetensors"))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("suffix, poison", [(".safetensors", "nan"), (".ckpt", "inf"), (".safetensors", "int8")])
+def test_a_module_with_non_finite_or_integer_weights_is_refused(modules, tmp_path, suffix, poison):
+    """A NaN/inf weight made every frame NaN; an int8 one was converted into the float module without a word."""
+    folder, _ = modules
+    sd = load_file(str(folder / "mm_tiny_v3.safetensors"))
+    key = sorted(k for k in sd if k.endswith("to_q.weight"))[0]
+    sd[key] = sd[key].to(torch.int8) if poison == "int8" else torch.full_like(sd[key], float(poison))
+    path = tmp_path / f"bad{suffix}"
+    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save(sd, str(path))
+    expected = "is int8; the weights must be float tensors" if poison == "int8" else "non-finite value(s)"
+    with pytest.raises(STDInputError, match=re.escape(f"'{path.name}': {key}") + ".*" + re.escape(expected)):
+        load_motion_adapter(str(path))
 
 
 # -- the engine ------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import STDInputError
+from .tensors import check_weights
 
 PRESET_NAMES = ("style", "layout", "style+layout", "all blocks")
 ARCHITECTURES = ("sdxl", "sd15")
@@ -194,6 +195,7 @@ def nest_ip_adapter(sd: dict) -> dict[str, dict[str, torch.Tensor]]:
         else:
             raise STDInputError("ipadapter", f"holds {k!r}, outside image_proj.* and ip_adapter.*: not a standard "
                                              "IP-Adapter file")
+    check_weights(nested, "ipadapter")
     return nested
 
 

@@ -16,6 +16,7 @@ import latent_preview
 import torch
 
 from ..core import STDInputError, sample_std
+from ..core.tensors import check_tensor
 from ..core.chunks import Chunking
 from ..core.noise import check_noise_mode, step_noise_sampler
 from ..core.stylize import frames_of, stylize_chunks
@@ -115,7 +116,7 @@ def check_latent(model, latent, input_name: str = "latent_image"):
                                         "encode the image with this model's VAE")
     if samples.shape[0] < 1 or samples.shape[2] < 1 or samples.shape[3] < 1:
         raise STDInputError(input_name, f"empty latent of shape {list(samples.shape)}")
-    return samples
+    return check_tensor(input_name, samples, "latent")
 
 
 def _control_for_frames(control, start: int, end: int, memo: dict):
