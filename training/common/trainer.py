@@ -93,8 +93,9 @@ def checkpoints(folder: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def held_signals():
-    """SIGINT and SIGTERM wait (are delivered after the block) in the main thread; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
+    """SIGINT and SIGTERM wait (are delivered after the block) in the main thread; elsewhere, and where signals
+    cannot be masked (Windows), a no-op."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
     held = {signal.SIGINT, signal.SIGTERM}
