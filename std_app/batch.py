@@ -134,9 +134,10 @@ def collect_jobs(inputs: list[Path], output: Path, recursive: bool = False, fram
                                         exclude=own, outside="skip")
             notices += skipped
             if not files:
+                left_out = "".join(f"; {n}" for n in skipped[:5])
                 raise UsageError(f"folder '{item}' has no images or videos "
                                  f"({', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})"
-                                 + ("" if recursive else "; --recursive also looks in its subfolders"))
+                                 + ("" if recursive else "; --recursive also looks in its subfolders") + left_out)
             for f in files:
                 rel = f.relative_to(item).parent
                 jobs.append(Job(f, output / rel / _output_name(f, _kind(f)), _kind(f)))

@@ -28,6 +28,8 @@ def _parser():
     (["--flag", "-inf"], ["--flag", "-inf"]),  # takes no value: left for argparse to refuse
     (["--gamma=-inf"], ["--gamma=-inf"]),
     (["x", "-inf"], ["x", "-inf"]),
+    (["--gamma", "-1.e-3"], ["--gamma=-1.e-3"]),
+    (["--", "--gamma", "-inf"], ["--", "--gamma", "-inf"]),  # after "--" everything is a positional
 ])
 def test_attach_values(argv, expected):
     assert attach_values(_parser(), argv) == expected

@@ -427,8 +427,9 @@ def test_sizes_and_texts_that_cannot_run_are_refused_before_loading(tmp_path, ca
 @pytest.mark.bad_input
 def test_input_folder_links_loops_and_pipes_are_left_out_with_a_notice(tmp_path):
     """The batch CLI walks input folders with the project's one folder walk: a link to a file outside the folder, a
-    link loop, a dangling link and a FIFO are each left out with a notice naming them (before: skipped without a
-    word, or a FIFO taken for a file), and the good image is still found. Bug caught: a second walk in the CLI."""
+    link loop, a dangling link and a FIFO are each left out with a notice naming them (before: the link out was
+    followed, the rest skipped without a word), and the good image is still found. Bug caught: a second walk in the
+    CLI. A folder left with nothing says why in its error."""
     from std_app.batch import collect_jobs
 
     src, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
@@ -446,6 +447,11 @@ def test_input_folder_links_loops_and_pipes_are_left_out_with_a_notice(tmp_path)
     text = "\n".join(notices)
     assert "outside.png links out of 'in'" in text and "loop links back into a folder already read" in text
     assert "dangling.png is a broken or circular link" in text and "pipe.png is not a regular file" in text
+    only_links = tmp_path / "links"
+    only_links.mkdir()
+    (only_links / "a.png").symlink_to(elsewhere / "secret.png")
+    with pytest.raises(batch.UsageError, match=r"has no images or videos.*a\.png links out of 'links'"):
+        collect_jobs([only_links], tmp_path / "out")
 
 
 @pytest.mark.bad_input

@@ -49,16 +49,27 @@ def same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def stop_a_training_run(cmd, out, signum):
-    """Start ``cmd`` (a trainer), wait until it has logged step 1, send ``signum``; (exit code, stderr)."""
+def stop_a_training_run(cmd, out, signum, group: bool = False):
+    """Start ``cmd`` (a trainer), wait until it has logged step 1, send ``signum`` to it (``group``: to its whole
+    process group, data workers included, as systemd, Slurm or a terminal do); (exit code, stderr)."""
+    import signal
     import time
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=group)
     deadline = time.time() + 300
     log = out / "train.log"
     while time.time() < deadline and proc.poll() is None and not (log.exists() and "step 1/" in log.read_text()):
         time.sleep(0.2)
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=300)
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # a hang: never leave the run behind
+            os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+            proc.wait()
     return proc.returncode, err

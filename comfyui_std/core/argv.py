@@ -13,7 +13,7 @@ import re
 import sys
 
 #: values argparse would mistake for options: signed infinities and NaNs, and exponent forms such as -1e-3
-SIGNED_SPECIAL = re.compile(r"-(?:inf|infinity|nan|\d*\.?\d+e[-+]?\d+)\Z", re.I)
+SIGNED_SPECIAL = re.compile(r"-(?:inf|infinity|nan|(?:\d+\.?\d*|\.\d+)e[-+]?\d+)\Z", re.I)
 
 
 def attach_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
@@ -28,7 +28,9 @@ def attach_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
         return len(matches) == 1 and options[matches[0]]  # an abbreviation argparse would accept
 
     out: list[str] = []
-    for arg in argv:
+    for i, arg in enumerate(argv):
+        if arg == "--":  # the rest are positionals, as argparse reads them
+            return out + list(argv[i:])
         if out and SIGNED_SPECIAL.match(arg) and takes_value(out[-1]):
             out[-1] = f"{out[-1]}={arg}"
         else:

@@ -11,14 +11,17 @@ import torch
 
 from .errors import STDInputError
 
-#: dtypes a weight or latent may have
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+def is_float(tensor: torch.Tensor) -> bool:
+    """A floating-point tensor (fp8 storage included: it is dequantised to the model's dtype when loaded)."""
+    return tensor.dtype.is_floating_point
 
 
 def nonfinite_count(tensor: torch.Tensor) -> int:
     """How many values of a floating tensor are NaN or inf (0 for other dtypes)."""
     if not tensor.dtype.is_floating_point or tensor.device.type == "meta":
         return 0
+    if tensor.element_size() == 1:  # fp8: torch has no isfinite for it
+        tensor = tensor.to(torch.float16)
     return int((~torch.isfinite(tensor)).sum())
 
 
@@ -26,7 +29,7 @@ def check_tensor(name: str, tensor, what: str = "tensor") -> torch.Tensor:
     """``tensor`` if it is a float tensor without NaN or inf; else :class:`STDInputError` naming ``name``."""
     if not isinstance(tensor, torch.Tensor):
         raise STDInputError(name, f"expected a {what} (a tensor), got {type(tensor).__name__}")
-    if tensor.dtype not in FLOAT_DTYPES:
+    if not is_float(tensor):
         raise STDInputError(name, f"the {what} is {str(tensor.dtype).replace('torch.', '')}; expected a float tensor")
     bad = nonfinite_count(tensor)
     if bad:
@@ -45,9 +48,9 @@ def check_weights(state_dict: dict, name: str, file: str = "") -> None:
             continue
         if not isinstance(value, torch.Tensor):
             continue
-        if value.dtype not in FLOAT_DTYPES:
+        if not is_float(value):
             raise STDInputError(name, f"{where}{key} is {str(value.dtype).replace('torch.', '')}; the weights "
-                                      "must be float tensors (fp16, bf16 or fp32)")
+                                      "must be float tensors (fp8, fp16, bf16 or fp32)")
         bad = nonfinite_count(value)
         if bad:
             raise STDInputError(name, f"{where}{key} holds {bad} non-finite value(s) (NaN or inf); the file is "

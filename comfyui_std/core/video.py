@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import uuid
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -404,6 +405,9 @@ class VideoReader:
         self.close()
 
 
+_DECODE_LOG_LOCK = threading.Lock()
+
+
 def _counting_errors(frames, reader: VideoReader):
     """``frames`` (a PyAV decode iterator) with the errors libav logs while each frame is decoded added to
     ``reader.decode_errors``. PyAV keeps libav's log off by default; it is switched to errors only for the
@@ -411,13 +415,14 @@ def _counting_errors(frames, reader: VideoReader):
     import av.logging
 
     while True:
-        previous = av.logging.get_level()
-        av.logging.set_level(av.logging.ERROR)
-        try:
-            with av.logging.Capture(local=False) as logs:
-                frame = next(frames, None)
-        finally:
-            av.logging.set_level(previous)
+        with _DECODE_LOG_LOCK:  # the log level and the capture are process-wide: one decode at a time is counted
+            previous = av.logging.get_level()
+            av.logging.set_level(av.logging.ERROR)
+            try:
+                with av.logging.Capture(local=False) as logs:
+                    frame = next(frames, None)
+            finally:
+                av.logging.set_level(previous)
         reader.decode_errors += sum(1 for level, _, _ in logs if level <= av.logging.ERROR)
         if frame is None:
             return

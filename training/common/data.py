@@ -359,8 +359,18 @@ def _as_is(batch):
 
 
 def _worker_init(_worker_id):
+    """Stop signals are the trainer's: it finishes the step, writes a checkpoint and then shuts the workers down.
+    Ctrl-C (SIGINT, sent to the terminal's whole process group) is ignored here; the first SIGTERM too (systemd,
+    Slurm or ``kill -TERM -<group>`` signal every process of the run: a worker that died of it would make the
+    DataLoader fail the step before the checkpoint). A second SIGTERM, e.g. the loader's own shutdown of a worker
+    that does not answer, ends the worker as usual."""
     import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it stops after the step, cleanly
+
+    def first_sigterm(_signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, first_sigterm)
 
 
 class PixelPrefetcher:
@@ -389,7 +399,14 @@ class PixelPrefetcher:
         if self._batch is None or self._batch[0] != micro_step:
             if self._iter is None or micro_step != self._next:  # first use, a resume, or a step out of order
                 self._open(micro_step)
-            self._batch = (micro_step, next(self._iter))
+            try:
+                self._batch = (micro_step, next(self._iter))
+            except RuntimeError as err:  # a worker died: a SIGTERM to the whole process group, the OOM killer
+                log.warning("data: the loader workers stopped (%s); decoding in the training process from here",
+                            str(err).splitlines()[0][:200])
+                self.close()
+                self.num_workers = 0  # every sample has its own generator, so the data stay exactly the same
+                return self.source.sample(micro_step, position)
             self._next += 1
             if self._next >= self.stop:
                 self.close()

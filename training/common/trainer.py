@@ -93,25 +93,31 @@ def checkpoints(folder: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def held_signals():
-    """SIGINT and SIGTERM wait (are delivered after the block) in the main thread; elsewhere, and where signals
-    cannot be masked (Windows), a no-op."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """SIGINT and SIGTERM wait until the block is done: inside it they are only recorded, and after it each one is
+    raised again for the handlers that were in place (so Ctrl-C still stops the run, just not in the middle). Masking
+    would not do: a process-directed signal goes to any thread that does not block it (torch has several), and
+    Python runs its handler in the main thread all the same. Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 def install_checkpoint(tmp: Path, final: Path) -> None:
     """Put the complete checkpoint folder ``tmp`` in place as ``final``, never leaving a moment without a complete
     checkpoint of that step: one already at ``final`` (the same step saved again, e.g. a stop right after a
     scheduled checkpoint) is renamed aside first, the new one renamed in, and only then the old one deleted; the
-    renames run with SIGINT and SIGTERM held, and :func:`checkpoints` finds the one set aside if a crash comes
-    between them."""
+    swap runs with SIGINT and SIGTERM held (:func:`held_signals`), and :func:`checkpoints` finds the one set aside
+    if the process dies between the renames."""
     aside = final.with_name(f".{final.name}.old")
     with held_signals():
         if final.exists():
@@ -119,7 +125,7 @@ def install_checkpoint(tmp: Path, final: Path) -> None:
                 shutil.rmtree(aside)
             os.replace(final, aside)
         os.replace(tmp, final)
-    shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def placement(asked: str, device: torch.device, world: int, given: torch.device) -> torch.device:
@@ -192,6 +198,15 @@ class Trainer:
         finally:
             sync()
             self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def _stop_everywhere(self) -> bool:
+        """Whether any process was asked to stop (one tiny all-reduce a step with several processes): every rank
+        must stop at the same step, or one waits at the checkpoint barrier while the others wait in the gradient
+        all-reduce."""
+        if self.world > 1:
+            flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.accelerator.device)
+            self.stop_requested = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        return self.stop_requested
 
     def request_stop(self, signum=signal.SIGINT, _frame=None):
         """Finish the current step, write a checkpoint and return (Ctrl-C or SIGTERM does this; a second Ctrl-C
@@ -488,7 +503,7 @@ class Trainer:
                     self.write_preview()
                 if cfg.export_every and self.step % cfg.export_every == 0 and self.is_main:
                     self._export(suffix=f"-step{self.step}")
-                if self.stop_requested:
+                if self._stop_everywhere():
                     path = self.save_checkpoint()
                     log.warning("stopped at step %d; checkpoint %s; continue with --resume latest", self.step, path)
                     self.interrupted = True
