@@ -116,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--auth", type=_credential, action="append", default=[], metavar="USER:PASS",
                    help="ask for this login (repeatable); use it with --listen or --share")
     s.add_argument("--auth-file", type=Path, help="logins from a file: one user:password per line (# comments)")
-    args = parse_argv(p, sys.argv[1:] if argv is None else argv)
+    args = parse_argv(p, argv)
     if args.auth_file is not None:
         try:
             args.auth = args.auth + read_auth_file(args.auth_file)

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
                                          "diffusers/; its ComfyUI's tokenizer files are found)")
     ap.add_argument("--header-only", action="store_true", help="check names and shapes only, without reading the "
                                                                 "tensors")
-    args = parse_argv(ap, sys.argv[1:] if argv is None else argv)
+    args = parse_argv(ap, argv)
     return guarded(check, args.base, args.tokenizer, args.models_dir, args.header_only)
 
 

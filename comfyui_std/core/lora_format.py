@@ -22,6 +22,8 @@ import re
 
 import torch
 
+from .tensors import nonfinite_count
+
 META_PREFIX = "std."
 #: metadata keys written by the trainer and read by the nodes and the app
 META_KEYS = ("method", "start_strength", "start_index", "nfe", "gamma", "base_model", "resolution", "rr", "steps",
@@ -101,8 +103,8 @@ def check_lora_tensors(state_dict: dict[str, torch.Tensor], name: str) -> None:
         if value.dtype not in FACTOR_DTYPES:
             raise ValueError(f"{name}: {key} is {str(value.dtype).replace('torch.', '')}; LoRA weights are float "
                              "tensors (fp16, bf16 or fp32)")
-        if not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
+        bad = nonfinite_count(value)
+        if bad:
             raise ValueError(f"{name}: {key} holds {bad} non-finite value(s) (NaN or inf); the file is damaged")
         if m is not None:
             role = next(g for g in m.groups() if g)
