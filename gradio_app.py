@@ -431,7 +431,7 @@ def main(argv=None) -> int:
     warning = exposure_warning(args)
     if warning:
         print(warning, file=sys.stderr)
-    from std_app.exits import Stopped, received, stop_on_signals
+    from comfyui_std.core.exits import Stopped, received, stop_on_signals
 
     with tempfile.TemporaryDirectory(prefix="std-tiny-") as scratch:  # --tiny's models, removed on every exit
         try:

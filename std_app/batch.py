@@ -387,7 +387,7 @@ def _distributed():
 
 
 def main(argv=None) -> int:
-    from .exits import Stopped, stop_on_signals
+    from comfyui_std.core.exits import Stopped, stop_on_signals
 
     try:
         with stop_on_signals():

@@ -12,13 +12,11 @@ points to it.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import shlex
 import signal
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -77,41 +75,19 @@ def internal_error(err: BaseException, log_file: Path | None) -> int:
     return 1
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived outside the training loop (loading, exporting): the program unwinds as for Ctrl-C, so every
-    ``finally`` runs and nothing half-written stays, and exits 143."""
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt():
-    """SIGTERM raises :class:`Terminated` inside the block (main thread only); inside the training loop the trainer
-    takes SIGTERM over and stops after the step with a checkpoint, as for Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(_signum, _frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def guarded(fn, *args, log_file: Callable[[], Path | None] | None = None, **kwargs) -> int:
     """Call ``fn`` and turn its problems into exit codes (see the module docstring): the user's into
     ``error: ...`` (exit 2), a bug into its traceback (also appended to ``log_file()``, the run's train.log) and
     exit 1, Ctrl-C into exit 130."""
+    from comfyui_std.core.exits import Stopped, stop_on_signals
     from training.common.trainer import NaNLossError
 
     try:
-        with terminate_as_interrupt():
+        with stop_on_signals():  # outside the training loop (loading, exporting); the loop takes the signals over
             return fn(*args, **kwargs)
-    except Terminated:
-        print("terminated (SIGTERM)", file=sys.stderr)
-        return 143
+    except Stopped as stop:
+        print("terminated (SIGTERM)" if stop.signum == signal.SIGTERM else "interrupted", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,9 +1,11 @@
-"""Stopping cleanly: Ctrl-C (SIGINT) and SIGTERM end the app and the batch CLI through the normal exit path.
+"""Stopping cleanly: Ctrl-C (SIGINT) and SIGTERM end the app, the batch CLI and the trainers through the normal exit
+path.
 
 Inside :func:`stop_on_signals` either signal raises :class:`Stopped` in the main thread, so every ``with`` and
 ``finally`` block runs on the way out: the ``--tiny`` model folder is removed, a video being written is deleted
 (its ``.partial`` file; finished outputs stay), and the program exits with 130 (SIGINT) or 143 (SIGTERM) after one
-line saying what happened, instead of a traceback or a process killed mid-write.
+line saying what happened, instead of a traceback or a process killed mid-write. A trainer's loop takes both signals
+over while it runs (it finishes the step and writes a checkpoint first) and gives them back after it.
 """
 
 from __future__ import annotations
